@@ -1,0 +1,19 @@
+"""Devices, backends, process groups and megatron-core parallel state for covrl."""
+
+from covrl.parallel.state import (
+    ParallelConfig,
+    destroy,
+    get_backend,
+    get_device,
+    init_process_group,
+    initialize,
+)
+
+__all__ = [
+    "ParallelConfig",
+    "destroy",
+    "get_backend",
+    "get_device",
+    "init_process_group",
+    "initialize",
+]

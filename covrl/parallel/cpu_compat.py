@@ -1,0 +1,152 @@
+"""Run megatron-core on a CPU-only PyTorch build (gloo backend).
+
+megatron-core assumes CUDA in a handful of places that the CPU path of covrl goes
+through. Each shim below is applied only when ``torch.cuda.is_available()`` is False,
+never edits megatron-core's files, and is listed here with the calls that need it:
+
+1. ``torch.cuda.current_device()`` used as a device, ``torch.cuda.synchronize()``
+   - ``utils.GlobalMemoryBuffer.get_tensor`` (TP all-gather/reduce-scatter buffers),
+   - ``pipeline_parallel.p2p_communication`` (shape tensors, batched p2p sync),
+   - ``dist_checkpointing`` save (synchronize before writing).
+   -> ``current_device`` returns ordinal 0 (which shim 3 maps to ``cpu`` wherever it is
+   used as a device), ``synchronize`` is a no-op.
+2. The model-parallel RNG tracker (``tensor_parallel.random``) stores and restores CUDA
+   generator states; attention always forks it, and ``model_parallel_cuda_manual_seed``
+   seeds it. -> the tracker's state getter/setter and ``add`` work on the CPU default
+   generator, so forked regions still get their own reproducible streams.
+3. Hard-coded ``device="cuda"`` in tensor factories (pipeline schedules' loss and
+   token counters, grad-norm buffers in ``optimizer.clip_grads``, DDP buffers).
+   -> a torch function mode rewrites CUDA devices (and bare ints, which mean CUDA
+   ordinals) to ``cpu`` in factory calls and in ``Tensor.to``/``Tensor.cuda``.
+4. ``optimizer.clip_grads.clip_grad_by_total_norm_fp32`` asserts
+   ``torch.cuda.FloatTensor`` grads. -> a CPU version scales the grads in place.
+
+The function mode is thread-local in PyTorch; it is pushed on the thread that calls
+:func:`apply` (the training thread). Not covered on CPU: sequence parallelism (needs
+Apex LayerNorm) and the distributed optimizer (CUDA tensor type checks).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+_lock = threading.Lock()
+_applied = False
+_mode: TorchFunctionMode | None = None
+
+
+def _to_cpu_device(device):
+    """Map a CUDA device spec (``"cuda"``, ``"cuda:1"``, ``torch.device('cuda')``, int)
+    to the CPU device; leave everything else alone."""
+    if device is None:
+        return None
+    if isinstance(device, int) and not isinstance(device, bool):
+        return _CPU
+    if isinstance(device, str) and device.startswith("cuda"):
+        return _CPU
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return _CPU
+    return device
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU in every torch call made on this thread."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1:
+            # Tensor.to(device, ...) or Tensor.to(int) with a CUDA device first.
+            first = args[1]
+            if isinstance(first, (str, int, torch.device)) and not isinstance(first, bool):
+                args = (args[0], _to_cpu_device(first), *args[2:])
+        return func(*args, **kwargs)
+
+
+def _get_rng_state(device="cuda", clone: bool = False, graph_safe: bool = False):
+    state = torch.get_rng_state()
+    return state.clone() if clone else state
+
+
+def _set_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False):
+    torch.set_rng_state(new_state)
+
+
+def _tracker_add(self, name: str, seed: int) -> None:
+    """``CudaRNGStatesTracker.add`` on the CPU default generator."""
+    self._is_initialized = True
+    if seed in self.seeds_:
+        raise Exception(f"seed {seed} already exists")
+    self.seeds_.add(seed)
+    if name in self.states_:
+        raise Exception(f"rng state {name} already exists")
+    orig = torch.get_rng_state()
+    torch.manual_seed(seed)
+    self.states_[name] = torch.get_rng_state()
+    torch.set_rng_state(orig)
+
+
+def _clip_grad_by_total_norm_fp32(
+    parameters: Iterable[torch.Tensor] | torch.Tensor,
+    max_norm: float,
+    total_norm: float,
+    use_decoupled_grad: bool = False,
+) -> None:
+    """CPU version of megatron's clip: scale every grad in place by
+    ``max_norm / (total_norm + 1e-6)`` when that is below 1 (same formula)."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def apply() -> bool:
+    """Install the CPU shims once per process (and the device mode on this thread).
+
+    Returns True when shims are active, False when CUDA is available (nothing done).
+    """
+    global _applied, _mode
+    if torch.cuda.is_available():
+        return False
+    with _lock:
+        if _applied:
+            return True
+        # 1. current device / synchronize.
+        torch.cuda.current_device = lambda: 0  # type: ignore[assignment]
+        torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+
+        # 2. RNG tracker on the CPU generator.
+        from megatron.core.tensor_parallel import random as mpu_random
+
+        mpu_random._get_cuda_rng_state = _get_rng_state
+        mpu_random._set_cuda_rng_state = _set_rng_state
+        mpu_random.CudaRNGStatesTracker.add = _tracker_add
+
+        # 4. Gradient clipping without the CUDA tensor-type assert. ``optimizer.py``
+        # imported the function by name, so patch both namespaces.
+        from megatron.core.optimizer import clip_grads as mpu_clip
+        from megatron.core.optimizer import optimizer as mpu_optimizer
+
+        mpu_clip.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+        mpu_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+
+        # 3. Device rewriting for hard-coded device="cuda" factories.
+        _mode = CudaToCpuMode()
+        _mode.__enter__()
+        _applied = True
+    return True
+
+
+def is_applied() -> bool:
+    return _applied

@@ -1,0 +1,134 @@
+"""The one entry point for devices, backends and megatron-core parallel state.
+
+Every part of covrl that needs a device, a process group or the TP/PP/DP layout goes
+through this module. Launch with ``torchrun`` (or ``srun`` + torchrun): the rendezvous
+comes from the standard ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``
+environment. On CPU-only machines the backend is gloo and the shims of
+:mod:`covrl.parallel.cpu_compat` are applied before megatron-core is used.
+
+Rank layout is megatron-core's default order ``tp-cp-ep-dp-pp``: tensor-parallel
+ranks are adjacent, pipeline stages are the slowest-varying dimension.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from covrl.parallel import cpu_compat
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout. The data-parallel size is derived: ``world / (tp * pp)``."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    # Model chunks per pipeline stage for the interleaved schedule (None: not interleaved).
+    virtual_pipeline_model_parallel_size: int | None = None
+
+    def data_parallel_size(self, world_size: int) -> int:
+        self.validate(world_size)
+        return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+    def validate(self, world_size: int) -> None:
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        vpp = self.virtual_pipeline_model_parallel_size
+        if tp < 1 or pp < 1:
+            raise ValueError(
+                f"parallel.tensor_model_parallel_size={tp} and "
+                f"parallel.pipeline_model_parallel_size={pp} must both be >= 1"
+            )
+        if world_size % (tp * pp) != 0:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor_model_parallel_size x "
+                f"pipeline_model_parallel_size = {tp} x {pp} = {tp * pp}"
+            )
+        if vpp is not None and (vpp < 1 or pp < 2):
+            raise ValueError(
+                f"parallel.virtual_pipeline_model_parallel_size={vpp} needs "
+                f"pipeline_model_parallel_size >= 2 (got {pp}) and a value >= 1"
+            )
+
+
+def get_device() -> torch.device:
+    """The device this rank computes on: its local CUDA device, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def get_backend() -> str:
+    """torch.distributed backend: nccl with CUDA, gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_process_group(timeout_minutes: int = 30) -> None:
+    """Initialise torch.distributed from the torchrun environment (idempotent).
+
+    Without a launcher (no ``WORLD_SIZE``) a single-process group on a free local port
+    is created, so scripts and tools also run as plain ``python``.
+    """
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group(
+        backend=get_backend(), timeout=datetime.timedelta(minutes=timeout_minutes)
+    )
+
+
+def initialize(parallel: ParallelConfig | None = None, *, seed: int = 1234) -> None:
+    """Initialise torch.distributed, the CPU shims and megatron-core's parallel state.
+
+    Args:
+        parallel: the TP/PP/VPP layout (default: all 1, pure data parallel).
+        seed: base seed. Every rank gets ``seed`` for its default generator (the same
+            across TP ranks, as megatron requires for identical dropout outside
+            TP regions) and megatron's tracker gets its TP-rank offset streams.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    parallel = parallel or ParallelConfig()
+    init_process_group()
+    parallel.validate(dist.get_world_size())
+    cpu_compat.apply()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        # On CPU the main groups are already gloo; skip the duplicate gloo groups.
+        create_gloo_process_groups=torch.cuda.is_available(),
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    # The tracker seeding above leaves the default generator where it was on CPU.
+    torch.manual_seed(seed)
+
+
+def destroy() -> None:
+    """Tear down megatron-core's parallel state and the default process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,181 @@
+"""Run a test body in N processes with gloo on CPU and megatron-core parallel state.
+
+Usage (the body must be a module-level function so child processes can import it)::
+
+    def _body(ctx, n):
+        # ctx.rank, ctx.world_size, ctx.tp, ctx.pp, ctx.dp; parallel_state is initialised
+        ...
+        return {"loss": loss}          # any picklable value; tensors are fine
+
+    def test_something():
+        results = launch(_body, world_size=2, tp=2, n=3)   # one entry per rank
+        assert results[0]["loss"] == ...
+
+Processes are forked from a forkserver that has already imported torch and
+megatron-core, so a launch costs about a second instead of an import per process.
+Still, a launch is not free: let one launch run many checks for one topology (return
+a dict of results and assert on it in several tests through a module-scoped fixture).
+
+Failures: an exception on any rank fails the launch with every failing rank's
+traceback; a group that does not finish within ``timeout`` seconds is killed and the
+launch fails naming the ranks that were still running.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+_PRELOAD = ["torch", "torch.distributed", "megatron.core", "covrl.parallel"]
+_ctx = None
+
+
+def _mp_context():
+    global _ctx
+    if _ctx is None:
+        _ctx = mp.get_context("forkserver")
+        _ctx.set_forkserver_preload(_PRELOAD)
+    return _ctx
+
+
+@dataclass
+class RankContext:
+    rank: int
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    vpp: int | None
+
+
+class DistributedTestError(AssertionError):
+    """A rank raised, or the group hung."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn, rank, world_size, port, tp, pp, vpp, seed, kwargs, queue):
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        from covrl.parallel import ParallelConfig, destroy, initialize
+
+        parallel = ParallelConfig(tp, pp, vpp)
+        initialize(parallel, seed=seed)
+        ctx = RankContext(rank, world_size, tp, pp, parallel.data_parallel_size(world_size), vpp)
+        result = fn(ctx, **kwargs)
+        queue.put((rank, "ok", _to_cpu(result)))
+        destroy()
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent verbatim
+        queue.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def _to_cpu(obj: Any) -> Any:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def launch(
+    fn,
+    world_size: int,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    seed: int = 1234,
+    timeout: float = 300.0,
+    **kwargs,
+) -> list[Any]:
+    """Run ``fn(ctx, **kwargs)`` on ``world_size`` ranks; return the per-rank results."""
+    ctx = _mp_context()
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = []
+    for rank in range(world_size):
+        p = ctx.Process(
+            target=_worker,
+            args=(fn, rank, world_size, port, tp, pp, vpp, seed, kwargs, queue),
+            daemon=True,
+        )
+        p.start()
+        procs.append(p)
+
+    results: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    clean = False
+    try:
+        while len(results) + len(errors) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                running = [r for r in range(world_size) if r not in results and r not in errors]
+                raise DistributedTestError(
+                    f"{fn.__name__} (world_size={world_size}, tp={tp}, pp={pp}) timed out "
+                    f"after {timeout:.0f}s; ranks still running: {running}"
+                    + _format_errors(errors)
+                )
+            try:
+                rank, status, payload = queue.get(timeout=min(remaining, 1.0))
+            except Exception:  # queue.Empty
+                dead = [
+                    r
+                    for r, p in enumerate(procs)
+                    if not p.is_alive() and r not in results and r not in errors
+                ]
+                # A rank that died without reporting (segfault, os._exit, OOM kill).
+                for r in dead:
+                    time.sleep(0.5)  # its message may still be in flight
+                    if queue.empty():
+                        errors[r] = f"process exited with code {procs[r].exitcode} without a result"
+                # One failed rank usually leaves its peers blocked in a collective.
+                if errors:
+                    deadline = min(deadline, time.monotonic() + 10.0)
+                continue
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors[rank] = payload
+                deadline = min(deadline, time.monotonic() + 10.0)
+        clean = not errors
+    finally:
+        for p in procs:
+            p.join(timeout=10.0 if clean else 0.0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        raise DistributedTestError(
+            f"{fn.__name__} (world_size={world_size}, tp={tp}, pp={pp}) failed"
+            + _format_errors(errors)
+        )
+    return [results[r] for r in range(world_size)]
+
+
+def _format_errors(errors: dict[int, str]) -> str:
+    return "".join(f"\n--- rank {r} ---\n{errors[r]}" for r in sorted(errors))
