@@ -23,7 +23,9 @@ launch fails naming the ranks that were still running.
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
+import queue as queue_mod
 import os
 import socket
 import time
@@ -83,7 +85,11 @@ def _worker(fn, rank, world_size, port, tp, pp, vpp, seed, kwargs, queue):
         initialize(parallel, seed=seed)
         ctx = RankContext(rank, world_size, tp, pp, parallel.data_parallel_size(world_size), vpp)
         result = fn(ctx, **kwargs)
-        queue.put((rank, "ok", _to_cpu(result)))
+        # Plain bytes: torch's own pickling of tensors through a Queue shares storage
+        # by file descriptor, which dies with this process.
+        buf = io.BytesIO()
+        torch.save(_to_cpu(result), buf)
+        queue.put((rank, "ok", buf.getvalue()))
         destroy()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent verbatim
         queue.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
@@ -137,12 +143,11 @@ def launch(
                 running = [r for r in range(world_size) if r not in results and r not in errors]
                 raise DistributedTestError(
                     f"{fn.__name__} (world_size={world_size}, tp={tp}, pp={pp}) timed out "
-                    f"after {timeout:.0f}s; ranks still running: {running}"
-                    + _format_errors(errors)
+                    f"after {timeout:.0f}s; ranks still running: {running}" + _format_errors(errors)
                 )
             try:
                 rank, status, payload = queue.get(timeout=min(remaining, 1.0))
-            except Exception:  # queue.Empty
+            except queue_mod.Empty:
                 dead = [
                     r
                     for r, p in enumerate(procs)
@@ -158,7 +163,9 @@ def launch(
                     deadline = min(deadline, time.monotonic() + 10.0)
                 continue
             if status == "ok":
-                results[rank] = payload
+                import torch
+
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors[rank] = payload
                 deadline = min(deadline, time.monotonic() + 10.0)
