@@ -1,0 +1,114 @@
+"""Reduce per-token losses to a micro-batch loss whose gradient is split-invariant.
+
+A mini-batch loss is ``numerator / global_count``; each micro-batch contributes its own
+numerator divided by the *global* count (over every micro-batch of the mini-batch on
+every data-parallel rank), so the sum of the micro-batch losses over micro-batches and
+ranks is the mini-batch loss, and the summed gradients do not depend on the split:
+
+* ``token-mean``: numerator ``sum_t l_t`` over valid tokens, count = valid tokens.
+* ``seq-mean-token-mean``: numerator ``sum_s mean_t l_st`` (each sequence's mean over
+  its valid tokens), count = sequences with at least one valid token.
+* ``seq-mean-token-sum`` (Dr. GRPO): numerator ``sum_s sum_t l_st / C``, count =
+  sequences with at least one valid token; ``C = loss_norm_constant`` (e.g. the
+  maximum response length), 1 when None.
+
+Composition with Megatron-Core (0.16):
+
+* ``calculate_per_token_loss=False`` (default): the schedule divides each micro-batch
+  loss by ``num_microbatches`` and DDP averages gradients over the DP group, so the
+  loss given to Megatron must be ``aggregate_loss(...) * megatron_loss_scale(M, dp)``
+  (``= M * dp``); the resulting gradient is exactly the mini-batch loss gradient.
+* ``calculate_per_token_loss=True``: return ``(numerator, count)`` from
+  :func:`loss_terms` as the loss function's ``(loss, num_tokens)``; Megatron sums
+  gradients over micro-batches and DP and divides them by the all-reduced count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from covrl.algorithms._common import ProcessGroup, all_reduce_sum, as_bool_mask
+from covrl.algorithms.config import LOSS_AGG_MODES
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode={mode!r} is not one of {list(LOSS_AGG_MODES)}")
+
+
+def local_loss_count(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """This micro-batch's share of the normaliser (int64 scalar). ``mask`` is ``[b, s]``."""
+    _check_mode(mode)
+    m = as_bool_mask(mask)
+    if mode == "token-mean":
+        return m.sum()
+    return m.any(dim=-1).sum()
+
+
+def global_loss_count(
+    masks: Sequence[torch.Tensor], mode: str, group: ProcessGroup | None = None
+) -> torch.Tensor:
+    """The normaliser of the mini-batch: summed over ``masks`` and all-reduced over ``group``.
+
+    Call once per mini-batch with the masks of all its local micro-batches (one
+    collective), before the gradient micro-batches. Returns an int64 scalar.
+    """
+    device = masks[0].device if len(masks) else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    for mask in masks:
+        total += local_loss_count(mask, mode)
+    return all_reduce_sum(total, group)
+
+
+def loss_terms(
+    token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    norm_constant: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(numerator, count)`` of one micro-batch; ``token_loss`` and ``mask`` are ``[b, s]``."""
+    _check_mode(mode)
+    m = as_bool_mask(mask)
+    token_loss = torch.where(m, token_loss, torch.zeros_like(token_loss))
+    if mode == "token-mean":
+        numerator = token_loss.sum()
+    elif mode == "seq-mean-token-mean":
+        lengths = m.sum(dim=-1).clamp(min=1)
+        numerator = (token_loss.sum(dim=-1) / lengths).sum()
+    else:
+        numerator = token_loss.sum()
+        if norm_constant is not None:
+            numerator = numerator / norm_constant
+    return numerator, local_loss_count(m, mode)
+
+
+def aggregate_loss(
+    token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    global_count: torch.Tensor | int,
+    norm_constant: float | None = None,
+) -> torch.Tensor:
+    """This micro-batch's share of the mini-batch loss: ``numerator / global_count``.
+
+    ``global_count`` comes from :func:`global_loss_count`. An empty mini-batch (count
+    0) gives a loss of 0 with zero gradient.
+    """
+    numerator, _ = loss_terms(token_loss, mask, mode, norm_constant)
+    if isinstance(global_count, torch.Tensor):
+        denom = global_count.clamp(min=1).to(numerator.dtype)
+    else:
+        denom = float(max(int(global_count), 1))
+    return numerator / denom
+
+
+def megatron_loss_scale(num_microbatches: int, data_parallel_size: int) -> float:
+    """Factor for the loss handed to Megatron with ``calculate_per_token_loss=False``.
+
+    Megatron divides each micro-batch loss by ``num_microbatches`` and averages
+    gradients over the DP group; multiplying :func:`aggregate_loss` by this factor
+    undoes both, so the applied gradient is that of the global mini-batch loss.
+    """
+    return float(num_microbatches * data_parallel_size)

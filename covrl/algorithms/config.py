@@ -1,0 +1,182 @@
+"""Typed configuration of the policy losses, covariance-based entropy control and advantages.
+
+Defaults follow the paper (Cui et al., 2025, "The Entropy Mechanism of Reinforcement
+Learning for Reasoning Language Models"): Clip-Cov r=2e-4, omega=(1, 5); KL-Cov
+k=2e-3, beta=1 (the public implementation defaults beta to 0.1, which is not the
+paper's value).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+EntropyControlMethod = Literal["none", "clip_cov", "kl_cov"]
+SelectionScope = Literal["minibatch", "microbatch"]
+CovLogprobSource = Literal["current", "old"]
+LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+KLEstimator = Literal["k1", "abs", "k2", "k3"]
+AdvantageEstimator = Literal["grpo", "rloo", "reinforce_pp_baseline"]
+
+LOSS_AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "abs", "k2", "k3")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
+
+
+@dataclass
+class ClipCovConfig:
+    """Clip-Cov: stop the gradient of a few random tokens inside a covariance band.
+
+    ``max(1, floor(ratio * N))`` tokens are drawn uniformly without replacement from the
+    scope's valid, not PPO-clipped tokens with ``omega_low < cov < omega_high``
+    (N = valid tokens of the scope). The paper's runs pair Clip-Cov with a PPO clip
+    range of 1 on both sides (``PolicyLossConfig.clip_ratio_low/high = 1.0``).
+    """
+
+    ratio: float = 2e-4
+    omega_low: float = 1.0
+    omega_high: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"clip_cov.ratio={self.ratio} must be in (0, 1]")
+        if not self.omega_low < self.omega_high:
+            raise ValueError(
+                f"clip_cov.omega_low={self.omega_low} must be < "
+                f"clip_cov.omega_high={self.omega_high}"
+            )
+
+
+@dataclass
+class KLCovConfig:
+    """KL-Cov: add ``beta * |logp - logp_old|`` to the top-covariance tokens.
+
+    ``max(1, floor(ratio * N))`` tokens with the largest covariance are penalised.
+    As in the paper, the surrogate of every token is the unclipped ``-A * ratio``;
+    ``ppo_clip=True`` uses the PPO clipped surrogate (with dual-clip if configured)
+    for all tokens instead, the penalty still added on the selected ones.
+    """
+
+    ratio: float = 2e-3
+    beta: float = 1.0
+    ppo_clip: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"kl_cov.ratio={self.ratio} must be in (0, 1]")
+        if self.beta < 0:
+            raise ValueError(f"kl_cov.beta={self.beta} must be >= 0")
+
+
+@dataclass
+class EntropyControlConfig:
+    """Which covariance method to apply, over which scope, on which log-probs.
+
+    ``scope``:
+        ``"minibatch"`` (default): covariance means and the selection run over the
+        whole optimizer mini-batch: every micro-batch on every rank of the group passed
+        to the selection pass. The selected set does not depend on the micro-batch
+        split or on the data-parallel size.
+        ``"microbatch"``: each micro-batch on each rank selects on its own, with its own
+        means and its own ``max(1, ...)`` count (the public implementation's behaviour,
+        kept for comparison studies).
+    ``logp_source``:
+        ``"current"`` (the paper's definition): covariance of the current parameters'
+        log-probs. Needs a no-grad forward of the mini-batch before its gradient
+        micro-batches (about one third of the update's forward+backward compute).
+        ``"old"``: the rollout-time log-probs, no extra forward. Clip-Cov's
+        "not PPO-clipped" filter then sees ratio = 1 and excludes nothing.
+    ``seed``: with the optimizer step, fixes Clip-Cov's random draw.
+    ``compute_cov_stats``: also compute the Table-1 covariance summary (mean and
+        top-fraction means) in the selection pass (eight small all-reduces).
+    """
+
+    method: EntropyControlMethod = "none"
+    scope: SelectionScope = "minibatch"
+    logp_source: CovLogprobSource = "current"
+    seed: int = 0
+    clip_cov: ClipCovConfig = field(default_factory=ClipCovConfig)
+    kl_cov: KLCovConfig = field(default_factory=KLCovConfig)
+    compute_cov_stats: bool = True
+    # Fractions of the scope's tokens whose mean covariance is reported (paper, Table 1).
+    cov_top_fractions: tuple[float, ...] = (2e-4, 2e-3, 2e-2, 2e-1, 5e-1)
+
+    def __post_init__(self) -> None:
+        _check_choice("entropy_control.method", self.method, ("none", "clip_cov", "kl_cov"))
+        _check_choice("entropy_control.scope", self.scope, ("minibatch", "microbatch"))
+        _check_choice("entropy_control.logp_source", self.logp_source, ("current", "old"))
+        for f in self.cov_top_fractions:
+            if not 0.0 < f <= 1.0:
+                raise ValueError(f"entropy_control.cov_top_fractions entry {f} not in (0, 1]")
+
+    @property
+    def selection_ratio(self) -> float:
+        """The fraction of the scope's tokens the method selects (0 for ``none``)."""
+        if self.method == "clip_cov":
+            return self.clip_cov.ratio
+        if self.method == "kl_cov":
+            return self.kl_cov.ratio
+        return 0.0
+
+
+@dataclass
+class PolicyLossConfig:
+    """Token-level policy loss and its aggregation.
+
+    ``clip_ratio_low/high``: PPO ratio clip range ``[1 - low, 1 + high]``; a larger
+        ``high`` is "clip-higher" (DAPO uses 0.2 / 0.28).
+    ``clip_ratio_c``: dual-clip bound (> 1) for negative advantages; None disables it.
+    ``entropy_coeff``: entropy bonus; ``coeff * entropy`` is subtracted per token.
+    ``kl_coeff``/``kl_estimator``: penalty toward a reference policy, added per token.
+    ``loss_agg_mode``/``loss_norm_constant``: see :mod:`covrl.algorithms.aggregation`.
+    ``check_finite``: reject NaN/inf at valid positions (one host sync per call).
+    """
+
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    clip_ratio_c: float | None = 3.0
+    entropy_coeff: float = 0.0
+    kl_coeff: float = 0.0
+    kl_estimator: KLEstimator = "k3"
+    loss_agg_mode: LossAggMode = "token-mean"
+    loss_norm_constant: float | None = None
+    # log(ratio) is clamped to +-this before exp, so a far off-policy token cannot overflow.
+    log_ratio_clamp: float = 20.0
+    entropy_control: EntropyControlConfig = field(default_factory=EntropyControlConfig)
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        if self.clip_ratio_low < 0 or self.clip_ratio_high < 0:
+            raise ValueError(
+                f"clip_ratio_low={self.clip_ratio_low} and clip_ratio_high="
+                f"{self.clip_ratio_high} must be >= 0"
+            )
+        if self.clip_ratio_c is not None and self.clip_ratio_c <= 1.0:
+            raise ValueError(f"clip_ratio_c={self.clip_ratio_c} must be > 1 (or None)")
+        _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        if self.loss_norm_constant is not None and self.loss_norm_constant <= 0:
+            raise ValueError(f"loss_norm_constant={self.loss_norm_constant} must be > 0")
+        if self.log_ratio_clamp <= 0:
+            raise ValueError(f"log_ratio_clamp={self.log_ratio_clamp} must be > 0")
+
+
+@dataclass
+class AdvantageConfig:
+    """Outcome-reward advantage estimator (see :mod:`covrl.algorithms.advantages`)."""
+
+    estimator: AdvantageEstimator = "grpo"
+    # GRPO: divide by the group's std (False: Dr. GRPO's mean-only centring).
+    norm_by_std: bool = True
+    eps: float = 1e-6
+    # DAPO dynamic sampling: drop groups whose rewards are all equal.
+    dynamic_sampling: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("estimator", self.estimator, ("grpo", "rloo", "reinforce_pp_baseline"))
+        if self.eps < 0:
+            raise ValueError(f"eps={self.eps} must be >= 0")
