@@ -1,0 +1,366 @@
+"""Per-token log-probs and entropy from vocab-parallel logits, fused and chunked.
+
+Under tensor parallelism (TP) the output layer is column-parallel: rank ``r`` of a TP
+group of size ``tp`` holds the logits of the vocabulary columns
+``[r * V_local, (r + 1) * V_local)``, i.e. a ``[tokens, vocab/tp]`` shard. Nothing here
+gathers the full vocabulary; ranks exchange a few per-token statistics instead.
+
+Megatron pads the vocabulary to a multiple of ``make_vocab_size_divisible_by * tp``;
+the padded columns (global id ``>= vocab_size``) are excluded from the softmax. They
+are always a suffix of the global vocabulary, so on each rank they are a (possibly
+empty, possibly whole) suffix of the local shard.
+
+Notation (per token): ``z`` raw logits, ``T`` temperature, ``x = z / T``,
+``lse = logsumexp(x)``, ``p = softmax(x)``, ``t`` the target id.
+
+* ``logp = x_t - lse``,           ``d logp / d z_j = (1[j = t] - p_j) / T``
+* ``H = -sum_j p_j log p_j``,     ``d H / d z_j = -p_j (log p_j + H) / T``
+
+Memory: besides the outputs and a few ``[tokens]`` statistics, forward and backward
+use one ``[chunk_size, vocab/tp]`` working buffer in the compute dtype (float32, or
+float64 for float64 logits), whatever the number of tokens. Backward recomputes the
+softmax chunk by chunk from the saved logits and the per-token ``lse`` (and ``H`` when
+the entropy is differentiated); no ``[tokens, vocab/tp]`` intermediate is stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed import ProcessGroup
+
+__all__ = ["vocab_parallel_logprob_entropy"]
+
+# Default working-buffer budget in elements (64 MiB of float32): large enough that the
+# per-chunk Python overhead is negligible, small enough to stay far below the logits.
+_DEFAULT_BUFFER_ELEMENTS = 1 << 24
+
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _group_rank_and_size(group: ProcessGroup | None) -> tuple[int, int]:
+    """(rank, size) in the TP group; a missing group means a single rank."""
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision logits are processed in float32; float64 stays float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _load_scaled(work: Tensor, logits: Tensor, inv_temperature: float) -> Tensor:
+    """``work <- logits * inv_temperature`` in the compute dtype: the only copy made."""
+    if inv_temperature == 1.0:
+        return work.copy_(logits)
+    if logits.dtype != work.dtype:
+        # Upcast first: a fused multiply would round the product to the half dtype.
+        return work.copy_(logits).mul_(inv_temperature)
+    return torch.mul(logits, inv_temperature, out=work)
+
+
+def _local_stats(
+    logits: Tensor,
+    target: Tensor,
+    vocab_start: int,
+    num_valid: int,
+    inv_temperature: float,
+    chunk_size: int,
+    compute_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Softmax statistics of this rank's valid columns, relative to the local row max.
+
+    Args:
+        logits: ``[tokens, vocab/tp]`` local shard.
+        target: ``[tokens]`` global vocabulary ids.
+        vocab_start: global id of the shard's first column.
+        num_valid: number of leading local columns that are not padding.
+
+    Returns:
+        ``[tokens]`` tensors ``(m, s, ent, tgt, bad)``: ``m`` local max of ``x``
+        (``-inf`` when the rank has no valid column), ``s = sum exp(x - m)``,
+        ``ent = -sum exp(x - m) (x - m)``, ``tgt = x_t`` where this rank owns the target
+        (else 0), ``bad = 1`` on rows with a non-finite logit.
+    """
+    num_tokens = logits.shape[0]
+    factory = dict(dtype=compute_dtype, device=logits.device)
+    m = torch.full((num_tokens,), float("-inf"), **factory)
+    s = torch.zeros(num_tokens, **factory)
+    ent = torch.zeros(num_tokens, **factory)
+    tgt = torch.zeros(num_tokens, **factory)
+    bad = torch.zeros(num_tokens, **factory)
+    if num_valid == 0 or num_tokens == 0:
+        return m, s, ent, tgt, bad
+
+    local_target = target - vocab_start
+    owned = (local_target >= 0) & (local_target < num_valid)
+    local_target = local_target.clamp(0, num_valid - 1).unsqueeze(-1)
+    buffer = torch.empty(min(chunk_size, num_tokens), num_valid, **factory)
+    for begin in range(0, num_tokens, chunk_size):
+        end = min(begin + chunk_size, num_tokens)
+        rows = slice(begin, end)
+        work = _load_scaled(buffer[: end - begin], logits[rows, :num_valid], inv_temperature)
+        # One pass yields the max and, through the min, -inf entries; NaN propagates.
+        row_min, row_max = torch.aminmax(work, dim=-1)
+        bad[rows] = (~(torch.isfinite(row_min) & torch.isfinite(row_max))).to(compute_dtype)
+        m[rows] = row_max
+        target_x = work.gather(-1, local_target[rows]).squeeze(-1)
+        tgt[rows] = torch.where(owned[rows], target_x, 0.0)
+        work.sub_(row_max.unsqueeze(-1)).exp_()
+        s[rows] = work.sum(-1)
+        # entr(e) = -e log e = -e (x - m): the entropy numerator without a second buffer.
+        ent[rows] = torch.special.entr(work, out=work).sum(-1)
+    return m, s, ent, tgt, bad
+
+
+def _global_stats(
+    m: Tensor, s: Tensor, ent: Tensor, tgt: Tensor, bad: Tensor, group: ProcessGroup | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Merge the per-rank statistics over the TP group (two all-reduces in total).
+
+    Returns ``[tokens]`` tensors ``(lse, logp, entropy, bad)`` over the whole valid
+    vocabulary.
+    """
+    global_max = m.clone()
+    if group is not None:
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    # Re-base each rank's sums from its own max to the global max:
+    # sum e^(x-M) = a s and -sum e^(x-M)(x-M) = a (ent - (m-M) s), with a = e^(m-M).
+    shift = m - global_max
+    rescale = torch.exp(shift)
+    # Ranks without valid columns have m = -inf and s = 0; keep them out of the NaNs.
+    ent = torch.where(s > 0, rescale * (ent - shift * s), 0.0)
+    s = rescale * s
+    packed = torch.stack([s, ent, tgt, bad])
+    if group is not None:
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    s, ent, tgt, bad = packed.unbind(0)
+    log_s = torch.log(s)
+    lse = global_max + log_s
+    return lse, tgt - lse, log_s + ent / s, bad
+
+
+class _VocabParallelLogprobEntropy(torch.autograd.Function):
+    """Target log-prob and entropy of ``softmax(logits / T)`` over a vocab-parallel shard.
+
+    ``logits`` ``[tokens, vocab/tp]``, ``target`` ``[tokens]`` -> ``logp``, ``entropy``
+    ``[tokens]``. See :func:`vocab_parallel_logprob_entropy`.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        logits: Tensor,
+        target: Tensor,
+        group: ProcessGroup | None,
+        vocab_size: int,
+        temperature: float,
+        chunk_size: int,
+        entropy_requires_grad: bool,
+        inplace: bool,
+        check_finite: bool,
+    ) -> tuple[Tensor, Tensor]:
+        rank, _ = _group_rank_and_size(group)
+        local_vocab = logits.shape[-1]
+        vocab_start = rank * local_vocab
+        num_valid = max(0, min(local_vocab, vocab_size - vocab_start))
+        compute_dtype = _compute_dtype(logits.dtype)
+        inv_temperature = 1.0 / temperature
+
+        stats = _local_stats(
+            logits, target, vocab_start, num_valid, inv_temperature, chunk_size, compute_dtype
+        )
+        lse, logp, entropy, bad = _global_stats(*stats, group)
+        # After the all-reduce every rank sees the same flags, so all ranks raise together.
+        if check_finite and bool(bad.any()):
+            rows = torch.nonzero(bad).flatten()
+            raise ValueError(
+                f"logits has non-finite values (NaN or +/-inf) in {rows.numel()} token "
+                f"row(s), first at token {int(rows[0])}"
+            )
+
+        ctx.vocab_start, ctx.num_valid = vocab_start, num_valid
+        ctx.inv_temperature, ctx.chunk_size = inv_temperature, chunk_size
+        ctx.entropy_requires_grad, ctx.inplace = entropy_requires_grad, inplace
+        ctx.backward_done = False
+        ctx.set_materialize_grads(False)
+        if entropy_requires_grad:
+            ctx.save_for_backward(logits, target, lse, entropy)
+        else:
+            # Metric-only entropy: nothing entropy-specific is kept alive.
+            ctx.mark_non_differentiable(entropy)
+            ctx.save_for_backward(logits, target, lse)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor | None, grad_entropy: Tensor | None):
+        if ctx.inplace and ctx.backward_done:
+            raise RuntimeError(
+                "vocab_parallel_logprob_entropy(inplace=True) overwrote the logits with their "
+                "gradient in the first backward; it cannot be run backward twice"
+            )
+        ctx.backward_done = True
+        logits, target, lse = ctx.saved_tensors[:3]
+        entropy = ctx.saved_tensors[3] if ctx.entropy_requires_grad else None
+        if not ctx.entropy_requires_grad:
+            grad_entropy = None
+        no_grad = (None,) * 9
+        if grad_logp is None and grad_entropy is None:
+            return no_grad
+
+        num_tokens, local_vocab = logits.shape
+        num_valid, chunk_size = ctx.num_valid, ctx.chunk_size
+        inv_t = ctx.inv_temperature
+        compute_dtype = lse.dtype
+        # The gradient reuses the logits' storage only when the caller asked for it.
+        grad = logits.detach() if ctx.inplace else torch.empty_like(logits)
+        grad[:, num_valid:].zero_()
+        if num_valid == 0 or num_tokens == 0:
+            return (grad,) + no_grad[1:]
+
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        grad_logp = grad_logp.to(compute_dtype)
+        if grad_entropy is not None:
+            grad_entropy = grad_entropy.to(compute_dtype)
+            # d/dz_j [g1 logp + g2 H] = [g1 1(j=t) - p_j (g1 + g2 (H + log p_j))] / T
+            neg_slope = -grad_entropy * inv_t
+            neg_offset = -(grad_logp + grad_entropy * entropy) * inv_t
+        local_target = target - ctx.vocab_start
+        owned = (local_target >= 0) & (local_target < num_valid)
+        target_rows = torch.nonzero(owned).flatten()
+        target_cols = local_target[target_rows]
+        target_grad = grad_logp[target_rows] * inv_t
+
+        # A float32 gradient can itself be the working area of the log-prob-only path.
+        use_grad_as_work = grad_entropy is None and grad.dtype == compute_dtype
+        if not use_grad_as_work:
+            buffer = torch.empty(
+                min(chunk_size, num_tokens), num_valid, dtype=compute_dtype, device=logits.device
+            )
+        for begin in range(0, num_tokens, chunk_size):
+            end = min(begin + chunk_size, num_tokens)
+            rows = slice(begin, end)
+            grad_chunk = grad[rows, :num_valid]
+            work = grad_chunk if use_grad_as_work else buffer[: end - begin]
+            # log p, recomputed from the raw logits (rows of the saved logits are read
+            # before the in-place gradient overwrites them).
+            _load_scaled(work, logits[rows, :num_valid], inv_t)
+            work.sub_(lse[rows].unsqueeze(-1))
+            if grad_entropy is None:
+                work.exp_()
+                torch.mul(work, (-grad_logp[rows] * inv_t).unsqueeze(-1), out=grad_chunk)
+            else:
+                torch.exp(work, out=grad_chunk)  # p
+                work.mul_(neg_slope[rows].unsqueeze(-1)).add_(neg_offset[rows].unsqueeze(-1))
+                grad_chunk.mul_(work)
+        grad.index_put_((target_rows, target_cols), target_grad.to(grad.dtype), accumulate=True)
+        return (grad,) + no_grad[1:]
+
+
+def _check_inputs(
+    logits: Tensor, target: Tensor, vocab_size: int, local_vocab: int, tp_size: int
+) -> None:
+    if logits.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer token ids, got {target.dtype}")
+    if logits.dim() < 1 or logits.shape[:-1] != target.shape:
+        raise ValueError(
+            f"logits [..., vocab/tp] and target [...] disagree: logits has shape "
+            f"{tuple(logits.shape)}, target has shape {tuple(target.shape)}"
+        )
+    if logits.device != target.device:
+        raise ValueError(f"logits is on {logits.device} but target is on {target.device}")
+    padded_vocab = local_vocab * tp_size
+    if not 1 <= vocab_size <= padded_vocab:
+        raise ValueError(
+            f"vocab_size={vocab_size} must be in [1, vocab/tp * tp = {local_vocab} * {tp_size} "
+            f"= {padded_vocab}]"
+        )
+    out_of_range = (target < 0) | (target >= vocab_size)
+    if bool(out_of_range.any()):
+        first = torch.nonzero(out_of_range.flatten())[0, 0]
+        raise ValueError(
+            f"target has ids outside [0, vocab_size={vocab_size}): "
+            f"{int(out_of_range.sum())} of {target.numel()}, first target[{int(first)}] = "
+            f"{int(target.flatten()[first])}"
+        )
+
+
+def vocab_parallel_logprob_entropy(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    tp_group: ProcessGroup | None = None,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    entropy_requires_grad: bool = False,
+    inplace: bool = False,
+    check_finite: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Per-token target log-prob and full-vocabulary entropy from vocab-parallel logits.
+
+    Computes, for the policy ``softmax(z / T)`` over the ``vocab_size`` real tokens,
+    ``logp = log p(target)`` and ``entropy = -sum_a p(a) log p(a)``, without gathering
+    the vocabulary: each rank reduces its own shard in chunks of ``chunk_size`` tokens,
+    and the TP ranks exchange only per-token statistics (one max and one sum
+    all-reduce of ``[4, tokens]`` per call).
+
+    Args:
+        logits: ``[tokens, vocab/tp]`` (any leading shape ``[..., vocab/tp]``) float32,
+            bfloat16, float16 or float64; this rank's columns ``[rank * vocab/tp,
+            (rank + 1) * vocab/tp)`` of the (padded) vocabulary. Not modified unless
+            ``inplace``.
+        target: ``[tokens]`` (matching the leading shape) global vocabulary ids in
+            ``[0, vocab_size)``, identical on all ranks of ``tp_group``.
+        tp_group: tensor-parallel group the vocabulary is split over; ``None`` means
+            a single rank holding the whole vocabulary.
+        vocab_size: the true vocabulary size; columns with a global id ``>= vocab_size``
+            are padding and get probability 0 (and gradient 0). Default: no padding.
+        temperature: the policy is ``softmax(logits / temperature)``; applied chunk by
+            chunk inside the working buffer.
+        chunk_size: tokens per chunk; the working buffer is ``[chunk_size, vocab/tp]``
+            in the compute dtype. Default: as many tokens as fit 2**24 elements.
+        entropy_requires_grad: make ``entropy`` differentiable. When False (a metric)
+            ``entropy`` has no autograd path and nothing is saved for it.
+        inplace: let backward write the gradient into the logits' storage instead of a
+            new tensor. The logits then hold their gradient after backward (and
+            backward can only run once).
+        check_finite: raise if any valid logit is NaN or +/-inf (costs one
+            device-to-host sync).
+
+    Returns:
+        ``(logp, entropy)``, each shaped like ``target``, float32 (float64 for float64
+        logits), identical on all ranks of ``tp_group``.
+    """
+    if temperature <= 0 or temperature != temperature:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _, tp_size = _group_rank_and_size(tp_group)
+    local_vocab = logits.shape[-1] if logits.dim() > 0 else 0
+    vocab_size = local_vocab * tp_size if vocab_size is None else int(vocab_size)
+    _check_inputs(logits, target, vocab_size, local_vocab, tp_size)
+    if chunk_size is None:
+        chunk_size = max(1, _DEFAULT_BUFFER_ELEMENTS // max(1, local_vocab))
+
+    # A view for contiguous inputs; the autograd graph maps the gradient back.
+    logits_2d = logits if logits.dim() == 2 else logits.reshape(-1, local_vocab)
+    logp, entropy = _VocabParallelLogprobEntropy.apply(
+        logits_2d,
+        target.reshape(-1),
+        tp_group,
+        vocab_size,
+        float(temperature),
+        int(chunk_size),
+        entropy_requires_grad,
+        inplace,
+        check_finite,
+    )
+    if target.dim() != 1:
+        logp, entropy = logp.view(target.shape), entropy.view(target.shape)
+    return logp, entropy
