@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import io
 import multiprocessing as mp
-import queue as queue_mod
 import os
+import queue as queue_mod
 import socket
 import time
 import traceback
