@@ -25,12 +25,21 @@ the entropy is differentiated); no ``[tokens, vocab/tp]`` intermediate is stored
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-__all__ = ["vocab_parallel_logprob_entropy"]
+__all__ = [
+    "VocabShard",
+    "load_scaled",
+    "softmax_stats",
+    "vocab_parallel_logprob_entropy",
+    "vocab_shard",
+]
 
 # Default working-buffer budget in elements (64 MiB of float32): large enough that the
 # per-chunk Python overhead is negligible, small enough to stay far below the logits.
@@ -51,7 +60,81 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _load_scaled(work: Tensor, logits: Tensor, inv_temperature: float) -> Tensor:
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's place in the vocab-parallel layout and how its shard is processed.
+
+    Attributes:
+        group: TP group the vocabulary is split over (None: one rank).
+        vocab_size: the true vocabulary size (global ids ``>= vocab_size`` are padding).
+        vocab_start: global id of the local shard's first column, ``rank * vocab/tp``.
+        num_valid: leading local columns that are real tokens (the rest is padding).
+        inv_temperature: ``1 / T``.
+        chunk_size: tokens per working-buffer chunk.
+    """
+
+    group: ProcessGroup | None
+    vocab_size: int
+    vocab_start: int
+    num_valid: int
+    inv_temperature: float
+    chunk_size: int
+
+    def chunks(self, num_tokens: int) -> Iterator[slice]:
+        """Row slices of at most ``chunk_size`` tokens covering ``[0, num_tokens)``."""
+        for begin in range(0, num_tokens, self.chunk_size):
+            yield slice(begin, min(begin + self.chunk_size, num_tokens))
+
+    def buffer(self, num_tokens: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The ``[min(chunk_size, tokens), num_valid]`` working buffer."""
+        return torch.empty(
+            min(self.chunk_size, num_tokens), self.num_valid, dtype=dtype, device=device
+        )
+
+
+def vocab_shard(
+    logits: Tensor,
+    *,
+    tp_group: ProcessGroup | None,
+    vocab_size: int | None,
+    temperature: float,
+    chunk_size: int | None,
+    name: str = "logits",
+) -> VocabShard:
+    """Validate a ``[..., vocab/tp]`` shard and the options; describe the layout."""
+    if logits.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {logits.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(
+            f"{name} must be [..., vocab/tp] with vocab/tp >= 1, got {tuple(logits.shape)}"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    rank, tp_size = _group_rank_and_size(tp_group)
+    local_vocab = logits.shape[-1]
+    padded_vocab = local_vocab * tp_size
+    vocab_size = padded_vocab if vocab_size is None else int(vocab_size)
+    if not 1 <= vocab_size <= padded_vocab:
+        raise ValueError(
+            f"vocab_size={vocab_size} must be in [1, vocab/tp * tp = {local_vocab} * {tp_size} "
+            f"= {padded_vocab}] ({name} has shape {tuple(logits.shape)})"
+        )
+    if chunk_size is None:
+        chunk_size = max(1, _DEFAULT_BUFFER_ELEMENTS // local_vocab)
+    vocab_start = rank * local_vocab
+    return VocabShard(
+        group=tp_group,
+        vocab_size=vocab_size,
+        vocab_start=vocab_start,
+        num_valid=max(0, min(local_vocab, vocab_size - vocab_start)),
+        inv_temperature=1.0 / float(temperature),
+        chunk_size=int(chunk_size),
+    )
+
+
+def load_scaled(work: Tensor, logits: Tensor, inv_temperature: float) -> Tensor:
     """``work <- logits * inv_temperature`` in the compute dtype: the only copy made."""
     if inv_temperature == 1.0:
         return work.copy_(logits)
@@ -62,21 +145,13 @@ def _load_scaled(work: Tensor, logits: Tensor, inv_temperature: float) -> Tensor
 
 
 def _local_stats(
-    logits: Tensor,
-    target: Tensor,
-    vocab_start: int,
-    num_valid: int,
-    inv_temperature: float,
-    chunk_size: int,
-    compute_dtype: torch.dtype,
+    logits: Tensor, target: Tensor | None, shard: VocabShard
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Softmax statistics of this rank's valid columns, relative to the local row max.
 
     Args:
         logits: ``[tokens, vocab/tp]`` local shard.
-        target: ``[tokens]`` global vocabulary ids.
-        vocab_start: global id of the shard's first column.
-        num_valid: number of leading local columns that are not padding.
+        target: ``[tokens]`` global vocabulary ids, or None.
 
     Returns:
         ``[tokens]`` tensors ``(m, s, ent, tgt, bad)``: ``m`` local max of ``x``
@@ -84,30 +159,28 @@ def _local_stats(
         ``ent = -sum exp(x - m) (x - m)``, ``tgt = x_t`` where this rank owns the target
         (else 0), ``bad = 1`` on rows with a non-finite logit.
     """
-    num_tokens = logits.shape[0]
-    factory = dict(dtype=compute_dtype, device=logits.device)
+    num_tokens, num_valid = logits.shape[0], shard.num_valid
+    factory = dict(dtype=_compute_dtype(logits.dtype), device=logits.device)
     m = torch.full((num_tokens,), float("-inf"), **factory)
-    s = torch.zeros(num_tokens, **factory)
-    ent = torch.zeros(num_tokens, **factory)
-    tgt = torch.zeros(num_tokens, **factory)
-    bad = torch.zeros(num_tokens, **factory)
+    s, ent, tgt, bad = (torch.zeros(num_tokens, **factory) for _ in range(4))
     if num_valid == 0 or num_tokens == 0:
         return m, s, ent, tgt, bad
 
-    local_target = target - vocab_start
-    owned = (local_target >= 0) & (local_target < num_valid)
-    local_target = local_target.clamp(0, num_valid - 1).unsqueeze(-1)
-    buffer = torch.empty(min(chunk_size, num_tokens), num_valid, **factory)
-    for begin in range(0, num_tokens, chunk_size):
-        end = min(begin + chunk_size, num_tokens)
-        rows = slice(begin, end)
-        work = _load_scaled(buffer[: end - begin], logits[rows, :num_valid], inv_temperature)
+    if target is not None:
+        local_target = target - shard.vocab_start
+        owned = (local_target >= 0) & (local_target < num_valid)
+        local_target = local_target.clamp(0, num_valid - 1).unsqueeze(-1)
+    buffer = shard.buffer(num_tokens, **factory)
+    for rows in shard.chunks(num_tokens):
+        work = buffer[: rows.stop - rows.start]
+        load_scaled(work, logits[rows, :num_valid], shard.inv_temperature)
         # One pass yields the max and, through the min, -inf entries; NaN propagates.
         row_min, row_max = torch.aminmax(work, dim=-1)
-        bad[rows] = (~(torch.isfinite(row_min) & torch.isfinite(row_max))).to(compute_dtype)
+        bad[rows] = (~(torch.isfinite(row_min) & torch.isfinite(row_max))).to(bad.dtype)
         m[rows] = row_max
-        target_x = work.gather(-1, local_target[rows]).squeeze(-1)
-        tgt[rows] = torch.where(owned[rows], target_x, 0.0)
+        if target is not None:
+            target_x = work.gather(-1, local_target[rows]).squeeze(-1)
+            tgt[rows] = torch.where(owned[rows], target_x, 0.0)
         work.sub_(row_max.unsqueeze(-1)).exp_()
         s[rows] = work.sum(-1)
         # entr(e) = -e log e = -e (x - m): the entropy numerator without a second buffer.
@@ -115,14 +188,30 @@ def _local_stats(
     return m, s, ent, tgt, bad
 
 
-def _global_stats(
-    m: Tensor, s: Tensor, ent: Tensor, tgt: Tensor, bad: Tensor, group: ProcessGroup | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Merge the per-rank statistics over the TP group (two all-reduces in total).
+def softmax_stats(
+    logits: Tensor,
+    target: Tensor | None,
+    shard: VocabShard,
+    *,
+    check_finite: bool = True,
+    name: str = "logits",
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Per-token statistics of ``softmax(logits / T)`` over the whole valid vocabulary.
 
-    Returns ``[tokens]`` tensors ``(lse, logp, entropy, bad)`` over the whole valid
-    vocabulary.
+    Two all-reduces over ``shard.group`` in total: the row max, then one ``[4, tokens]``
+    sum carrying each rank's re-based sums, its target logit and its non-finite flags.
+
+    Args:
+        logits: ``[tokens, vocab/tp]`` local shard.
+        target: ``[tokens]`` global ids in ``[0, vocab_size)``, or None.
+
+    Returns:
+        ``[tokens]`` tensors ``(lse, logp, entropy)`` in the compute dtype: log of the
+        partition function of ``x = logits / T``, the target log-prob (None without
+        ``target``) and the entropy. Identical on all ranks of the group.
     """
+    m, s, ent, tgt, bad = _local_stats(logits, target, shard)
+    group = shard.group
     global_max = m.clone()
     if group is not None:
         dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
@@ -137,9 +226,17 @@ def _global_stats(
     if group is not None:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     s, ent, tgt, bad = packed.unbind(0)
+    # After the all-reduce every rank sees the same flags, so all ranks raise together.
+    if check_finite and bool(bad.any()):
+        rows = torch.nonzero(bad).flatten()
+        raise ValueError(
+            f"{name} has non-finite values (NaN or +/-inf) in {rows.numel()} token "
+            f"row(s), first at token {int(rows[0])}"
+        )
     log_s = torch.log(s)
     lse = global_max + log_s
-    return lse, tgt - lse, log_s + ent / s, bad
+    logp = tgt - lse if target is not None else None
+    return lse, logp, log_s + ent / s
 
 
 class _VocabParallelLogprobEntropy(torch.autograd.Function):
@@ -154,35 +251,13 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         ctx,
         logits: Tensor,
         target: Tensor,
-        group: ProcessGroup | None,
-        vocab_size: int,
-        temperature: float,
-        chunk_size: int,
+        shard: VocabShard,
         entropy_requires_grad: bool,
         inplace: bool,
         check_finite: bool,
     ) -> tuple[Tensor, Tensor]:
-        rank, _ = _group_rank_and_size(group)
-        local_vocab = logits.shape[-1]
-        vocab_start = rank * local_vocab
-        num_valid = max(0, min(local_vocab, vocab_size - vocab_start))
-        compute_dtype = _compute_dtype(logits.dtype)
-        inv_temperature = 1.0 / temperature
-
-        stats = _local_stats(
-            logits, target, vocab_start, num_valid, inv_temperature, chunk_size, compute_dtype
-        )
-        lse, logp, entropy, bad = _global_stats(*stats, group)
-        # After the all-reduce every rank sees the same flags, so all ranks raise together.
-        if check_finite and bool(bad.any()):
-            rows = torch.nonzero(bad).flatten()
-            raise ValueError(
-                f"logits has non-finite values (NaN or +/-inf) in {rows.numel()} token "
-                f"row(s), first at token {int(rows[0])}"
-            )
-
-        ctx.vocab_start, ctx.num_valid = vocab_start, num_valid
-        ctx.inv_temperature, ctx.chunk_size = inv_temperature, chunk_size
+        lse, logp, entropy = softmax_stats(logits, target, shard, check_finite=check_finite)
+        ctx.shard = shard
         ctx.entropy_requires_grad, ctx.inplace = entropy_requires_grad, inplace
         ctx.backward_done = False
         ctx.set_materialize_grads(False)
@@ -206,13 +281,12 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         entropy = ctx.saved_tensors[3] if ctx.entropy_requires_grad else None
         if not ctx.entropy_requires_grad:
             grad_entropy = None
-        no_grad = (None,) * 9
+        no_grad = (None,) * 6
         if grad_logp is None and grad_entropy is None:
             return no_grad
 
-        num_tokens, local_vocab = logits.shape
-        num_valid, chunk_size = ctx.num_valid, ctx.chunk_size
-        inv_t = ctx.inv_temperature
+        shard = ctx.shard
+        num_tokens, num_valid, inv_t = logits.shape[0], shard.num_valid, shard.inv_temperature
         compute_dtype = lse.dtype
         # The gradient reuses the logits' storage only when the caller asked for it.
         grad = logits.detach() if ctx.inplace else torch.empty_like(logits)
@@ -228,7 +302,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
             # d/dz_j [g1 logp + g2 H] = [g1 1(j=t) - p_j (g1 + g2 (H + log p_j))] / T
             neg_slope = -grad_entropy * inv_t
             neg_offset = -(grad_logp + grad_entropy * entropy) * inv_t
-        local_target = target - ctx.vocab_start
+        local_target = target - shard.vocab_start
         owned = (local_target >= 0) & (local_target < num_valid)
         target_rows = torch.nonzero(owned).flatten()
         target_cols = local_target[target_rows]
@@ -237,17 +311,13 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         # A float32 gradient can itself be the working area of the log-prob-only path.
         use_grad_as_work = grad_entropy is None and grad.dtype == compute_dtype
         if not use_grad_as_work:
-            buffer = torch.empty(
-                min(chunk_size, num_tokens), num_valid, dtype=compute_dtype, device=logits.device
-            )
-        for begin in range(0, num_tokens, chunk_size):
-            end = min(begin + chunk_size, num_tokens)
-            rows = slice(begin, end)
+            buffer = shard.buffer(num_tokens, compute_dtype, logits.device)
+        for rows in shard.chunks(num_tokens):
             grad_chunk = grad[rows, :num_valid]
-            work = grad_chunk if use_grad_as_work else buffer[: end - begin]
+            work = grad_chunk if use_grad_as_work else buffer[: rows.stop - rows.start]
             # log p, recomputed from the raw logits (rows of the saved logits are read
             # before the in-place gradient overwrites them).
-            _load_scaled(work, logits[rows, :num_valid], inv_t)
+            load_scaled(work, logits[rows, :num_valid], inv_t)
             work.sub_(lse[rows].unsqueeze(-1))
             if grad_entropy is None:
                 work.exp_()
@@ -260,26 +330,16 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         return (grad,) + no_grad[1:]
 
 
-def _check_inputs(
-    logits: Tensor, target: Tensor, vocab_size: int, local_vocab: int, tp_size: int
-) -> None:
-    if logits.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
+def _check_target(target: Tensor, logits: Tensor, vocab_size: int) -> None:
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"target must hold integer token ids, got {target.dtype}")
-    if logits.dim() < 1 or logits.shape[:-1] != target.shape:
+    if logits.shape[:-1] != target.shape:
         raise ValueError(
             f"logits [..., vocab/tp] and target [...] disagree: logits has shape "
             f"{tuple(logits.shape)}, target has shape {tuple(target.shape)}"
         )
     if logits.device != target.device:
         raise ValueError(f"logits is on {logits.device} but target is on {target.device}")
-    padded_vocab = local_vocab * tp_size
-    if not 1 <= vocab_size <= padded_vocab:
-        raise ValueError(
-            f"vocab_size={vocab_size} must be in [1, vocab/tp * tp = {local_vocab} * {tp_size} "
-            f"= {padded_vocab}]"
-        )
     out_of_range = (target < 0) | (target >= vocab_size)
     if bool(out_of_range.any()):
         first = torch.nonzero(out_of_range.flatten())[0, 0]
@@ -337,29 +397,18 @@ def vocab_parallel_logprob_entropy(
         ``(logp, entropy)``, each shaped like ``target``, float32 (float64 for float64
         logits), identical on all ranks of ``tp_group``.
     """
-    if temperature <= 0 or temperature != temperature:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    _, tp_size = _group_rank_and_size(tp_group)
-    local_vocab = logits.shape[-1] if logits.dim() > 0 else 0
-    vocab_size = local_vocab * tp_size if vocab_size is None else int(vocab_size)
-    _check_inputs(logits, target, vocab_size, local_vocab, tp_size)
-    if chunk_size is None:
-        chunk_size = max(1, _DEFAULT_BUFFER_ELEMENTS // max(1, local_vocab))
-
+    shard = vocab_shard(
+        logits,
+        tp_group=tp_group,
+        vocab_size=vocab_size,
+        temperature=temperature,
+        chunk_size=chunk_size,
+    )
+    _check_target(target, logits, shard.vocab_size)
     # A view for contiguous inputs; the autograd graph maps the gradient back.
-    logits_2d = logits if logits.dim() == 2 else logits.reshape(-1, local_vocab)
+    logits_2d = logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])
     logp, entropy = _VocabParallelLogprobEntropy.apply(
-        logits_2d,
-        target.reshape(-1),
-        tp_group,
-        vocab_size,
-        float(temperature),
-        int(chunk_size),
-        entropy_requires_grad,
-        inplace,
-        check_finite,
+        logits_2d, target.reshape(-1), shard, entropy_requires_grad, inplace, check_finite
     )
     if target.dim() != 1:
         logp, entropy = logp.view(target.shape), entropy.view(target.shape)
