@@ -114,6 +114,10 @@ class PolicyEngine:
         self.is_last_stage = ps.is_pipeline_last_stage()
         self.last_stage_rank = ps.get_pipeline_model_parallel_last_rank()
         self.model_config = self.model[0].config
+        if len(self.model) > 1 and self.pp_size == 2:
+            # With two stages the previous and the next peer are the same rank, and the
+            # interleaved schedule's batched send/recv pairs them up wrongly.
+            self.model_config.batch_p2p_comm = False
         self.optimizer = self.scheduler = None
         if optimizer is not None:
             self._setup_training(optimizer)
