@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from covrl.algorithms.aggregation import megatron_loss_scale
 from covrl.ops import vocab_parallel_logprob_entropy
 
 LossFn = Callable[["TokenOutputs", dict[str, torch.Tensor]], tuple[torch.Tensor, dict]]
@@ -289,7 +290,7 @@ class PolicyEngine:
 
         micro = self._split(batch)
         seq = batch["input_ids"].shape[1]
-        scale = len(micro) * self.dp_size
+        scale = megatron_loss_scale(len(micro), self.dp_size)
         position_ids = torch.arange(seq, device=batch["input_ids"].device)
 
         def forward_step(data_iterator, model):
@@ -304,8 +305,8 @@ class PolicyEngine:
                 reported.update(
                     {k: torch.as_tensor(v).detach().float() for k, v in metrics.items()}
                 )
-                # The schedule divides by the number of micro-batches and DDP averages
-                # over DP; undo both so the gradient is that of the summed loss.
+                # Undo the schedule's division by the number of micro-batches and
+                # DDP's average over DP: the gradient is that of the summed loss.
                 return loss * scale, reported
 
             return output, loss_func
