@@ -1,0 +1,279 @@
+"""Selection in one process: brute-force references, invariance under random splits
+(hypothesis), the distributed primitives' local logic, the random keys, covariance
+metrics and degenerate inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from covrl.algorithms import (
+    ClipCovConfig,
+    EntropyControlConfig,
+    KLCovConfig,
+    PolicyLossConfig,
+    SelectionBatch,
+    canonical_token_ids,
+    covariance_summary,
+    kth_largest,
+    prepare_selection,
+    select_top_k,
+    uniform_keys,
+)
+from covrl.algorithms._common import selection_count
+from covrl.algorithms.metrics import float_to_ordered_int
+from tests.test_algorithms_tokens import (
+    DATASETS,
+    collate,
+    make_samples,
+    reference_selection,
+    split,
+)
+
+
+def _cfg(method, ratio=0.05, omega=(0.2, 5.0), **ec):
+    return PolicyLossConfig(
+        entropy_control=EntropyControlConfig(
+            method=method,
+            kl_cov=KLCovConfig(ratio=ratio),
+            clip_cov=ClipCovConfig(ratio=ratio, omega_low=omega[0], omega_high=omega[1]),
+            **ec,
+        )
+    )
+
+
+def _batches(mbs, with_logp=True):
+    return [
+        SelectionBatch(
+            mb["adv"],
+            mb["old_logp"],
+            mb["mask"],
+            mb["token_ids"],
+            mb["logp"] if with_logp else None,
+        )
+        for mb in mbs
+    ]
+
+
+def _selected_ids(mbs, result):
+    return sorted(torch.cat([mb["token_ids"][m] for mb, m in zip(mbs, result.masks, strict=True)]).tolist())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    ds=st.sampled_from(DATASETS),
+    data_seed=st.integers(0, 5),
+    n_mb=st.integers(1, 8),
+    order_seed=st.integers(0, 10_000),
+    method=st.sampled_from(["kl_cov", "clip_cov"]),
+    ratio=st.sampled_from([1e-3, 0.02, 0.05, 0.3]),
+    step=st.integers(0, 1000),
+)
+def test_selection_is_invariant_under_random_splits(
+    ds, data_seed, n_mb, order_seed, method, ratio, step
+):
+    samples = make_samples(ds, seed=data_seed)
+    cfg = _cfg(method, ratio)
+    mbs = split(samples, 1, 0, n_mb, order_seed)
+    got = _selected_ids(mbs, prepare_selection(_batches(mbs), cfg, step=step))
+    ref = reference_selection(samples, method, ratio, omega=(0.2, 5.0), seed=0, step=step)
+    assert got == sorted(ref)
+
+
+@pytest.mark.parametrize("method", ["kl_cov", "clip_cov"])
+def test_old_logp_source(method):
+    samples = make_samples("continuous", seed=3)
+    cfg = _cfg(method, 0.05, logp_source="old")
+    mbs = split(samples, 1, 0, 3, 1)
+    got = _selected_ids(mbs, prepare_selection(_batches(mbs, with_logp=False), cfg, step=2))
+    ref = reference_selection(samples, method, 0.05, omega=(0.2, 5.0), step=2, use_current=False)
+    assert got == sorted(ref)
+    with pytest.raises(ValueError, match=r"batches\[0\].logp is None"):
+        prepare_selection(_batches(mbs, with_logp=False), _cfg(method), step=2)
+
+
+# --- primitives ----------------------------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    vals=st.lists(st.integers(-3, 3), min_size=0, max_size=60),
+    k=st.integers(0, 65),
+    as_float=st.booleans(),
+    id_seed=st.integers(0, 100),
+    elig_seed=st.integers(0, 100),
+)
+def test_select_top_k_matches_sort(vals, k, as_float, id_seed, elig_seed):
+    n = len(vals)
+    values = torch.tensor(vals, dtype=torch.float64 if as_float else torch.int64)
+    ids = torch.randperm(10 * n + 1, generator=torch.Generator().manual_seed(id_seed))[:n]
+    eligible = torch.rand(n, generator=torch.Generator().manual_seed(elig_seed)) < 0.8
+    got = select_top_k(values, ids, eligible, k, None)
+    order = sorted((i for i in range(n) if eligible[i]), key=lambda i: (-vals[i], ids[i].item()))
+    expect = torch.zeros(n, dtype=torch.bool)
+    expect[order[:k]] = True
+    assert torch.equal(got, expect)
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    vals=st.lists(st.one_of(finite, st.sampled_from([0.0, -0.5, 1.25])), min_size=1, max_size=80),
+    data=st.data(),
+)
+def test_kth_largest_matches_sort(vals, data):
+    x = torch.tensor(vals, dtype=torch.float64)
+    ranks = data.draw(st.lists(st.integers(1, len(vals)), min_size=1, max_size=5))
+    got = kth_largest(float_to_ordered_int(x), ranks, None)
+    keys = sorted(float_to_ordered_int(x).tolist(), reverse=True)
+    assert got.tolist() == [keys[r - 1] for r in ranks]
+
+
+def test_ordered_int_preserves_order():
+    x = torch.tensor([-1e300, -2.5, -1e-300, 0.0, 1e-300, 3.0, 1e300], dtype=torch.float64)
+    k = float_to_ordered_int(x)
+    assert torch.equal(torch.argsort(k), torch.arange(7))
+
+
+def test_covariance_summary_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    cov = torch.randn(5000, generator=g, dtype=torch.float64) ** 3
+    cov[:100] = 0.75  # a tie set
+    fracs = (2e-4, 2e-3, 2e-2, 0.2, 0.5, 1.0)
+    got = covariance_summary(cov, 5000, fracs, None)
+    s = torch.sort(cov, descending=True).values
+    assert got["cov/mean"] == pytest.approx(cov.mean().item(), rel=1e-12)
+    for f in fracs:
+        k = max(1, int(round(f * 5000, 9)))
+        assert got[f"cov/top_{f * 100:g}%"] == pytest.approx(s[:k].mean().item(), rel=1e-12)
+
+
+def test_selection_count():
+    assert selection_count(0.29, 100) == 29  # floating 0.29 * 100 = 28.999...
+    assert selection_count(2e-3, 400) == 1  # k * N < 1 -> 1
+    assert selection_count(2e-3, 0) == 0
+    assert selection_count(2e-4, 1_000_000) == 200
+    assert selection_count(1.0, 7) == 7
+
+
+def test_uniform_keys_properties():
+    ids = canonical_token_ids(torch.arange(64), torch.ones(64, 64, dtype=torch.bool)).flatten()
+    k = uniform_keys(ids, seed=1, step=2)
+    assert k.dtype == torch.int64 and (k >= 0).all() and (k < 2**62).all()
+    assert k.unique().numel() == ids.numel()
+    assert torch.equal(k, uniform_keys(ids, seed=1, step=2))
+    assert not torch.equal(k, uniform_keys(ids, seed=1, step=3))
+    assert not torch.equal(k, uniform_keys(ids, seed=2, step=2))
+    # Rank-order statistics look uniform: the smallest-key quarter of a row is a
+    # uniform draw, so every position is chosen about equally often across steps.
+    cand = ids[:20]
+    hits = torch.zeros(20)
+    for step in range(2000):
+        hits[torch.argsort(uniform_keys(cand, seed=5, step=step))[:5]] += 1
+    expected = 2000 * 5 / 20
+    assert ((hits - expected).abs() < 5 * (expected * 0.75) ** 0.5).all()
+    chi2 = ((hits - expected) ** 2 / expected).sum().item()
+    assert chi2 < 50  # 19 dof: p < 1e-4 beyond ~45
+
+
+# --- degenerate inputs -----------------------------------------------------------------
+
+
+def _one(samples):
+    return [collate(samples, left_pad=False)]
+
+
+def test_all_equal_advantages_zero_covariance():
+    samples = make_samples("continuous")
+    for s in samples:
+        s["adv"] = torch.full_like(s["adv"], 0.7)
+    mbs = _one(samples)
+    res = prepare_selection(_batches(mbs), _cfg("clip_cov", omega=(1.0, 5.0)), step=0)
+    assert not any(m.any() for m in res.masks)
+    assert res.metrics["entropy_control/candidates"] == 0
+    assert res.metrics["cov/mean"] == 0 and res.metrics["cov/top_0.02%"] == 0
+    # KL-Cov still takes K tokens (all tie at 0): the smallest canonical ids.
+    res = prepare_selection(_batches(mbs), _cfg("kl_cov", 0.05), step=0)
+    n = int(mbs[0]["mask"].sum())
+    k = int(0.05 * n)
+    assert _selected_ids(mbs, res) == sorted(mbs[0]["token_ids"][mbs[0]["mask"]].tolist())[:k]
+
+
+def test_no_candidate_in_band():
+    mbs = _one(make_samples())
+    res = prepare_selection(_batches(mbs), _cfg("clip_cov", omega=(1e6, 2e6)), step=0)
+    assert not any(m.any() for m in res.masks)
+    assert res.metrics["entropy_control/selected_tokens"] == 0
+
+
+def test_fewer_candidates_than_requested_takes_all():
+    samples = make_samples()
+    mbs = _one(samples)
+    cfg = _cfg("clip_cov", ratio=0.9, omega=(0.2, 5.0))
+    res = prepare_selection(_batches(mbs), cfg, step=0)
+    assert (
+        res.metrics["entropy_control/selected_tokens"]
+        == res.metrics["entropy_control/candidates"]
+        > 0
+    )
+
+
+def test_kn_below_one_selects_one():
+    mbs = _one(make_samples())
+    res = prepare_selection(_batches(mbs), _cfg("kl_cov", ratio=1e-4), step=0)
+    assert sum(int(m.sum()) for m in res.masks) == 1
+
+
+def test_empty_masks():
+    mbs = _one(make_samples())
+    for mb in mbs:
+        mb["mask"][:] = False
+    for method in ("kl_cov", "clip_cov"):
+        res = prepare_selection(_batches(mbs), _cfg(method), step=0)
+        assert not any(m.any() for m in res.masks)
+        assert res.metrics["entropy_control/num_tokens"] == 0
+        assert res.metrics["entropy_control/selected_fraction"] == 0
+
+
+def test_single_valid_token():
+    mbs = _one(make_samples())
+    mbs[0]["mask"][:] = False
+    mbs[0]["mask"][3, 1] = True
+    mbs[0]["token_ids"] = canonical_token_ids(mbs[0]["sample_index"], mbs[0]["mask"])
+    res = prepare_selection(_batches(mbs), _cfg("kl_cov"), step=0)
+    assert torch.equal(res.masks[0], mbs[0]["mask"])
+    assert res.metrics["cov/mean"] == 0.0
+    # Its covariance is 0: outside any band above 0.
+    res = prepare_selection(_batches(mbs), _cfg("clip_cov"), step=0)
+    assert not res.masks[0].any()
+
+
+@pytest.mark.parametrize(
+    "field,name", [("adv", "advantages"), ("old_logp", "old_logp"), ("logp", "logp")]
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_named(field, name, value):
+    mbs = _one(make_samples())
+    mbs[0][field][2, 0] = value  # row 2, first token: valid under right padding
+    with pytest.raises(ValueError, match=rf"non-finite.*\b{name}\b"):
+        prepare_selection(_batches(mbs), _cfg("kl_cov"), step=0)
+
+
+def test_microbatch_scope_touches_zero_covariance_microbatches():
+    """The public per-micro-batch behaviour: a micro-batch whose advantages are all equal
+    has zero covariance everywhere, yet KL-Cov still penalises one of its tokens; the
+    minibatch scope penalises exactly K tokens of the whole mini-batch."""
+    samples = make_samples()
+    flat = [s for s in samples if s["index"] in (4, 5, 6, 7)]  # the all-equal-reward group
+    rest = [s for s in samples if s["index"] not in (4, 5, 6, 7)]
+    mbs = [collate(flat, left_pad=False), collate(rest, left_pad=True)]
+    assert all((s["adv"] == s["adv"][0]).all() for s in flat)
+    local = prepare_selection(_batches(mbs), _cfg("kl_cov", 2e-3, scope="microbatch"), step=0)
+    assert local.masks[0].sum() == 1 and local.masks[1].sum() == 1
+    glob = prepare_selection(_batches(mbs), _cfg("kl_cov", 2e-3), step=0)
+    n = sum(int(mb["mask"].sum()) for mb in mbs)
+    assert sum(int(m.sum()) for m in glob.masks) == max(1, int(2e-3 * n)) == 1
