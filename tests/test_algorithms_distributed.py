@@ -148,13 +148,30 @@ def _body(ctx, n_mb, order_seed):
         for case in MICROBATCH_SCOPE_CASES:
             cfg = make_config(case, "microbatch")
             out[f"{ds}/{case}/microbatch"] = _run_step(mbs, cfg, group, ctx.dp)
+    out["rpp"] = _reinforce_pp(rank, ctx.dp, group)
     return out
+
+
+def _reinforce_pp(rank, dp, group):
+    """REINFORCE++-baseline whitening over a batch spread over ranks (whole groups each)."""
+    from covrl.algorithms import reinforce_pp_baseline_advantages
+
+    g = torch.Generator().manual_seed(3)
+    rewards = torch.randint(0, 3, (16,), generator=g).double()
+    labels = torch.arange(16) // 4
+    mask = torch.rand(16, 10, generator=g) < 0.7
+    mine = (labels % dp) == rank
+    adv = reinforce_pp_baseline_advantages(rewards[mine], labels[mine], mask[mine], group=group)
+    full = reinforce_pp_baseline_advantages(rewards, labels, mask)
+    return dict(max_err=(adv - full[mine]).abs().max().item())
 
 
 def _merge(per_rank: list[dict]) -> dict:
     """Concatenate ranks, reorder tokens canonically, sum losses."""
-    merged = {}
+    merged = {"rpp": [r["rpp"] for r in per_rank]}
     for key in per_rank[0]:
+        if key == "rpp":
+            continue
         rs = [r[key] for r in per_rank]
         ids = torch.cat([r["ids"] for r in rs])
         order = torch.argsort(ids)
@@ -268,3 +285,9 @@ def test_microbatch_scope_depends_on_split(runs, ds, case):
         assert len(sels[t]) >= runs[t][key]["num_mb"]
     # With one micro-batch on one rank, both scopes are the same thing.
     assert sels["dp1_mb1"] == runs["dp1_mb1"][f"{ds}/{case}/minibatch"]["selected"]
+
+
+def test_reinforce_pp_whitening_over_dp_group(runs):
+    for topo in TOPOLOGIES:
+        for r in runs[topo]["rpp"]:
+            assert r["max_err"] < 1e-12
