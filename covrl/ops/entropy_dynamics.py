@@ -91,16 +91,15 @@ def _covariance_with_logp(
         values: ``[states, vocab/tp]`` in the same layout.
 
     Returns:
-        ``[states]`` in the compute dtype. Peak extra memory: two ``[chunk, vocab/tp]``
-        buffers.
+        ``[states]`` in the compute dtype. Peak extra memory: the working buffer,
+        split into two halves.
     """
     num_states, num_valid = logits.shape[0], shard.num_valid
     dtype, device = lse.dtype, lse.device
     cov = torch.zeros(num_states, dtype=dtype, device=device)
     if num_valid > 0 and num_states > 0:
-        centred_logp = shard.buffer(num_states, dtype, device)
-        weighted = shard.buffer(num_states, dtype, device)
-        for rows in shard.chunks(num_states):
+        centred_logp, weighted = shard.split_buffer(num_states, dtype, device)
+        for rows in shard.chunks(num_states, centred_logp.shape[0]):
             n = rows.stop - rows.start
             lse_rows, ent_rows = lse[rows].unsqueeze(-1), entropy[rows].unsqueeze(-1)
             # log pi + H
@@ -190,8 +189,8 @@ def entropy_dynamics(
 
     Returns:
         :class:`EntropyDynamics` of ``[states]`` tensors, identical on all TP ranks.
-        The logit change is ``(new_logits - old_logits) / T``, formed chunk by chunk
-        (two ``[chunk, vocab/tp]`` float32 buffers at most).
+        The logit change is ``(new_logits - old_logits) / T``, formed chunk by chunk in
+        one ``[chunk_size, vocab/tp]`` float32 working buffer.
     """
     _check_same_layout("new_logits", new_logits, "old_logits", old_logits)
     options = dict(
