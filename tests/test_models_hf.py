@@ -87,6 +87,12 @@ def _topology_body(ctx, paths, input_ids, out_root):
             max_shard_bytes=SAVE_SHARD_BYTES if VARIANTS[name].sharded else 2**40,
             copy_files_from=path,
         )
+        if name == "qwen2" and ctx.rank == 0 and ctx.world_size == 1:
+            # bfloat16 parameters from a float32 checkpoint: the export is the rounded copy.
+            bf16 = PolicyModelConfig.from_hf(path, params_dtype=torch.bfloat16)
+            bf16_chunks = build_model(bf16)
+            load_hf_weights(bf16_chunks, bf16, path)
+            r["bf16"] = {n: t.clone() for n, t in export_hf_weights(bf16_chunks, bf16)}
         if name == "llama":
             # Untied config + tied checkpoint; llama config + qwen2 checkpoint (biases).
             r["errors"] = {}
@@ -105,6 +111,7 @@ TOPOLOGIES = {
     "pp2": dict(world_size=2, pp=2),
     "tp2pp2": dict(world_size=4, tp=2, pp=2),
     "pp2vpp2": dict(world_size=2, pp=2, vpp=2),
+    "dp2": dict(world_size=2),  # two replicas: both export, replica 0 saves
 }
 
 
@@ -140,10 +147,13 @@ def test_logits_match_transformers(run, reference, variant):
 
 
 def test_vocab_padding_rows_are_zero(run):
-    tp = TOPOLOGIES[run["topology"]].get("tp", 1)
+    layout = TOPOLOGIES[run["topology"]]
+    tp, pp = layout.get("tp", 1), layout.get("pp", 1)
     for variant in VARIANTS:
         holders = [r[variant] for r in run["ranks"] if "pad_rows" in r[variant]]
-        assert len(holders) == tp  # the first stage's TP ranks hold the embedding
+        # The first stage's TP ranks of every replica hold the embedding.
+        assert len(holders) == layout["world_size"] // pp
+        holders = holders[:tp]  # replica 0 (ranks are tp-fastest)
         assert holders[0]["padded_vocab"] == vocab_size_with_padding(250, 128, tp)
         pad = torch.cat([h["pad_rows"] for h in holders])
         assert pad.shape[0] == holders[0]["padded_vocab"] - 250
@@ -204,7 +214,8 @@ def test_each_rank_reads_only_its_slices(run):
         for rank_result in run["ranks"]:
             stats = rank_result[variant]["stats"]
             assert stats["elements_read"] <= stats["elements_loaded"]
-            if run["topology"] == "tp1":
+            layout = TOPOLOGIES[run["topology"]]
+            if layout.get("tp", 1) * layout.get("pp", 1) == 1:
                 assert stats["elements_read"] == total
             else:  # half the layers, or half of every matrix, or both
                 assert stats["elements_read"] < 0.6 * total, stats
@@ -220,6 +231,19 @@ def _model_elements(variant: str) -> int:
         }
     )
     return sum(torch.Size(s).numel() for s in config.hf_weight_shapes().values())
+
+
+def test_bfloat16_parameters(run, reference):
+    if run["topology"] != "tp1":
+        pytest.skip("dtype handling does not depend on the layout")
+    exported = run["ranks"][0]["qwen2"]["bf16"]
+    original = reference["tensors"]["qwen2"]
+    assert list(exported) == list(
+        PolicyModelConfig.from_hf(reference["paths"]["qwen2"]).hf_weight_shapes()
+    )
+    for name, tensor in original.items():
+        assert exported[name].dtype == torch.bfloat16
+        assert torch.equal(exported[name], tensor.to(torch.bfloat16)), name
 
 
 def test_load_errors_name_the_field(run):
@@ -251,6 +275,42 @@ def test_config_fields_map_to_megatron():
     assert vocab_size_with_padding(250, 128, 4) == 512
     assert vocab_size_with_padding(256, 8, 2) == 256
     assert c.padded_vocab_size(2) == 256
+
+
+# Published config.json files (abridged to the architecture fields).
+QWEN25_05B = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "hidden_act": "silu",
+    "hidden_size": 896, "initializer_range": 0.02, "intermediate_size": 4864,
+    "max_position_embeddings": 32768, "max_window_layers": 21, "model_type": "qwen2",
+    "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_sliding_window": False,
+    "vocab_size": 151936,
+}  # fmt: skip
+LLAMA32_1B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "hidden_act": "silu",
+    "hidden_size": 2048, "intermediate_size": 8192, "max_position_embeddings": 131072,
+    "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32,
+    "num_hidden_layers": 16, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "vocab_size": 128256,
+}  # fmt: skip
+
+
+def test_published_configs():
+    qwen = PolicyModelConfig.from_hf(QWEN25_05B)
+    assert (qwen.num_query_groups, qwen.head_dim, qwen.rotary_base) == (2, 64, 1e6)
+    assert qwen.tie_word_embeddings and qwen.add_qkv_bias and qwen.params_dtype == torch.bfloat16
+    assert (qwen.padded_vocab_size(1), qwen.padded_vocab_size(2)) == (151936, 152064)
+    validate_parallel_layout(qwen, ParallelConfig(2, 2, 3), 4)
+    with pytest.raises(ValueError, match="num_attention_heads=14"):
+        validate_parallel_layout(qwen, ParallelConfig(4, 1), 4)
+    with pytest.raises(ValueError, match="rope_type='llama3'"):
+        PolicyModelConfig.from_hf(LLAMA32_1B)
+    llama = PolicyModelConfig.from_hf({**LLAMA32_1B, "rope_scaling": None})
+    assert (llama.rotary_base, llama.num_query_groups, llama.head_dim) == (5e5, 8, 64)
 
 
 def test_transformer_config():

@@ -423,7 +423,9 @@ def build_model(
     embeddings and PP > 1 the last stage keeps its own copy of the word embeddings as
     ``output_layer.weight``. Parameters are randomly initialised; load weights with
     :func:`covrl.models.load_hf_weights`. The output layer returns vocab-parallel
-    logits ``[b, s, padded_vocab / tp]``.
+    logits ``[b, s, padded_vocab / tp]``. With a bf16/fp16 ``params_dtype`` the local
+    spec's norms are still created in float32: wrap the chunks in megatron's
+    ``Float16Module`` (as Megatron-LM's ``get_model`` does) to cast them.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -440,14 +442,20 @@ def build_model(
     world = dist.get_world_size() if dist.is_initialized() else None
     validate_parallel_layout(config, parallel, world)
     tp = parallel.tensor_model_parallel_size
+    wanted = (
+        tp,
+        parallel.pipeline_model_parallel_size,
+        parallel.virtual_pipeline_model_parallel_size,
+    )
     state = (
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_virtual_pipeline_model_parallel_world_size(),
     )
-    if state != (tp, parallel.pipeline_model_parallel_size):
+    if state != wanted:
         raise ValueError(
-            f"parallel layout tp x pp = {tp} x {parallel.pipeline_model_parallel_size} does "
-            f"not match the initialised parallel state {state[0]} x {state[1]}"
+            f"parallel layout (tp, pp, vpp) = {wanted} does not match the initialised "
+            f"parallel state {state}"
         )
     tf_config = config.transformer_config(parallel, **transformer_overrides)
     spec = layer_spec(transformer_engine)

@@ -417,6 +417,7 @@ def export_hf_weights(
     model_chunks: Sequence[torch.nn.Module],
     config: PolicyModelConfig,
     *,
+    dtype: torch.dtype | None = None,
     tp_group: dist.ProcessGroup | None = None,
     pp_group: dist.ProcessGroup | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -424,8 +425,9 @@ def export_hf_weights(
 
     Order and names: exactly ``config.hf_weight_shapes()`` (embedding, layers 0..L-1,
     final norm, ``lm_head`` unless tied), with those shapes; the vocabulary is
-    unpadded and QKV / gate-up are un-fused. Tensors have the parameters' dtype and
-    device and must be treated as read-only; they may share memory with the model or
+    unpadded and QKV / gate-up are un-fused. Tensors have ``dtype`` (default: the
+    config's ``params_dtype``; a bare bf16 ``GPTModel`` still has float32 norms until
+    ``Float16Module`` casts it), are on the parameters' device, and are read-only: they may share memory with the model or
     with each other (q/k/v of one layer come from one buffer) and are only valid
     until the next item is requested -- clone what you keep.
 
@@ -460,13 +462,14 @@ def export_hf_weights(
             f"pipeline rank {pp_rank} holds {sorted(held ^ mine)[:4]} contrary to the "
             "layer layout (only even PP/VPP layouts are supported)"
         )
-    sample = next(iter(params.values()))
+    dtype = dtype or config.params_dtype
+    device = next(iter(params.values())).device
     for e in entries:
         src = owner(e)
         if src == pp_rank:
-            full = _gather_tp(e, params[e.key], config, tp_group, t)
+            full = _gather_tp(e, params[e.key], config, tp_group, t).to(dtype)
         else:
-            full = torch.empty(_full_shape(e, config), dtype=sample.dtype, device=sample.device)
+            full = torch.empty(_full_shape(e, config), dtype=dtype, device=device)
         if pp > 1:
             full = full.contiguous()
             dist.broadcast(full, src=dist.get_global_rank(pp_group, src), group=pp_group)
@@ -557,12 +560,14 @@ def save_hf_checkpoint(
 
     if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
         bucket: dict[str, torch.Tensor] = {}
-        stream = export_hf_weights(model_chunks, config, tp_group=tp_group, pp_group=pp_group)
+        stream = export_hf_weights(
+            model_chunks, config, dtype=dtype, tp_group=tp_group, pp_group=pp_group
+        )
         for name, tensor in stream:
             if not writer or error is not None:
                 continue  # keep consuming: the other ranks are in the same collectives
             try:
-                bucket[name] = tensor.to(device="cpu", dtype=dtype).contiguous().clone()
+                bucket[name] = tensor.to(device="cpu", copy=True).contiguous()
                 i = shard_of[name]
                 if name == shards[i][-1]:
                     _write_shard(tmp / files[i], bucket)
