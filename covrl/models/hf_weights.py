@@ -427,9 +427,10 @@ def export_hf_weights(
     final norm, ``lm_head`` unless tied), with those shapes; the vocabulary is
     unpadded and QKV / gate-up are un-fused. Tensors have ``dtype`` (default: the
     config's ``params_dtype``; a bare bf16 ``GPTModel`` still has float32 norms until
-    ``Float16Module`` casts it), are on the parameters' device, and are read-only: they may share memory with the model or
-    with each other (q/k/v of one layer come from one buffer) and are only valid
-    until the next item is requested -- clone what you keep.
+    ``Float16Module`` casts it), are on the parameters' device, and are read-only:
+    they may share memory with each other (q/k/v of one layer are views of one
+    buffer) or with a live parameter (a replicated one without TP/PP), so clone what
+    you keep across an optimizer step.
 
     Collective: every rank of the model-parallel group (all TP and PP ranks of one
     data-parallel replica) must consume the whole iterator, in step, and every one of
