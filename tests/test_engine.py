@@ -161,3 +161,53 @@ def test_few_steps_reduce_loss(runs, topo):
     assert all(s["ok"] for s in steps)
     losses = [s["loss"] for s in steps]
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+def _bf16_body(ctx, checkpoint):
+    from megatron.core import parallel_state as ps
+
+    from covrl.models import PolicyModelConfig, build_model, load_hf_weights
+    from covrl.models.engine import EngineConfig, OptimizerSettings, PolicyEngine
+
+    config = PolicyModelConfig.from_hf(checkpoint, params_dtype=torch.bfloat16)
+    chunks = build_model(config)
+    load_hf_weights(chunks, config, checkpoint, tp_group=ps.get_tensor_model_parallel_group())
+    ids, mask = _batch(config.vocab_size)
+    engine = PolicyEngine(
+        chunks,
+        config.vocab_size,
+        OptimizerSettings(lr=3e-3, weight_decay=0.0, clip_grad=1.0),
+        EngineConfig(micro_batch_size=2, temperature=TEMPERATURE),
+    )
+    out = engine.forward_logprobs(ids, mask)
+    engine.config.temperature = 1.0
+    global_tokens = int(mask[:, 1:].sum())
+    steps = [
+        engine.train_step({"input_ids": ids, "attention_mask": mask}, _nll_loss_fn(global_tokens))
+        for _ in range(STEPS)
+    ]
+    dtypes = {p.dtype for m in engine.model for p in m.parameters()}
+    return dict(logp=out.logp, losses=[s.loss for s in steps], dtypes=dtypes)
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(checkpoint):
+    return {
+        name: launch(_bf16_body, checkpoint=checkpoint, timeout=300, **TOPOLOGIES[name])
+        for name in ("tp1", "tp2pp2")
+    }
+
+
+@pytest.mark.parametrize("topo", ["tp1", "tp2pp2"])
+def test_bf16_engine(bf16_runs, reference, runs, topo):
+    """bf16 parameters (Float16Module, fp32 main params in the optimizer): log-probs
+    close to the float32 reference, and training still lowers the loss."""
+    logp, _, mask, _ = reference
+    valid = mask.bool() & (torch.arange(SEQ) > 0)
+    got = bf16_runs[topo]
+    assert got[0]["dtypes"] == {torch.bfloat16}
+    err = (got[0]["logp"].double()[valid] - logp[valid]).abs()
+    assert err.max() < 0.25 and err.mean() < 0.05, (err.max(), err.mean())
+    losses = got[-1]["losses"]
+    assert losses[0] == pytest.approx(runs["tp1"][0]["steps"][0]["loss"], abs=0.05)
+    assert losses[-1] < losses[0] - 0.05, losses

@@ -104,6 +104,7 @@ class PolicyEngine:
         config: EngineConfig | None = None,
     ) -> None:
         from megatron.core import parallel_state as ps
+        from megatron.core.transformer.module import Float16Module
 
         self.config = config or EngineConfig()
         self.vocab_size = vocab_size
@@ -115,6 +116,12 @@ class PolicyEngine:
         self.is_last_stage = ps.is_pipeline_last_stage()
         self.last_stage_rank = ps.get_pipeline_model_parallel_last_rank()
         self.model_config = self.model[0].config
+        if self.model_config.fp16:
+            raise ValueError("fp16 parameters are not supported (no loss scaling): use bf16")
+        if self.model_config.bf16 and not isinstance(self.model[0], Float16Module):
+            # As Megatron-LM's get_model: casts the fp32-created norms to bf16 and the
+            # first stage's inputs / last stage's outputs across the boundary.
+            self.model = [Float16Module(self.model_config, m) for m in self.model]
         if len(self.model) > 1 and self.pp_size == 2:
             # With two stages the previous and the next peer are the same rank, and the
             # interleaved schedule's batched send/recv pairs them up wrongly.

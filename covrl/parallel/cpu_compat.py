@@ -18,8 +18,10 @@ never edits megatron-core's files, and is listed here with the calls that need i
    token counters, grad-norm buffers in ``optimizer.clip_grads``, DDP buffers).
    -> a torch function mode rewrites CUDA devices (and bare ints, which mean CUDA
    ordinals) to ``cpu`` in factory calls and in ``Tensor.to``/``Tensor.cuda``.
-4. ``optimizer.clip_grads.clip_grad_by_total_norm_fp32`` asserts
-   ``torch.cuda.FloatTensor`` grads. -> a CPU version scales the grads in place.
+4. Tensor type-name checks: ``clip_grad_by_total_norm_fp32`` asserts
+   ``torch.cuda.FloatTensor`` grads, ``Float16OptimizerWithFloat16Params`` (bf16
+   training) sorts parameters by ``torch.cuda.{BFloat16,Half,Float}Tensor``.
+   -> the same mode makes a no-argument ``Tensor.type()`` report the CUDA type name.
 
 The function mode is thread-local in PyTorch; it is pushed on the thread that calls
 :func:`apply` (the training thread). Not covered on CPU: sequence parallelism (needs
@@ -29,7 +31,6 @@ Apex LayerNorm) and the distributed optimizer (CUDA tensor type checks).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -63,6 +64,10 @@ class CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = _to_cpu_device(kwargs["device"])
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Type-name checks ("torch.cuda.BFloat16Tensor") in the optimizers.
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else "torch.cuda." + name[6:]
         if func is torch.Tensor.to and len(args) > 1:
             # Tensor.to(device, ...) or Tensor.to(int) with a CUDA device first.
             first = args[1]
@@ -94,23 +99,6 @@ def _tracker_add(self, name: str, seed: int) -> None:
     torch.set_rng_state(orig)
 
 
-def _clip_grad_by_total_norm_fp32(
-    parameters: Iterable[torch.Tensor] | torch.Tensor,
-    max_norm: float,
-    total_norm: float,
-    use_decoupled_grad: bool = False,
-) -> None:
-    """CPU version of megatron's clip: scale every grad in place by
-    ``max_norm / (total_norm + 1e-6)`` when that is below 1 (same formula)."""
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
-    attr = "decoupled_grad" if use_decoupled_grad else "grad"
-    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
-    clip_coeff = max_norm / (total_norm + 1.0e-6)
-    if clip_coeff < 1.0 and grads:
-        torch._foreach_mul_(grads, clip_coeff)
-
-
 def apply() -> bool:
     """Install the CPU shims once per process (and the device mode on this thread).
 
@@ -133,15 +121,7 @@ def apply() -> bool:
         mpu_random._set_cuda_rng_state = _set_rng_state
         mpu_random.CudaRNGStatesTracker.add = _tracker_add
 
-        # 4. Gradient clipping without the CUDA tensor-type assert. ``optimizer.py``
-        # imported the function by name, so patch both namespaces.
-        from megatron.core.optimizer import clip_grads as mpu_clip
-        from megatron.core.optimizer import optimizer as mpu_optimizer
-
-        mpu_clip.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
-        mpu_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
-
-        # 3. Device rewriting for hard-coded device="cuda" factories.
+        # 3 and 4. Device rewriting and CUDA type names.
         _mode = CudaToCpuMode()
         _mode.__enter__()
         _applied = True
