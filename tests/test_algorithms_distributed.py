@@ -149,7 +149,26 @@ def _body(ctx, n_mb, order_seed):
             cfg = make_config(case, "microbatch")
             out[f"{ds}/{case}/microbatch"] = _run_step(mbs, cfg, group, ctx.dp)
     out["rpp"] = _reinforce_pp(rank, ctx.dp, group)
+    out["nan"] = _nan_on_last_rank(rank, ctx.dp, group)
     return out
+
+
+def _nan_on_last_rank(rank, dp, group):
+    """NaN in one rank's advantages: every rank must raise (none may hang)."""
+    from covrl.algorithms import SelectionBatch, prepare_selection
+
+    mbs = split(make_samples(), dp, rank, 2, order_seed=1)
+    if rank == dp - 1:
+        mbs[1]["adv"][0, mbs[1]["mask"][0].nonzero()[0]] = float("nan")
+    batches = [
+        SelectionBatch(mb["adv"], mb["old_logp"], mb["mask"], mb["token_ids"], mb["logp"])
+        for mb in mbs
+    ]
+    try:
+        prepare_selection(batches, make_config("kl_cov"), step=0, group=group)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _reinforce_pp(rank, dp, group):
@@ -168,9 +187,9 @@ def _reinforce_pp(rank, dp, group):
 
 def _merge(per_rank: list[dict]) -> dict:
     """Concatenate ranks, reorder tokens canonically, sum losses."""
-    merged = {"rpp": [r["rpp"] for r in per_rank]}
+    merged = {k: [r[k] for r in per_rank] for k in ("rpp", "nan")}
     for key in per_rank[0]:
-        if key == "rpp":
+        if key in merged:
             continue
         rs = [r[key] for r in per_rank]
         ids = torch.cat([r["ids"] for r in rs])
@@ -291,3 +310,10 @@ def test_reinforce_pp_whitening_over_dp_group(runs):
     for topo in TOPOLOGIES:
         for r in runs[topo]["rpp"]:
             assert r["max_err"] < 1e-12
+
+
+def test_non_finite_input_on_one_rank_raises_on_every_rank(runs):
+    msgs = runs["dp2_mb4"]["nan"]
+    assert msgs[1] is not None and "advantages (micro-batch 1)" in msgs[1]
+    assert msgs[0] is not None and "advantages on another rank" in msgs[0]
+    assert "advantages (micro-batch 1)" in runs["dp1_mb8"]["nan"][0]

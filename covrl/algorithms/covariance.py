@@ -18,6 +18,8 @@ the id independent of how a micro-batch was padded.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +78,9 @@ class SelectionBatch:
     token_ids: torch.Tensor
     logp: torch.Tensor | None = None
 
-    def validate(self, check: bool = True) -> None:
+    def validate(self) -> None:
+        """Shape checks (finiteness is checked through the scope sums, see
+        :func:`covariance_means`)."""
         check_same_shape(
             "advantages",
             self.advantages,
@@ -85,55 +89,78 @@ class SelectionBatch:
             token_ids=self.token_ids,
             logp=self.logp,
         )
-        if check:
-            check_finite(
-                as_bool_mask(self.mask),
-                advantages=self.advantages,
-                old_logp=self.old_logp,
-                logp=self.logp,
-            )
+        if self.token_ids.dtype != torch.int64:
+            raise ValueError(f"token_ids must be int64, got {self.token_ids.dtype}")
 
 
 @dataclass
 class CovarianceMeans:
-    """Scope-wide means (float64 scalars) and the scope's valid-token count."""
+    """Scope-wide means (float64 scalar tensors) and the scope's valid-token count."""
 
     mean_logp: torch.Tensor
     mean_adv: torch.Tensor
-    num_tokens: torch.Tensor
+    num_tokens: int
 
 
 def covariance_means(
-    logps: list[torch.Tensor],
-    advantages: list[torch.Tensor],
-    masks: list[torch.Tensor],
+    logps: Sequence[torch.Tensor],
+    advantages: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor],
     group: ProcessGroup | None,
+    *,
+    names: tuple[str, str] = ("logp", "advantages"),
+    also_check: dict[str, Sequence[torch.Tensor]] | None = None,
+    check: bool = True,
 ) -> CovarianceMeans:
-    """Means of logp and A over every valid token of the scope.
+    """Means of logp and A over every valid token of the scope, and the token count.
 
-    Sums are taken in float64 per micro-batch and all-reduced over ``group`` with the
-    token count in one ``[3]`` collective (None: this process holds the whole scope).
+    Sums are taken in float64 per micro-batch and all-reduced over ``group`` (None:
+    this process holds the whole scope) in one collective, with one host sync.
+
+    The sums double as the input check: NaN/inf at a valid position makes a global
+    sum non-finite, so every rank of the group sees it after the collective and raises
+    (a check before the collective would let one rank raise while the others hang).
+    ``also_check`` adds the sums of more per-micro-batch tensors, only for this check.
     An empty scope gives means of 0.
     """
+    also_check = also_check or {}
     device = masks[0].device if masks else torch.device("cpu")
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for logp, adv, mask in zip(logps, advantages, masks, strict=True):
+    columns = [list(logps), list(advantages), *(list(v) for v in also_check.values())]
+    sums = torch.zeros(len(columns) + 1, dtype=torch.float64, device=device)
+    for j, mask in enumerate(masks):
         m = as_bool_mask(mask)
-        sums[0] += torch.where(m, logp.detach().double(), 0.0).sum()
-        sums[1] += torch.where(m, adv.detach().double(), 0.0).sum()
-        sums[2] += m.sum()
+        for c, tensors in enumerate(columns):
+            sums[c] += torch.where(m, tensors[j].detach(), 0.0).sum(dtype=torch.float64)
+        sums[-1] += m.sum()
     all_reduce_sum(sums, group)
-    count = sums[2]
-    denom = count.clamp(min=1.0)
-    return CovarianceMeans(sums[0] / denom, sums[1] / denom, count)
+    values = sums.tolist()
+    if check and not all(math.isfinite(v) for v in values[:-1]):
+        all_names = [*names, *also_check]
+        bad = [n for n, v in zip(all_names, values, strict=False) if not math.isfinite(v)]
+        for j, mask in enumerate(masks):  # name the local micro-batch if it is here
+            check_finite(
+                as_bool_mask(mask),
+                **{f"{n} (micro-batch {j})": columns[all_names.index(n)][j] for n in bad},
+            )
+        raise ValueError(
+            "non-finite values (NaN/inf) at valid positions in "
+            + ", ".join(bad)
+            + " on another rank of the group"
+        )
+    count = int(values[-1])
+    return CovarianceMeans(sums[0] / max(count, 1), sums[1] / max(count, 1), count)
 
 
 def token_covariance(
-    logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, means: CovarianceMeans
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    means: CovarianceMeans,
+    fill: float = 0.0,
 ) -> torch.Tensor:
-    """``[b, s]`` float64 covariance terms ``(logp - mean) * (A - mean)``, 0 at padding."""
+    """``[b, s]`` float64 covariance terms ``(logp - mean) * (A - mean)``; ``fill`` at padding."""
     m = as_bool_mask(mask)
     cov = (logp.detach().double() - means.mean_logp) * (
         advantages.detach().double() - means.mean_adv
     )
-    return torch.where(m, cov, 0.0)
+    return cov.masked_fill_(~m, fill)

@@ -37,32 +37,35 @@ def ordered_int_to_float(k: torch.Tensor) -> torch.Tensor:
 
 
 def kth_largest(
-    keys: torch.Tensor, ranks: Sequence[int], group: ProcessGroup | None
+    keys: Sequence[torch.Tensor], ranks: Sequence[int], group: ProcessGroup | None
 ) -> torch.Tensor:
-    """Exact ``r``-th largest int64 key of the union of ``keys`` over ``group``, per rank ``r``.
+    """Exact ``r``-th largest int64 key of a scope, for each rank ``r``.
 
     Args:
-        keys: ``[n]`` int64 on this rank.
+        keys: this rank's segments of int64 keys (any shapes).
         ranks: 1-based ranks, each ``1 <= r <= total count over the group``.
-        group: None for a single process.
+        group: the ranks holding the rest of the scope (None: this process only).
 
     Returns:
         ``[len(ranks)]`` int64 keys, identical on every rank.
     """
     m = len(ranks)
-    device = keys.device
+    device = keys[0].device
     remaining = torch.tensor(list(ranks), dtype=torch.int64, device=device)
     prefix = torch.zeros(m, dtype=torch.int64, device=device)
-    cands = [keys] * m
+    flat = [k.flatten() for k in keys]
+    cands: list[torch.Tensor] = []
     for level in range(7, -1, -1):
         shift = 8 * level
-        digits = []
         hist = torch.zeros(m, 256, dtype=torch.int64, device=device)
-        for j, c in enumerate(cands):
-            # Top byte: arithmetic shift gives the signed byte; +128 makes it ordered 0..255.
-            d = (c >> shift) + 128 if level == 7 else (c >> shift) & 0xFF
-            digits.append(d)
-            hist[j] = torch.bincount(d, minlength=256)
+        if level == 7:
+            # Every query starts from all keys: one histogram serves them all. The top
+            # byte's arithmetic shift is signed; +128 orders it as 0..255.
+            for k in flat:
+                hist += torch.bincount((k >> shift) + 128, minlength=256)
+        else:
+            for j, c in enumerate(cands):
+                hist[j] = torch.bincount((c >> shift) & 0xFF, minlength=256)
         all_reduce_sum(hist, group)
         at_least = hist.flip(1).cumsum(1)  # at_least[:, i] = #{digit >= 255 - i}
         i = torch.searchsorted(at_least, remaining.unsqueeze(1)).squeeze(1).clamp(max=255)
@@ -71,8 +74,13 @@ def kth_largest(
         )
         remaining = remaining - above
         digit = 255 - i
-        prefix = digit - 128 if level == 7 else prefix * 256 + digit
-        cands = [c[d == digit[j]] for j, (c, d) in enumerate(zip(cands, digits, strict=True))]
+        if level == 7:
+            prefix = digit - 128
+            # Keep, per query, only the keys that share the chosen top byte.
+            cands = [torch.cat([k[(k >> shift) == prefix[j]] for k in flat]) for j in range(m)]
+        else:
+            prefix = prefix * 256 + digit
+            cands = [c[(c >> shift) == prefix[j]] for j, c in enumerate(cands)]
     return prefix
 
 
@@ -81,7 +89,7 @@ def _pct_label(f: float) -> str:
 
 
 def covariance_summary(
-    cov: torch.Tensor,
+    cov: Sequence[torch.Tensor],
     num_tokens: int,
     fractions: Sequence[float],
     group: ProcessGroup | None,
@@ -89,32 +97,32 @@ def covariance_summary(
     """``cov/mean`` and ``cov/top_<pct>`` over the scope.
 
     Args:
-        cov: ``[n]`` float64 covariance of this rank's valid tokens (global means).
-        num_tokens: the scope's token count (the same on every rank).
+        cov: this rank's segments (e.g. ``[b, s]`` per micro-batch) of float64
+            covariance, computed with the scope's means, ``-inf`` at padding.
+        num_tokens: the scope's valid-token count (the same on every rank).
         fractions: top fractions, e.g. ``(2e-4, 2e-3, 2e-2, 0.2, 0.5)``;
             ``K = max(1, floor(f * N))``.
     """
+    names = ["cov/mean"] + [f"cov/top_{_pct_label(f)}" for f in fractions]
     if num_tokens == 0:
-        out = {"cov/mean": 0.0}
-        out.update({f"cov/top_{_pct_label(f)}": 0.0 for f in fractions})
-        return out
+        return dict.fromkeys(names, 0.0)
     ks = [selection_count(f, num_tokens) for f in fractions]
-    keys = float_to_ordered_int(cov)
-    kth = kth_largest(keys, ks, group)
-    above = keys.unsqueeze(0) > kth.unsqueeze(1)  # [m, n]
-    sums = torch.cat(
-        [
-            cov.sum().view(1),
-            torch.where(above, cov.unsqueeze(0), 0.0).sum(dim=1),
-            above.sum(dim=1).double(),
-        ]
-    )
-    all_reduce_sum(sums, group)
     m = len(ks)
-    k_t = torch.tensor(ks, dtype=torch.float64, device=cov.device)
+    # -inf padding maps to the lowest key; ranks stay <= N so it is never reached.
+    keys = [float_to_ordered_int(c) for c in cov]
+    kth = kth_largest(keys, ks, group)
+    sums = torch.zeros(1 + 2 * m, dtype=torch.float64, device=kth.device)
+    for c, k in zip(cov, keys, strict=True):
+        c, k = c.flatten(), k.flatten()
+        sums[0] += torch.where(c > float("-inf"), c, 0.0).sum()
+        for j in range(m):
+            above = k > kth[j]
+            sums[1 + j] += torch.where(above, c, 0.0).sum()
+            sums[1 + m + j] += above.sum()
+    all_reduce_sum(sums, group)
+    k_t = torch.tensor(ks, dtype=torch.float64, device=kth.device)
     top = (sums[1 : 1 + m] + (k_t - sums[1 + m :]) * ordered_int_to_float(kth)) / k_t
     values = [sums[0].item() / num_tokens] + top.tolist()
-    names = ["cov/mean"] + [f"cov/top_{_pct_label(f)}" for f in fractions]
     return dict(zip(names, values, strict=True))
 
 

@@ -142,15 +142,11 @@ def compute_policy_loss(
         raise ValueError(f"kl_coeff={config.kl_coeff} needs ref_logp")
 
     m = as_bool_mask(mask)
-    if config.check_finite:
-        check_finite(
-            m,
-            logp=logp,
-            old_logp=old_logp,
-            advantages=advantages,
-            entropy=entropy,
-            ref_logp=ref_logp,
-        )
+    raw = dict(logp=logp, old_logp=old_logp, advantages=advantages)
+    if config.entropy_coeff != 0.0:
+        raw["entropy"] = entropy
+    if config.kl_coeff != 0.0:
+        raw["ref_logp"] = ref_logp
     logp = masked(logp, m)
     old_logp = masked(old_logp, m)
     advantages = masked(advantages, m)
@@ -180,12 +176,24 @@ def compute_policy_loss(
 
     if config.entropy_coeff != 0.0:
         loss = loss - config.entropy_coeff * masked(entropy, m)
+    sums = [log_ratio.sum(dtype=torch.float64)]
     if config.kl_coeff != 0.0:
-        kl = kl_penalty(logp, masked(ref_logp, m), config.kl_estimator, config.log_ratio_clamp)
+        ref_logp = masked(ref_logp, m)
+        sums.append(ref_logp.sum(dtype=torch.float64))  # k3 clamps, so check ref itself
+        kl = kl_penalty(logp, ref_logp, config.kl_estimator, config.log_ratio_clamp)
         loss = loss + config.kl_coeff * kl
 
+    loss = masked(loss, m)
+    if config.check_finite:
+        # NaN/inf in any input that enters the loss makes one of these sums non-finite
+        # (log_ratio is unclamped): a few reductions and one host sync in the common
+        # case, the per-tensor diagnosis only on failure.
+        totals = torch.stack([*sums, loss.sum(dtype=torch.float64)])
+        if not bool(torch.isfinite(totals.detach()).all()):
+            check_finite(m, **raw)
+            raise ValueError("non-finite policy loss terms at valid positions")
     return PolicyLossOutput(
-        token_loss=masked(loss, m),
+        token_loss=loss,
         log_ratio=log_ratio.detach(),
         clipped=clipped & m,
         dual_clipped=dual_clipped & m,

@@ -11,18 +11,24 @@ Ties in the primary value are broken by the canonical token id (smaller id wins)
 the order is strict and the selected set is a function of the scope's *data*, not of
 how it is split into micro-batches or data-parallel ranks.
 
-Distributed algorithm (:func:`top_k_threshold`), with no gather of all tokens:
+Distributed algorithm (:func:`top_k_threshold`), without gathering the tokens:
 
-1. each rank takes its local top-``K`` candidates under the total order;
-2. one ``all_gather`` of ``[3, K]`` int64 (value bits, id, valid flag) per rank;
-3. every rank computes the global ``K``-th element ``(v*, id*)`` from the gathered
-   candidates (the global top-``K`` are among the union of the local top-``K``);
-4. a token is selected iff it is ordered at or above ``(v*, id*)``: a local compare.
+1. each rank takes the ``K`` largest values of its segments (the multiset of the top
+   ``K`` values does not depend on how ties are broken);
+2. ``all_gather`` of ``[K]`` values per rank; the global ``K``-th value ``v*`` and the
+   number ``a`` of values above it follow (every value above ``v*`` is in its rank's
+   local top ``K``, or that rank alone would hold ``K`` values above ``v*``);
+3. the ``K - a`` tokens at ``v*`` with the smallest ids win: each rank offers its
+   ``K - a`` smallest tied ids, ``all_gather``, and the ``(K - a)``-th smallest is
+   ``id*`` (usually ``K - a = 1``);
+4. a token is selected iff ``v > v*`` or ``v == v*`` and ``id <= id*``: a local
+   compare on each micro-batch, in its own layout.
 
-Cost per mini-batch: two scalar host syncs (the token count and a tie count), the
-means all-reduce of 3 float64, the all-gather of ``3 * K * dp`` int64, and
-``O(n)`` device work, against the public implementation's device-to-host copy and CPU
-top-k on every micro-batch.
+Cost per mini-batch: one all-reduce of a few float64 sums (means, count, input check),
+two all-gathers of at most ``K`` values / ids per rank, a handful of scalar host syncs,
+and ``O(n)`` device work; no per-token data leaves the device. The public
+implementation copies the covariance to the host and runs a CPU top-k or random
+choice on every micro-batch.
 """
 
 from __future__ import annotations
@@ -98,60 +104,80 @@ def uniform_keys(token_ids: torch.Tensor, seed: int, step: int) -> torch.Tensor:
 
 # --- Exact distributed top-K under (value desc, id asc) -------------------------------
 
+_ID_MAX = torch.iinfo(torch.int64).max
 
-def _local_top_k(
-    values: torch.Tensor, ids: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` greatest ``(value, id)`` pairs (value descending, then id ascending)."""
-    if k >= values.numel():
-        return values, ids
-    if k == 0:
-        return values[:0], ids[:0]
-    kth_value = torch.topk(values, k, sorted=False).values.min()
-    above = values > kth_value
-    need = k - int(above.sum())
-    tied_ids = ids[values == kth_value]
-    chosen = torch.topk(tied_ids, need, largest=False, sorted=False).values
-    return (
-        torch.cat([values[above], kth_value.expand(need)]),
-        torch.cat([ids[above], chosen]),
-    )
+
+def lowest(dtype: torch.dtype) -> float | int:
+    """The fill value that sorts below every eligible entry (``-inf`` / int64 min)."""
+    return float("-inf") if dtype.is_floating_point else torch.iinfo(dtype).min
+
+
+def _top_values(segments: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+    """The ``k`` largest values over all segments (fewer if they hold fewer)."""
+    parts = [torch.topk(s.flatten(), min(k, s.numel()), sorted=False).values for s in segments]
+    merged = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return torch.topk(merged, min(k, merged.numel()), sorted=False).values
+
+
+def _all_gather_padded(t: torch.Tensor, size: int, fill, group: ProcessGroup | None):
+    """Concatenation over ``group`` of ``t`` padded with ``fill`` to ``size``."""
+    if group_size(group) == 1:
+        return t
+    padded = torch.full((size,), fill, dtype=t.dtype, device=t.device)
+    padded[: t.numel()] = t
+    out = [torch.empty_like(padded) for _ in range(group_size(group))]
+    dist.all_gather(out, padded, group=group)
+    return torch.cat(out)
 
 
 def top_k_threshold(
-    values: torch.Tensor, ids: torch.Tensor, k: int, group: ProcessGroup | None
+    values: Sequence[torch.Tensor],
+    ids: Sequence[torch.Tensor],
+    k: int,
+    group: ProcessGroup | None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The ``k``-th greatest ``(value, id)`` of the union of ``values`` over ``group``.
+    """The ``k``-th greatest ``(value, id)`` of a scope, under (value desc, id asc).
 
     Args:
-        values: ``[n]`` float64 or int64 primary keys (larger is better) on this rank.
-        ids: ``[n]`` int64 ids, unique over the group (the tie-break; smaller is better).
-        k: how many to select globally (the same on every rank).
+        values: this rank's segments (e.g. one per micro-batch, any shape) of float64 or
+            int64 keys, larger is better; entries that take no part hold
+            :func:`lowest` of the dtype, every other entry is above it.
+        ids: int64 ids shaped like ``values``, unique over the scope.
+        k: how many to select over the scope (the same on every rank).
         group: the ranks holding the rest of the scope (None: this process only).
 
     Returns:
-        ``(value, id)`` scalars, identical on every rank; None if the union is empty
-        or ``k == 0``. With fewer than ``k`` elements in all, the smallest element.
+        ``(v*, id*)`` scalar tensors, identical on every rank; the selection is
+        :func:`at_or_above` them. With fewer than ``k`` eligible entries in the
+        scope, the smallest of them. None if there are none or ``k == 0``.
     """
-    cand_v, cand_i = _local_top_k(values, ids, k)
-    if group_size(group) > 1:
-        is_float = values.dtype.is_floating_point
-        packed = torch.zeros(3, k, dtype=torch.int64, device=values.device)
-        n = cand_v.numel()
-        packed[0, :n] = cand_v.view(torch.int64) if is_float else cand_v
-        packed[1, :n] = cand_i
-        packed[2, :n] = 1
-        gathered = [torch.empty_like(packed) for _ in range(group_size(group))]
-        dist.all_gather(gathered, packed, group=group)
-        allc = torch.cat(gathered, dim=1)
-        valid = allc[2] == 1
-        cand_v = allc[0][valid]
-        cand_v = cand_v.view(values.dtype) if is_float else cand_v
-        cand_v, cand_i = _local_top_k(cand_v, allc[1][valid], k)
-    if cand_v.numel() == 0:
+    if k <= 0 or not values:
         return None
-    worst_v = cand_v.min()
-    return worst_v, cand_i[cand_v == worst_v].max()
+    floor = lowest(values[0].dtype)
+    top = _all_gather_padded(_top_values(values, k), k, floor, group)
+    top = top[top > floor]
+    k_eff = min(k, top.numel())
+    if k_eff == 0:
+        return None
+    top = torch.topk(top, k_eff, sorted=False).values
+    v = top.min()
+    need = k_eff - int((top > v).sum())  # >= 1: v itself is in the top k_eff
+    tied = [torch.where(s == v, i, _ID_MAX).flatten() for s, i in zip(values, ids, strict=True)]
+    tied = _top_values([-t for t in tied], need)  # the need smallest, negated
+    tied = -_all_gather_padded(tied, need, -_ID_MAX, group)
+    return v, torch.topk(tied, need, largest=False, sorted=False).values.max()
+
+
+def at_or_above(
+    values: torch.Tensor,
+    ids: torch.Tensor,
+    threshold: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """Bool, shaped like ``values``: ordered at or above ``threshold`` (None: nothing)."""
+    if threshold is None:
+        return torch.zeros_like(values, dtype=torch.bool)
+    v, i = threshold
+    return (values > v) | ((values == v) & (ids <= i))
 
 
 def select_top_k(
@@ -159,14 +185,11 @@ def select_top_k(
     ids: torch.Tensor,
     eligible: torch.Tensor,
     k: int,
-    group: ProcessGroup | None,
+    group: ProcessGroup | None = None,
 ) -> torch.Tensor:
-    """``[n]`` bool: the eligible tokens among the global top-``k`` (see module doc)."""
-    threshold = top_k_threshold(values[eligible], ids[eligible], k, group)
-    if threshold is None:
-        return torch.zeros_like(eligible)
-    v, i = threshold
-    return eligible & ((values > v) | ((values == v) & (ids <= i)))
+    """Bool, shaped like ``values``: the eligible entries among the scope's top ``k``."""
+    values = torch.where(eligible, values, lowest(values.dtype))
+    return eligible & at_or_above(values, ids, top_k_threshold([values], [ids], k, group))
 
 
 # --- The selection pass ---------------------------------------------------------------
@@ -191,35 +214,68 @@ class SelectionResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _eligible_and_keys(
-    method: str,
+def _clip_cov_candidates(
     cov: torch.Tensor,
-    ids: torch.Tensor,
+    batch: SelectionBatch,
     cur_logp: torch.Tensor | None,
-    old_logp: torch.Tensor,
-    adv: torch.Tensor,
     config: PolicyLossConfig,
-    step: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat ``[n]`` eligibility and ordering keys of one scope's (or micro-batch's) tokens."""
-    ec = config.entropy_control
-    if method == "kl_cov":
-        return torch.ones_like(cov, dtype=torch.bool), cov
-    band = (cov > ec.clip_cov.omega_low) & (cov < ec.clip_cov.omega_high)
+) -> torch.Tensor:
+    """``[b, s]`` bool: inside the band (so valid) and not PPO-clipped (given current logp)."""
+    cc = config.entropy_control.clip_cov
+    band = (cov > cc.omega_low) & (cov < cc.omega_high)  # padding holds -inf
     if cur_logp is not None:
-        # Tokens the PPO clip already silences would waste the budget.
-        log_ratio = (cur_logp.double() - old_logp.double()).clamp(
+        # Tokens the PPO clip already silences would waste the budget. Same dtype and
+        # formula as the loss, so the flags agree with what the loss will do.
+        log_ratio = (cur_logp - batch.old_logp).clamp(
             -config.log_ratio_clamp, config.log_ratio_clamp
         )
         _, clipped, dual = ppo_surrogate(
             torch.exp(log_ratio),
-            adv.double(),
+            batch.advantages,
             config.clip_ratio_low,
             config.clip_ratio_high,
             config.clip_ratio_c,
         )
         band = band & ~clipped & ~dual
-    return band, -uniform_keys(ids, ec.seed, step)
+    return band
+
+
+def _select_in_scope(
+    batches: Sequence[SelectionBatch],
+    covs: Sequence[torch.Tensor],
+    cur_logps: Sequence[torch.Tensor | None],
+    num_tokens: int,
+    config: PolicyLossConfig,
+    step: int,
+    group: ProcessGroup | None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-micro-batch ``[b, s]`` selections of one scope, and its local candidate count.
+
+    ``covs`` hold ``-inf`` at padding. KL-Cov ranks every valid token in the
+    micro-batches' own layouts; Clip-Cov compacts its few band candidates first and
+    hashes only those.
+    """
+    ec = config.entropy_control
+    k = selection_count(ec.selection_ratio, num_tokens)
+    ids = [b.token_ids for b in batches]
+    if ec.method == "kl_cov":
+        threshold = top_k_threshold(covs, ids, k, group)
+        selected = [at_or_above(c, i, threshold) for c, i in zip(covs, ids, strict=True)]
+        return selected, torch.zeros((), dtype=torch.int64, device=covs[0].device)
+
+    cand = [
+        _clip_cov_candidates(c, b, lp, config)
+        for c, b, lp in zip(covs, batches, cur_logps, strict=True)
+    ]
+    flat_cand = torch.cat([c.flatten() for c in cand])
+    pos = torch.nonzero(flat_cand).squeeze(1)
+    cand_ids = torch.cat([i.flatten() for i in ids])[pos]
+    keys = -uniform_keys(cand_ids, ec.seed, step)  # smallest key first
+    chosen = at_or_above(keys, cand_ids, top_k_threshold([keys], [cand_ids], k, group))
+    flat_sel = torch.zeros_like(flat_cand)
+    flat_sel[pos] = chosen
+    parts = flat_sel.split([c.numel() for c in cand])
+    return [p.view_as(c) for p, c in zip(parts, cand, strict=True)], flat_cand.sum()
 
 
 def prepare_selection(
@@ -244,17 +300,25 @@ def prepare_selection(
     extra, at the price of a covariance one or more updates stale.
 
     Args:
-        batches: the mini-batch's local micro-batches.
+        batches: the mini-batch's local micro-batches (at least one).
         config: the loss config (method, scope, seed, clip ranges).
         step: optimizer step; with ``entropy_control.seed`` it fixes Clip-Cov's draw.
         group: see above.
 
+    Raises:
+        ValueError: on every rank of the group if any rank has NaN/inf at a valid
+            position of ``advantages``, ``old_logp`` or ``logp`` (with
+            ``config.check_finite``), naming the tensor.
+
     Collectives: every rank of ``group`` must call this with the same config and step.
+    Host syncs: a handful of scalars per call; no per-token data leaves the device.
     """
     ec = config.entropy_control
     use_current = ec.logp_source == "current"
+    if not batches:
+        raise ValueError("prepare_selection needs at least one micro-batch")
     for i, b in enumerate(batches):
-        b.validate(config.check_finite)
+        b.validate()
         if use_current and b.logp is None:
             raise ValueError(
                 f"batches[{i}].logp is None but entropy_control.logp_source='current' "
@@ -262,58 +326,42 @@ def prepare_selection(
             )
     masks = [as_bool_mask(b.mask) for b in batches]
     cov_logps = [b.logp if use_current else b.old_logp for b in batches]
+    cur = [b.logp if use_current else None for b in batches]
     advs = [b.advantages for b in batches]
-    device = masks[0].device if masks else torch.device("cpu")
 
-    means = covariance_means(cov_logps, advs, masks, group)
+    means = covariance_means(
+        cov_logps,
+        advs,
+        masks,
+        group,
+        names=("logp" if use_current else "old_logp", "advantages"),
+        also_check={"old_logp": [b.old_logp for b in batches]} if use_current else None,
+        check=config.check_finite,
+    )
     covs = [
-        token_covariance(lp, a, m, means) for lp, a, m in zip(cov_logps, advs, masks, strict=True)
+        token_covariance(lp, a, m, means, fill=float("-inf"))
+        for lp, a, m in zip(cov_logps, advs, masks, strict=True)
     ]
-    flat_cov = _flatten(covs, masks)
-    num_tokens = int(means.num_tokens.item())
+    num_tokens = means.num_tokens
 
     metrics: dict[str, float] = {"entropy_control/num_tokens": float(num_tokens)}
     out_masks: list[torch.Tensor] | None = None
     if ec.method != "none":
-        cur = [b.logp if use_current else None for b in batches]
-        counts = torch.zeros(2, dtype=torch.int64, device=device)
         if ec.scope == "minibatch":
-            flat_ids = _flatten([b.token_ids for b in batches], masks)
-            eligible, keys = _eligible_and_keys(
-                ec.method,
-                flat_cov,
-                flat_ids,
-                _flatten(cur, masks) if use_current else None,
-                _flatten([b.old_logp for b in batches], masks),
-                _flatten(advs, masks),
-                config,
-                step,
+            out_masks, n_cand = _select_in_scope(
+                batches, covs, cur, num_tokens, config, step, group
             )
-            k = selection_count(ec.selection_ratio, num_tokens)
-            selected = select_top_k(keys, flat_ids, eligible, k, group)
-            out_masks = _unflatten(selected, masks)
-            counts[0] += selected.sum()
-            counts[1] += eligible.sum()
         else:
-            out_masks = []
+            out_masks, cands = [], []
             for b, m, lp, c in zip(batches, masks, cov_logps, cur, strict=True):
-                local = covariance_means([lp], [b.advantages], [m], None)
-                cov = token_covariance(lp, b.advantages, m, local)[m]
-                eligible, keys = _eligible_and_keys(
-                    ec.method,
-                    cov,
-                    b.token_ids[m],
-                    None if c is None else c[m],
-                    b.old_logp[m],
-                    b.advantages[m],
-                    config,
-                    step,
-                )
-                k = selection_count(ec.selection_ratio, int(m.sum()))
-                selected = select_top_k(keys, b.token_ids[m], eligible, k, None)
-                out_masks.extend(_unflatten(selected, [m]))
-                counts[0] += selected.sum()
-                counts[1] += eligible.sum()
+                local = covariance_means([lp], [b.advantages], [m], None, check=False)
+                cov = token_covariance(lp, b.advantages, m, local, fill=float("-inf"))
+                sel, nc = _select_in_scope([b], [cov], [c], local.num_tokens, config, step, None)
+                out_masks += sel
+                cands.append(nc)
+            n_cand = torch.stack(cands).sum()
+        n_sel = torch.stack([s.sum() for s in out_masks]).sum()
+        counts = torch.stack([n_sel, n_cand])
         all_reduce_sum(counts, group)
         n_sel, n_cand = counts.tolist()
         metrics["entropy_control/selected_tokens"] = float(n_sel)
@@ -322,23 +370,5 @@ def prepare_selection(
             metrics["entropy_control/candidates"] = float(n_cand)
 
     if ec.compute_cov_stats:
-        metrics.update(covariance_summary(flat_cov, num_tokens, ec.cov_top_fractions, group))
+        metrics.update(covariance_summary(covs, num_tokens, ec.cov_top_fractions, group))
     return SelectionResult(out_masks, metrics)
-
-
-def _flatten(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The valid entries of ``[b, s]`` tensors, concatenated in micro-batch order."""
-    if not masks:
-        return torch.zeros(0, dtype=torch.float64)
-    return torch.cat([t[m] for t, m in zip(tensors, masks, strict=True)])
-
-
-def _unflatten(flat: torch.Tensor, masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Scatter a flat ``[sum n_i]`` bool over valid positions back to ``[b, s]`` masks."""
-    sizes = torch.stack([m.sum() for m in masks]).tolist() if masks else []
-    out = []
-    for m, chunk in zip(masks, torch.split(flat, sizes), strict=True):
-        full = torch.zeros_like(m)
-        full[m] = chunk
-        out.append(full)
-    return out
