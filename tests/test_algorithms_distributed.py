@@ -39,6 +39,10 @@ CASES = {
     ),
     "clip_cov_default": ({}, dict(method="clip_cov", clip_cov=dict(omega_low=0.5))),
     "ppo": (dict(entropy_coeff=0.01, kl_coeff=0.1, clip_ratio_high=0.28), dict(method="none")),
+    # Large K: half the tokens (big gathers, boundary inside a tie set on "ties").
+    "kl_cov_half": ({}, dict(method="kl_cov", kl_cov=dict(ratio=0.5))),
+    # More requested than there are candidates: all candidates, on every layout.
+    "clip_cov_all": ({}, dict(method="clip_cov", clip_cov=dict(ratio=0.9, omega_low=0.2))),
 }
 MICROBATCH_SCOPE_CASES = ("kl_cov", "clip_cov")
 TOPOLOGIES = {"dp1_mb1": (1, 1, None), "dp2_mb4": (2, 4, 5), "dp1_mb8": (1, 8, 9)}
@@ -244,7 +248,10 @@ def test_shared_parameter_grad_is_sum_of_token_grads(runs, key):
 
 
 @pytest.mark.parametrize("ds", DATASETS)
-@pytest.mark.parametrize("case", ["kl_cov", "kl_cov_default", "clip_cov", "clip_cov_default"])
+@pytest.mark.parametrize(
+    "case",
+    ["kl_cov", "kl_cov_default", "kl_cov_half", "clip_cov", "clip_cov_default", "clip_cov_all"],
+)
 def test_selection_matches_brute_force_reference(runs, ds, case):
     cfg = make_config(case)
     ec = cfg.entropy_control
@@ -271,6 +278,8 @@ def test_selection_counts(runs, ds):
     n_cand = clip["metrics"][0]["entropy_control/candidates"]
     assert 0 < len(clip["selected"]) == int(0.05 * n) < n_cand
     assert clip["metrics"][0]["entropy_control/selected_tokens"] == len(clip["selected"])
+    every = r[f"{ds}/clip_cov_all/minibatch"]
+    assert len(every["selected"]) == every["metrics"][0]["entropy_control/candidates"] > 0
 
 
 @pytest.mark.parametrize("ds", DATASETS)

@@ -120,6 +120,10 @@ def compute_policy_loss(
             ``clip_cov``/``kl_cov``, must be None for ``none``).
         entropy: ``[b, s]`` per-token policy entropy (required if ``entropy_coeff``).
         ref_logp: ``[b, s]`` reference-policy log-probs (required if ``kl_coeff``).
+
+    Raises:
+        ValueError: with ``config.check_finite``, if an input that enters the loss has
+            NaN/inf at a valid position, naming the tensor (padding may hold anything).
     """
     method = config.entropy_control.method
     check_same_shape(
