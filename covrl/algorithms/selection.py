@@ -24,6 +24,12 @@ Distributed algorithm (:func:`top_k_threshold`), without gathering the tokens:
 4. a token is selected iff ``v > v*`` or ``v == v*`` and ``id <= id*``: a local
    compare on each micro-batch, in its own layout.
 
+Numerics: covariances are float64, from float64 sums all-reduced over the group. A
+sum's last bits depend on the order of summation, so two layouts agree exactly unless
+a covariance lies within about 1e-15 (relative) of the selection boundary or of a
+Clip-Cov band edge without being equal to it. Exact ties (equal log-probs and
+advantages) stay exact ties under any layout and break by id.
+
 Cost per mini-batch: one all-reduce of a few float64 sums (means, count, input check),
 two all-gathers of at most ``K`` values / ids per rank, a handful of scalar host syncs,
 and ``O(n)`` device work; no per-token data leaves the device. The public
