@@ -95,11 +95,13 @@ class SelectionBatch:
 
 @dataclass
 class CovarianceMeans:
-    """Scope-wide means (float64 scalar tensors) and the scope's valid-token count."""
+    """Scope-wide means and valid-token count (float64 scalar tensors), and the count
+    as a Python int."""
 
     mean_logp: torch.Tensor
     mean_adv: torch.Tensor
-    num_tokens: int
+    num_tokens: torch.Tensor
+    count: int
 
 
 def covariance_means(
@@ -148,7 +150,7 @@ def covariance_means(
             + " on another rank of the group"
         )
     count = int(values[-1])
-    return CovarianceMeans(sums[0] / max(count, 1), sums[1] / max(count, 1), count)
+    return CovarianceMeans(sums[0] / max(count, 1), sums[1] / max(count, 1), sums[-1], count)
 
 
 def token_covariance(

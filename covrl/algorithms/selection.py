@@ -348,7 +348,7 @@ def prepare_selection(
         token_covariance(lp, a, m, means, fill=float("-inf"))
         for lp, a, m in zip(cov_logps, advs, masks, strict=True)
     ]
-    num_tokens = means.num_tokens
+    num_tokens = means.count
 
     metrics: dict[str, float] = {"entropy_control/num_tokens": float(num_tokens)}
     out_masks: list[torch.Tensor] | None = None
@@ -362,7 +362,7 @@ def prepare_selection(
             for b, m, lp, c in zip(batches, masks, cov_logps, cur, strict=True):
                 local = covariance_means([lp], [b.advantages], [m], None, check=False)
                 cov = token_covariance(lp, b.advantages, m, local, fill=float("-inf"))
-                sel, nc = _select_in_scope([b], [cov], [c], local.num_tokens, config, step, None)
+                sel, nc = _select_in_scope([b], [cov], [c], local.count, config, step, None)
                 out_masks += sel
                 cands.append(nc)
             n_cand = torch.stack(cands).sum()
