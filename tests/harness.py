@@ -45,6 +45,17 @@ def _mp_context():
     return _ctx
 
 
+# The layouts the model tests cover, as ``launch`` keyword arguments.
+TOPOLOGIES: dict[str, dict] = {
+    "tp1": dict(world_size=1),
+    "tp2": dict(world_size=2, tp=2),
+    "pp2": dict(world_size=2, pp=2),
+    "dp2": dict(world_size=2),
+    "tp2pp2": dict(world_size=4, tp=2, pp=2),
+    "pp2vpp2": dict(world_size=2, pp=2, vpp=2),
+}
+
+
 @dataclass
 class RankContext:
     rank: int

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.harness import launch
+from tests.harness import TOPOLOGIES, launch
 from tests.hf_fixtures import make_checkpoint, reference_logits
 
 BATCH, SEQ = 4, 14
@@ -79,16 +79,6 @@ def _engine_body(ctx, checkpoint, vpp_micro_batches=False):
     out["steps"] = steps
     out["lr"] = r.lr
     return out
-
-
-TOPOLOGIES = {
-    "tp1": dict(world_size=1),
-    "tp2": dict(world_size=2, tp=2),
-    "pp2": dict(world_size=2, pp=2),
-    "dp2": dict(world_size=2),
-    "tp2pp2": dict(world_size=4, tp=2, pp=2),
-    "pp2vpp2": dict(world_size=2, pp=2, vpp=2),
-}
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.harness import launch
+from tests.harness import TOPOLOGIES, launch
 
 VOCAB, HIDDEN, HEADS, GROUPS, FFN, LAYERS = 96, 32, 4, 2, 64, 4
 SEQ, GLOBAL_BATCH, MICRO_BATCH = 12, 4, 1
@@ -286,20 +286,15 @@ def _init_body(ctx):
     return {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
-TOPOLOGIES = {
-    "tp1": dict(world_size=1),
-    "tp2": dict(world_size=2, tp=2),
-    "pp2": dict(world_size=2, pp=2),
-    "dp2": dict(world_size=2),
-    "tp2pp2": dict(world_size=4, tp=2, pp=2),
-}
+# The interleaved schedule needs model chunks; the engine tests cover it.
+LAYOUTS = {k: v for k, v in TOPOLOGIES.items() if k != "pp2vpp2"}
 
 
 @pytest.fixture(scope="module")
 def runs():
     ref_state = _reference_state()
     results = {}
-    for name, topo in TOPOLOGIES.items():
+    for name, topo in LAYOUTS.items():
         per_rank = launch(_parallel_body, ref_state=ref_state, timeout=300, **topo)
         last = next(r for r in per_rank if r["last_stage"])
         merged = {k: {} for k in ("grads", "clipped_grads", "params_after")}

@@ -16,7 +16,7 @@ import torch
 
 from covrl.models import PolicyModelConfig, validate_parallel_layout, vocab_size_with_padding
 from covrl.parallel import ParallelConfig
-from tests.harness import launch
+from tests.harness import TOPOLOGIES, launch  # dp2: two replicas, both export, replica 0 saves
 from tests.hf_fixtures import (
     TINY,
     VARIANTS,
@@ -103,16 +103,6 @@ def _topology_body(ctx, paths, input_ids, out_root):
                     r["errors"][other] = str(exc)
         results[name] = r
     return results
-
-
-TOPOLOGIES = {
-    "tp1": dict(world_size=1),
-    "tp2": dict(world_size=2, tp=2),
-    "pp2": dict(world_size=2, pp=2),
-    "tp2pp2": dict(world_size=4, tp=2, pp=2),
-    "pp2vpp2": dict(world_size=2, pp=2, vpp=2),
-    "dp2": dict(world_size=2),  # two replicas: both export, replica 0 saves
-}
 
 
 @pytest.fixture(scope="module", params=list(TOPOLOGIES))
