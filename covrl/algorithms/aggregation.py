@@ -69,19 +69,23 @@ def loss_terms(
     norm_constant: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(numerator, count)`` of one micro-batch; ``token_loss`` and ``mask`` are ``[b, s]``."""
-    _check_mode(mode)
     m = as_bool_mask(mask)
-    token_loss = torch.where(m, token_loss, torch.zeros_like(token_loss))
+    return _numerator(token_loss, m, mode, norm_constant), local_loss_count(m, mode)
+
+
+def _numerator(
+    token_loss: torch.Tensor, mask: torch.Tensor, mode: str, norm_constant: float | None
+) -> torch.Tensor:
+    """Scalar numerator of one micro-batch; ``token_loss`` ``[b, s]``, bool ``mask``."""
+    _check_mode(mode)
+    token_loss = torch.where(mask, token_loss, 0.0)
     if mode == "token-mean":
-        numerator = token_loss.sum()
-    elif mode == "seq-mean-token-mean":
-        lengths = m.sum(dim=-1).clamp(min=1)
-        numerator = (token_loss.sum(dim=-1) / lengths).sum()
-    else:
-        numerator = token_loss.sum()
-        if norm_constant is not None:
-            numerator = numerator / norm_constant
-    return numerator, local_loss_count(m, mode)
+        return token_loss.sum()
+    if mode == "seq-mean-token-mean":
+        lengths = mask.sum(dim=-1).clamp(min=1)
+        return (token_loss.sum(dim=-1) / lengths).sum()
+    numerator = token_loss.sum()
+    return numerator if norm_constant is None else numerator / norm_constant
 
 
 def aggregate_loss(
@@ -96,7 +100,7 @@ def aggregate_loss(
     ``global_count`` comes from :func:`global_loss_count`. An empty mini-batch (count
     0) gives a loss of 0 with zero gradient.
     """
-    numerator, _ = loss_terms(token_loss, mask, mode, norm_constant)
+    numerator = _numerator(token_loss, as_bool_mask(mask), mode, norm_constant)
     if isinstance(global_count, torch.Tensor):
         denom = global_count.clamp(min=1).to(numerator.dtype)
     else:

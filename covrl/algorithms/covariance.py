@@ -103,6 +103,61 @@ class CovarianceMeans:
     num_tokens: torch.Tensor
     count: int
 
+    @classmethod
+    def from_sums(cls, sums: torch.Tensor, values: Sequence[float]) -> CovarianceMeans:
+        """From :func:`masked_scope_sums` ``[sum logp, sum A, ..., count]`` (tensor and
+        host copy). An empty scope gives means of 0."""
+        count = int(values[-1])
+        return cls(sums[0] / max(count, 1), sums[1] / max(count, 1), sums[-1], count)
+
+
+def masked_scope_sums(
+    columns: Sequence[Sequence[torch.Tensor]],
+    masks: Sequence[torch.Tensor],
+    group: ProcessGroup | None,
+) -> torch.Tensor:
+    """float64 ``[len(columns) + 1]``: each column's sum over the valid entries of every
+    segment, then the valid count; all-reduced over ``group`` in one collective.
+
+    Args:
+        columns: per column, one tensor per segment, shaped like that segment's mask.
+        masks: one response mask per segment (any shape).
+    """
+    device = masks[0].device if masks else torch.device("cpu")
+    sums = torch.zeros(len(columns) + 1, dtype=torch.float64, device=device)
+    for j, mask in enumerate(masks):
+        m = as_bool_mask(mask)
+        for c, tensors in enumerate(columns):
+            sums[c] += torch.where(m, tensors[j].detach(), 0.0).sum(dtype=torch.float64)
+        sums[-1] += m.sum()
+    return all_reduce_sum(sums, group)
+
+
+def check_scope_sums(
+    values: Sequence[float],
+    local: dict[str, Sequence[torch.Tensor]],
+    masks: Sequence[torch.Tensor],
+) -> None:
+    """Raise ValueError if a scope sum is non-finite, naming the tensor.
+
+    ``values[c]`` is the all-reduced sum of column ``c``, whose local micro-batches are
+    the ``c``-th entry of ``local`` (name -> one tensor per micro-batch of ``masks``).
+    NaN/inf at a valid position makes a global sum non-finite, so every rank of the
+    group raises after the collective (a check before it would let one rank raise
+    while the others hang); the rank holding the bad values names the micro-batch.
+    """
+    names = list(local)
+    bad = [n for n, v in zip(names, values, strict=False) if not math.isfinite(v)]
+    if not bad:
+        return
+    for j, mask in enumerate(masks):  # name the local micro-batch if it is here
+        check_finite(as_bool_mask(mask), **{f"{n} (micro-batch {j})": local[n][j] for n in bad})
+    raise ValueError(
+        "non-finite values (NaN/inf) at valid positions in "
+        + ", ".join(bad)
+        + " on another rank of the group"
+    )
+
 
 def covariance_means(
     logps: Sequence[torch.Tensor],
@@ -119,38 +174,16 @@ def covariance_means(
     Sums are taken in float64 per micro-batch and all-reduced over ``group`` (None:
     this process holds the whole scope) in one collective, with one host sync.
 
-    The sums double as the input check: NaN/inf at a valid position makes a global
-    sum non-finite, so every rank of the group sees it after the collective and raises
-    (a check before the collective would let one rank raise while the others hang).
-    ``also_check`` adds the sums of more per-micro-batch tensors, only for this check.
-    An empty scope gives means of 0.
+    The sums double as the input check (:func:`check_scope_sums`); ``also_check`` adds
+    the sums of more per-micro-batch tensors, only for this check. An empty scope gives
+    means of 0.
     """
-    also_check = also_check or {}
-    device = masks[0].device if masks else torch.device("cpu")
-    columns = [list(logps), list(advantages), *(list(v) for v in also_check.values())]
-    sums = torch.zeros(len(columns) + 1, dtype=torch.float64, device=device)
-    for j, mask in enumerate(masks):
-        m = as_bool_mask(mask)
-        for c, tensors in enumerate(columns):
-            sums[c] += torch.where(m, tensors[j].detach(), 0.0).sum(dtype=torch.float64)
-        sums[-1] += m.sum()
-    all_reduce_sum(sums, group)
+    local = {names[0]: logps, names[1]: advantages, **(also_check or {})}
+    sums = masked_scope_sums(list(local.values()), masks, group)
     values = sums.tolist()
-    if check and not all(math.isfinite(v) for v in values[:-1]):
-        all_names = [*names, *also_check]
-        bad = [n for n, v in zip(all_names, values, strict=False) if not math.isfinite(v)]
-        for j, mask in enumerate(masks):  # name the local micro-batch if it is here
-            check_finite(
-                as_bool_mask(mask),
-                **{f"{n} (micro-batch {j})": columns[all_names.index(n)][j] for n in bad},
-            )
-        raise ValueError(
-            "non-finite values (NaN/inf) at valid positions in "
-            + ", ".join(bad)
-            + " on another rank of the group"
-        )
-    count = int(values[-1])
-    return CovarianceMeans(sums[0] / max(count, 1), sums[1] / max(count, 1), sums[-1], count)
+    if check:
+        check_scope_sums(values[:-1], local, masks)
+    return CovarianceMeans.from_sums(sums, values)
 
 
 def token_covariance(

@@ -4,9 +4,10 @@ Covariance summary: the mean covariance and the mean of the top ``f`` fraction o
 tokens, over the whole scope (all micro-batches, all ranks of the group). The top-``K``
 mean only needs the exact global ``K``-th largest value ``v*``:
 ``(sum_{v > v*} v + (K - #{v > v*}) v*) / K``. ``v*`` is found by a radix select on
-order-preserving int64 images of the float64 values: eight rounds, each one all-reduce
-of a ``[num_fractions, 256]`` histogram, whatever ``K`` is (50% of the tokens costs the
-same as 0.02%), and the work per round shrinks with the candidates.
+order-preserving int64 images of the float64 values: four rounds of 16-bit digits, each
+one all-reduce of an int64 histogram, whatever ``K`` is (50% of the
+tokens costs the same as 0.02%); the first round covers every token once for all
+fractions, later rounds only the tokens sharing the chosen prefix.
 
 Loss statistics are accumulated per micro-batch as ``(sum, count)`` pairs (the
 Megatron reporting convention) and reduced once per step by
@@ -36,6 +37,53 @@ def ordered_int_to_float(k: torch.Tensor) -> torch.Tensor:
     return torch.where(k < 0, k ^ _LOW63, k).contiguous().view(torch.float64)
 
 
+_DIGIT_BITS = 16
+_NUM_BINS = 1 << _DIGIT_BITS
+
+
+def _radix_select(
+    keys: torch.Tensor, ranks: Sequence[int], group: ProcessGroup | None
+) -> torch.Tensor:
+    """Exact ``r``-th largest of a scope's int64 keys (``keys`` ``[n]``: this rank's).
+
+    Four rounds of 16-bit digits, most significant first; each round one all-reduce of
+    an int64 histogram. The first round's histogram over all keys serves every query;
+    later rounds only see the keys that share the query's chosen prefix (usually a
+    small fraction), ``[len(ranks), 65536]``.
+
+    Returns ``[len(ranks)]`` int64, identical on every rank.
+    """
+    m = len(ranks)
+    device = keys.device
+    remaining = torch.tensor(list(ranks), dtype=torch.int64, device=device)
+    prefix = torch.zeros(m, dtype=torch.int64, device=device)
+    cands: list[torch.Tensor] = []
+    for level in range(64 // _DIGIT_BITS - 1, -1, -1):
+        shift = _DIGIT_BITS * level
+        if not cands:
+            # The top digit's arithmetic shift is signed; the offset orders it 0..65535.
+            hist = torch.bincount((keys >> shift) + _NUM_BINS // 2, minlength=_NUM_BINS)
+            hist = all_reduce_sum(hist.unsqueeze(0), group).expand(m, _NUM_BINS)
+        else:
+            hist = torch.stack(
+                [torch.bincount((c >> shift) & (_NUM_BINS - 1), minlength=_NUM_BINS) for c in cands]
+            )
+            all_reduce_sum(hist, group)
+        at_least = hist.flip(1).cumsum(1)  # at_least[:, i] = #{digit >= 65535 - i}
+        i = torch.searchsorted(at_least, remaining.unsqueeze(1)).squeeze(1)
+        i = i.clamp(max=_NUM_BINS - 1)
+        above = at_least.gather(1, (i - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        remaining = remaining - torch.where(i > 0, above, 0)
+        digit = _NUM_BINS - 1 - i
+        if not cands:
+            prefix = digit - _NUM_BINS // 2
+            cands = [keys[(keys >> shift) == prefix[j]] for j in range(m)]
+        else:
+            prefix = (prefix << _DIGIT_BITS) | digit
+            cands = [c[(c >> shift) == prefix[j]] for j, c in enumerate(cands)]
+    return prefix
+
+
 def kth_largest(
     keys: Sequence[torch.Tensor], ranks: Sequence[int], group: ProcessGroup | None
 ) -> torch.Tensor:
@@ -49,39 +97,7 @@ def kth_largest(
     Returns:
         ``[len(ranks)]`` int64 keys, identical on every rank.
     """
-    m = len(ranks)
-    device = keys[0].device
-    remaining = torch.tensor(list(ranks), dtype=torch.int64, device=device)
-    prefix = torch.zeros(m, dtype=torch.int64, device=device)
-    flat = [k.flatten() for k in keys]
-    cands: list[torch.Tensor] = []
-    for level in range(7, -1, -1):
-        shift = 8 * level
-        hist = torch.zeros(m, 256, dtype=torch.int64, device=device)
-        if level == 7:
-            # Every query starts from all keys: one histogram serves them all. The top
-            # byte's arithmetic shift is signed; +128 orders it as 0..255.
-            for k in flat:
-                hist += torch.bincount((k >> shift) + 128, minlength=256)
-        else:
-            for j, c in enumerate(cands):
-                hist[j] = torch.bincount((c >> shift) & 0xFF, minlength=256)
-        all_reduce_sum(hist, group)
-        at_least = hist.flip(1).cumsum(1)  # at_least[:, i] = #{digit >= 255 - i}
-        i = torch.searchsorted(at_least, remaining.unsqueeze(1)).squeeze(1).clamp(max=255)
-        above = torch.where(
-            i > 0, at_least.gather(1, (i - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0
-        )
-        remaining = remaining - above
-        digit = 255 - i
-        if level == 7:
-            prefix = digit - 128
-            # Keep, per query, only the keys that share the chosen top byte.
-            cands = [torch.cat([k[(k >> shift) == prefix[j]] for k in flat]) for j in range(m)]
-        else:
-            prefix = prefix * 256 + digit
-            cands = [c[(c >> shift) == prefix[j]] for j, c in enumerate(cands)]
-    return prefix
+    return _radix_select(torch.cat([k.flatten() for k in keys]), ranks, group)
 
 
 def _pct_label(f: float) -> str:
@@ -96,6 +112,10 @@ def covariance_summary(
 ) -> dict[str, float]:
     """``cov/mean`` and ``cov/top_<pct>`` over the scope.
 
+    Works on the valid tokens compacted into one ``[N_local]`` tensor: four radix
+    rounds, one pass per fraction for the sums above ``v*``, five all-reduces and one
+    host sync in all.
+
     Args:
         cov: this rank's segments (e.g. ``[b, s]`` per micro-batch) of float64
             covariance, computed with the scope's means, ``-inf`` at padding.
@@ -107,23 +127,21 @@ def covariance_summary(
     if num_tokens == 0:
         return dict.fromkeys(names, 0.0)
     ks = [selection_count(f, num_tokens) for f in fractions]
+    values = torch.cat([c.flatten() for c in cov])
+    values = values[values > float("-inf")]  # the valid tokens
+    keys = float_to_ordered_int(values)
+    kth = _radix_select(keys, ks, group)
     m = len(ks)
-    # -inf padding maps to the lowest key; ranks stay <= N so it is never reached.
-    keys = [float_to_ordered_int(c) for c in cov]
-    kth = kth_largest(keys, ks, group)
     sums = torch.zeros(1 + 2 * m, dtype=torch.float64, device=kth.device)
-    for c, k in zip(cov, keys, strict=True):
-        c, k = c.flatten(), k.flatten()
-        sums[0] += torch.where(c > float("-inf"), c, 0.0).sum()
-        for j in range(m):
-            above = k > kth[j]
-            sums[1 + j] += torch.where(above, c, 0.0).sum()
-            sums[1 + m + j] += above.sum()
+    sums[0] = values.sum()
+    for j in range(m):
+        above = keys > kth[j]
+        sums[1 + j] = torch.where(above, values, 0.0).sum()
+        sums[1 + m + j] = above.sum()
     all_reduce_sum(sums, group)
     k_t = torch.tensor(ks, dtype=torch.float64, device=kth.device)
     top = (sums[1 : 1 + m] + (k_t - sums[1 + m :]) * ordered_int_to_float(kth)) / k_t
-    values = [sums[0].item() / num_tokens] + top.tolist()
-    return dict(zip(names, values, strict=True))
+    return dict(zip(names, torch.cat([sums[:1] / num_tokens, top]).tolist(), strict=True))
 
 
 def policy_metric_sums(

@@ -18,6 +18,7 @@ With ``r = exp(logp - logp_old)`` (log-ratio clamped to ``+-log_ratio_clamp``):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -112,7 +113,8 @@ def compute_policy_loss(
         logp: ``[b, s]`` log-probs of the sampled tokens under the current parameters
             (requires grad).
         old_logp: ``[b, s]`` rollout-time log-probs.
-        advantages: ``[b, s]`` per-token advantages.
+        advantages: ``[b, s]`` per-token advantages (constants: no gradient flows to
+            them, nor to ``old_logp``).
         mask: ``[b, s]`` response mask.
         config: loss configuration; ``config.entropy_control.method`` picks the method.
         selected: ``[b, s]`` bool selection of this micro-batch from
@@ -152,48 +154,62 @@ def compute_policy_loss(
     if config.kl_coeff != 0.0:
         raw["ref_logp"] = ref_logp
     logp = masked(logp, m)
-    old_logp = masked(old_logp, m)
-    advantages = masked(advantages, m)
+    with torch.no_grad():
+        old_logp = masked(old_logp, m)
+        advantages = masked(advantages, m)
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio.clamp(-config.log_ratio_clamp, config.log_ratio_clamp))
+    # The only differentiable path of the surrogate: every other token's term is a
+    # constant (clipped ratio, dual-clip cap, Clip-Cov stop-gradient, padding).
+    surrogate = -advantages * ratio
 
-    no_clip = method == "kl_cov" and not config.entropy_control.kl_cov.ppo_clip
-    if no_clip:
-        loss = -advantages * ratio
-        clipped = torch.zeros_like(m)
-        dual_clipped = torch.zeros_like(m)
-    else:
-        loss, clipped, dual_clipped = ppo_surrogate(
-            ratio,
-            advantages,
-            config.clip_ratio_low,
-            config.clip_ratio_high,
-            config.clip_ratio_c,
-        )
+    # Values and flags of the full loss, without autograd; ``live`` marks the tokens
+    # whose term is ``surrogate`` (with the same value bits) and carries its gradient.
+    with torch.no_grad():
+        if method == "kl_cov" and not config.entropy_control.kl_cov.ppo_clip:
+            value = surrogate.detach()
+            clipped = torch.zeros_like(m)
+            dual_clipped = torch.zeros_like(m)
+        else:
+            value, clipped, dual_clipped = ppo_surrogate(
+                ratio.detach(),
+                advantages,
+                config.clip_ratio_low,
+                config.clip_ratio_high,
+                config.clip_ratio_c,
+            )
+        sel = torch.zeros_like(m) if selected is None else (as_bool_mask(selected) & m)
+        frozen = clipped | dual_clipped
+        if method == "clip_cov":
+            frozen = frozen | sel
+            value = torch.where(sel, 0.0, value)
+        value = masked(value, m)
+        live = m & ~frozen
+    loss = torch.where(live, surrogate, value)
 
-    sel = torch.zeros_like(m) if selected is None else (as_bool_mask(selected) & m)
-    if method == "clip_cov":
-        loss = torch.where(sel, torch.zeros_like(loss), loss)
-    elif method == "kl_cov":
-        beta = config.entropy_control.kl_cov.beta
-        loss = loss + torch.where(sel, beta * log_ratio.abs(), torch.zeros_like(loss))
+    if method == "kl_cov":
+        # beta |log_ratio| as (beta sign(log_ratio)) log_ratio: the same value and
+        # gradient bits (sign is +-1 or 0), one differentiable op instead of three.
+        with torch.no_grad():
+            beta_sign = torch.where(sel, config.entropy_control.kl_cov.beta, 0.0)
+            beta_sign = beta_sign * torch.sign(log_ratio.detach())
+        loss = loss + beta_sign * log_ratio
 
     if config.entropy_coeff != 0.0:
         loss = loss - config.entropy_coeff * masked(entropy, m)
-    sums = [log_ratio.sum(dtype=torch.float64)]
+    sums = [log_ratio.detach().sum(dtype=torch.float64)]
     if config.kl_coeff != 0.0:
         ref_logp = masked(ref_logp, m)
-        sums.append(ref_logp.sum(dtype=torch.float64))  # k3 clamps, so check ref itself
+        sums.append(ref_logp.detach().sum(dtype=torch.float64))  # k3 clamps: check ref
         kl = kl_penalty(logp, ref_logp, config.kl_estimator, config.log_ratio_clamp)
         loss = loss + config.kl_coeff * kl
 
-    loss = masked(loss, m)
     if config.check_finite:
         # NaN/inf in any input that enters the loss makes one of these sums non-finite
         # (log_ratio is unclamped): a few reductions and one host sync in the common
         # case, the per-tensor diagnosis only on failure.
-        totals = torch.stack([*sums, loss.sum(dtype=torch.float64)])
-        if not bool(torch.isfinite(totals.detach()).all()):
+        total = sum(sums, loss.detach().sum(dtype=torch.float64))
+        if not math.isfinite(total.item()):
             check_finite(m, **raw)
             raise ValueError("non-finite policy loss terms at valid positions")
     return PolicyLossOutput(

@@ -54,8 +54,11 @@ from covrl.algorithms._common import (
 )
 from covrl.algorithms.config import PolicyLossConfig
 from covrl.algorithms.covariance import (
+    CovarianceMeans,
     SelectionBatch,
+    check_scope_sums,
     covariance_means,
+    masked_scope_sums,
     token_covariance,
 )
 from covrl.algorithms.metrics import covariance_summary
@@ -168,9 +171,10 @@ def top_k_threshold(
     top = torch.topk(top, k_eff, sorted=False).values
     v = top.min()
     need = k_eff - int((top > v).sum())  # >= 1: v itself is in the top k_eff
-    tied = [torch.where(s == v, i, _ID_MAX).flatten() for s, i in zip(values, ids, strict=True)]
-    tied = _top_values([-t for t in tied], need)  # the need smallest, negated
-    tied = -_all_gather_padded(tied, need, -_ID_MAX, group)
+    # The tied entries are few (usually one): compact them rather than rank every id.
+    tied = torch.cat([i[s == v] for s, i in zip(values, ids, strict=True)])
+    tied = torch.topk(tied, min(need, tied.numel()), largest=False, sorted=False).values
+    tied = _all_gather_padded(tied, need, _ID_MAX, group)
     return v, torch.topk(tied, need, largest=False, sorted=False).values.max()
 
 
@@ -220,68 +224,102 @@ class SelectionResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class _LocalTokens:
+    """This rank's micro-batches of one scope, flattened and concatenated.
+
+    Every ``[b_i, s_i]`` tensor becomes one ``[n]`` tensor (``n = sum_i b_i s_i``,
+    padding included), so the selection costs a fixed number of ops whatever the
+    number of micro-batches; :meth:`split` gives per-micro-batch views back. One
+    micro-batch costs no copy.
+    """
+
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    old_logp: torch.Tensor
+    cov_logp: torch.Tensor
+    cur_logp: torch.Tensor | None
+    ids: torch.Tensor
+    shapes: list[torch.Size]
+
+    @classmethod
+    def concat(cls, batches: Sequence[SelectionBatch], use_current: bool) -> _LocalTokens:
+        def flat(tensors) -> torch.Tensor:
+            parts = [t.detach().reshape(-1) for t in tensors]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        old_logp = flat(b.old_logp for b in batches)
+        cur_logp = flat(b.logp for b in batches) if use_current else None
+        return cls(
+            mask=flat(as_bool_mask(b.mask) for b in batches),
+            advantages=flat(b.advantages for b in batches),
+            old_logp=old_logp,
+            cov_logp=old_logp if cur_logp is None else cur_logp,
+            cur_logp=cur_logp,
+            ids=flat(b.token_ids for b in batches),
+            shapes=[b.mask.shape for b in batches],
+        )
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``[n]`` -> one view per micro-batch, in its ``[b, s]`` layout."""
+        parts = flat.split([s.numel() for s in self.shapes])
+        return [p.view(s) for p, s in zip(parts, self.shapes, strict=True)]
+
+
 def _clip_cov_candidates(
-    cov: torch.Tensor,
-    batch: SelectionBatch,
-    cur_logp: torch.Tensor | None,
-    config: PolicyLossConfig,
+    cov: torch.Tensor, tokens: _LocalTokens, config: PolicyLossConfig
 ) -> torch.Tensor:
-    """``[b, s]`` bool: inside the band (so valid) and not PPO-clipped (given current logp)."""
+    """``[c]`` positions (into the ``[n]`` tokens) inside the band (so valid) and not
+    PPO-clipped (given current logp), increasing."""
     cc = config.entropy_control.clip_cov
-    band = (cov > cc.omega_low) & (cov < cc.omega_high)  # padding holds -inf
-    if cur_logp is not None:
+    pos = torch.nonzero((cov > cc.omega_low) & (cov < cc.omega_high)).squeeze(1)  # pad: -inf
+    if tokens.cur_logp is not None:
         # Tokens the PPO clip already silences would waste the budget. Same dtype and
-        # formula as the loss, so the flags agree with what the loss will do.
-        log_ratio = (cur_logp - batch.old_logp).clamp(
+        # elementwise formula as the loss, so the flags agree with what the loss will
+        # do; only the few band tokens are evaluated.
+        old_logp = tokens.old_logp[pos]
+        log_ratio = (tokens.cur_logp[pos] - old_logp).clamp(
             -config.log_ratio_clamp, config.log_ratio_clamp
         )
         _, clipped, dual = ppo_surrogate(
             torch.exp(log_ratio),
-            batch.advantages,
+            tokens.advantages[pos],
             config.clip_ratio_low,
             config.clip_ratio_high,
             config.clip_ratio_c,
         )
-        band = band & ~clipped & ~dual
-    return band
+        pos = pos[~(clipped | dual)]
+    return pos
 
 
 def _select_in_scope(
-    batches: Sequence[SelectionBatch],
-    covs: Sequence[torch.Tensor],
-    cur_logps: Sequence[torch.Tensor | None],
+    tokens: _LocalTokens,
+    cov: torch.Tensor,
     num_tokens: int,
     config: PolicyLossConfig,
     step: int,
     group: ProcessGroup | None,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-micro-batch ``[b, s]`` selections of one scope, and its local candidate count.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n]`` bool selection of one scope's local tokens, and the local candidate count.
 
-    ``covs`` hold ``-inf`` at padding. KL-Cov ranks every valid token in the
-    micro-batches' own layouts; Clip-Cov compacts its few band candidates first and
-    hashes only those.
+    ``cov`` is ``[n]`` float64 with ``-inf`` at padding. KL-Cov ranks every valid
+    token; Clip-Cov compacts its few band candidates first and hashes only those.
     """
     ec = config.entropy_control
     k = selection_count(ec.selection_ratio, num_tokens)
-    ids = [b.token_ids for b in batches]
     if ec.method == "kl_cov":
-        threshold = top_k_threshold(covs, ids, k, group)
-        selected = [at_or_above(c, i, threshold) for c, i in zip(covs, ids, strict=True)]
-        return selected, torch.zeros((), dtype=torch.int64, device=covs[0].device)
+        threshold = top_k_threshold([cov], [tokens.ids], k, group)
+        return at_or_above(cov, tokens.ids, threshold), torch.zeros(
+            (), dtype=torch.int64, device=cov.device
+        )
 
-    cand = [
-        _clip_cov_candidates(c, b, lp, config)
-        for c, b, lp in zip(covs, batches, cur_logps, strict=True)
-    ]
-    flat_cand = torch.cat([c.flatten() for c in cand])
-    pos = torch.nonzero(flat_cand).squeeze(1)
-    cand_ids = torch.cat([i.flatten() for i in ids])[pos]
+    pos = _clip_cov_candidates(cov, tokens, config)
+    cand_ids = tokens.ids[pos]
     keys = -uniform_keys(cand_ids, ec.seed, step)  # smallest key first
     chosen = at_or_above(keys, cand_ids, top_k_threshold([keys], [cand_ids], k, group))
-    flat_sel = torch.zeros_like(flat_cand)
-    flat_sel[pos] = chosen
-    parts = flat_sel.split([c.numel() for c in cand])
-    return [p.view_as(c) for p, c in zip(parts, cand, strict=True)], flat_cand.sum()
+    selected = torch.zeros_like(tokens.mask)
+    selected[pos] = chosen
+    return selected, torch.tensor(pos.numel(), dtype=torch.int64, device=cov.device)
 
 
 def prepare_selection(
@@ -330,51 +368,57 @@ def prepare_selection(
                 f"batches[{i}].logp is None but entropy_control.logp_source='current' "
                 "needs the current parameters' log-probs"
             )
-    masks = [as_bool_mask(b.mask) for b in batches]
-    cov_logps = [b.logp if use_current else b.old_logp for b in batches]
-    cur = [b.logp if use_current else None for b in batches]
-    advs = [b.advantages for b in batches]
+    tokens = _LocalTokens.concat(batches, use_current)
 
-    means = covariance_means(
-        cov_logps,
-        advs,
-        masks,
-        group,
-        names=("logp" if use_current else "old_logp", "advantages"),
-        also_check={"old_logp": [b.old_logp for b in batches]} if use_current else None,
-        check=config.check_finite,
-    )
-    covs = [
-        token_covariance(lp, a, m, means, fill=float("-inf"))
-        for lp, a, m in zip(cov_logps, advs, masks, strict=True)
-    ]
+    # One float64 all-reduce of the scope sums: means, count, and the input check.
+    columns = [[tokens.cov_logp], [tokens.advantages]]
+    local = {
+        ("logp" if use_current else "old_logp"): [
+            b.logp if use_current else b.old_logp for b in batches
+        ],
+        "advantages": [b.advantages for b in batches],
+    }
+    if use_current:
+        columns.append([tokens.old_logp])
+        local["old_logp"] = [b.old_logp for b in batches]
+    sums = masked_scope_sums(columns, [tokens.mask], group)
+    values = sums.tolist()
+    if config.check_finite:
+        check_scope_sums(values[:-1], local, [b.mask for b in batches])
+    means = CovarianceMeans.from_sums(sums, values)
     num_tokens = means.count
+    cov = token_covariance(
+        tokens.cov_logp, tokens.advantages, tokens.mask, means, fill=float("-inf")
+    )
 
     metrics: dict[str, float] = {"entropy_control/num_tokens": float(num_tokens)}
     out_masks: list[torch.Tensor] | None = None
     if ec.method != "none":
         if ec.scope == "minibatch":
-            out_masks, n_cand = _select_in_scope(
-                batches, covs, cur, num_tokens, config, step, group
-            )
+            selected, n_cand = _select_in_scope(tokens, cov, num_tokens, config, step, group)
         else:
-            out_masks, cands = [], []
-            for b, m, lp, c in zip(batches, masks, cov_logps, cur, strict=True):
-                local = covariance_means([lp], [b.advantages], [m], None, check=False)
-                cov = token_covariance(lp, b.advantages, m, local, fill=float("-inf"))
-                sel, nc = _select_in_scope([b], [cov], [c], local.count, config, step, None)
-                out_masks += sel
+            parts, cands = [], []
+            for b in batches:
+                mb = _LocalTokens.concat([b], use_current)
+                m_means = covariance_means(
+                    [mb.cov_logp], [mb.advantages], [mb.mask], None, check=False
+                )
+                m_cov = token_covariance(
+                    mb.cov_logp, mb.advantages, mb.mask, m_means, fill=float("-inf")
+                )
+                sel, nc = _select_in_scope(mb, m_cov, m_means.count, config, step, None)
+                parts.append(sel)
                 cands.append(nc)
-            n_cand = torch.stack(cands).sum()
-        n_sel = torch.stack([s.sum() for s in out_masks]).sum()
-        counts = torch.stack([n_sel, n_cand])
+            selected, n_cand = torch.cat(parts), torch.stack(cands).sum()
+        counts = torch.stack([selected.sum(), n_cand])
         all_reduce_sum(counts, group)
         n_sel, n_cand = counts.tolist()
+        out_masks = tokens.split(selected)
         metrics["entropy_control/selected_tokens"] = float(n_sel)
         metrics["entropy_control/selected_fraction"] = n_sel / max(num_tokens, 1)
         if ec.method == "clip_cov":
             metrics["entropy_control/candidates"] = float(n_cand)
 
     if ec.compute_cov_stats:
-        metrics.update(covariance_summary(covs, num_tokens, ec.cov_top_fractions, group))
+        metrics.update(covariance_summary([cov], num_tokens, ec.cov_top_fractions, group))
     return SelectionResult(out_masks, metrics)
