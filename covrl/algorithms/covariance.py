@@ -194,8 +194,7 @@ def token_covariance(
     fill: float = 0.0,
 ) -> torch.Tensor:
     """``[b, s]`` float64 covariance terms ``(logp - mean) * (A - mean)``; ``fill`` at padding."""
-    m = as_bool_mask(mask)
-    cov = (logp.detach().double() - means.mean_logp) * (
-        advantages.detach().double() - means.mean_adv
-    )
-    return cov.masked_fill_(~m, fill)
+    # Fresh float64 copies (``copy=True``: a float64 input must not be modified).
+    cov = logp.detach().to(torch.float64, copy=True).sub_(means.mean_logp)
+    cov.mul_(advantages.detach().to(torch.float64, copy=True).sub_(means.mean_adv))
+    return cov.masked_fill_(~as_bool_mask(mask), fill)
