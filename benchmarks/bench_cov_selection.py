@@ -11,6 +11,12 @@ Compares, in one process on the same data:
   :func:`compute_policy_loss` + :func:`aggregate_loss`.
 * ``covrl+stats``: the same with the Table-1 covariance summary computed.
 
+Both do the same loss work for a config: the log-ratio clamp, and for Clip-Cov the
+PPO clip and dual-clip (``clip_ratio_c``; the public Clip-Cov loss has no dual-clip, so
+the baseline here adds it), KL-Cov without ratio clipping (``kl_cov.ppo_clip=False``).
+covrl additionally checks inputs for NaN/inf (its ``check_finite`` default). Step
+metrics (clip fractions, approximate KL) are left out of both.
+
 Times exclude the model: log-probs are given tensors (the no-grad forward that the
 ``current`` log-prob source needs is a model cost, not measured here). On a CPU-only
 machine the "device" is the host, so the round trip costs a memory copy only; on a GPU
@@ -80,7 +86,8 @@ def public_step(mbs, cfg: PolicyLossConfig, count: torch.Tensor) -> None:
     for mb in mbs:
         mask, adv, old = mb["mask"], mb["adv"], mb["old_logp"]
         logp = mb["logp"].clone().requires_grad_(True)
-        ratio = torch.exp(logp - old)
+        log_ratio = (logp - old).clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+        ratio = torch.exp(log_ratio)
         pg1 = -adv * ratio
         pg2 = -adv * ratio.clamp(1 - cfg.clip_ratio_low, 1 + cfg.clip_ratio_high)
         n = mask.sum()
@@ -98,7 +105,10 @@ def public_step(mbs, cfg: PolicyLossConfig, count: torch.Tensor) -> None:
             idx = idx[torch.randperm(idx.shape[0])[:take]].to(mask.device)
             keep = torch.ones_like(pg1)
             keep[idx[:, 0], idx[:, 1]] = 0
-            tok = torch.maximum(pg1, pg2) * keep
+            tok = torch.maximum(pg1, pg2)
+            if cfg.clip_ratio_c is not None:  # dual-clip, as covrl's loss does by config
+                tok = torch.where(adv < 0, torch.minimum(tok, -adv * cfg.clip_ratio_c), tok)
+            tok = tok * keep
         else:
             flat = cov_host[mask_host]
             take = int(ec.kl_cov.ratio * n_valid)
