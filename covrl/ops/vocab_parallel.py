@@ -20,9 +20,11 @@ Memory: besides the outputs (and, in backward, the gradient) and a few ``[tokens
 statistics, forward and backward use one ``[chunk_size, vocab/tp]`` working buffer in
 the compute dtype (float32, or float64 for float64 logits; two rows at least),
 whatever the number of tokens. Forward splits it into two halves (shifted logits and
-their exponentials) and so walks the tokens in half-chunks; no pass takes a log. Backward recomputes the
-softmax chunk by chunk from the saved logits and the per-token ``lse`` (and ``H`` when
-the entropy is differentiated); no ``[tokens, vocab/tp]`` intermediate is stored.
+their exponentials) and so walks the tokens in half-chunks; no pass takes a log.
+Backward recomputes the softmax chunk by chunk from the saved logits and the
+per-token ``lse`` (and ``H`` when the entropy is differentiated); no
+``[tokens, vocab/tp]`` intermediate is stored. A float32 log-prob-only backward
+needs no buffer at all: the gradient itself is the working area.
 """
 
 from __future__ import annotations
