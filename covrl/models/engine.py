@@ -60,8 +60,9 @@ class OptimizerSettings:
 class EngineConfig:
     micro_batch_size: int = 1
     temperature: float = 1.0
-    # Rows of the [tokens, vocab/tp] working buffer of the log-prob/entropy function.
-    logprob_chunk_size: int = 1024
+    # Rows of the [tokens, vocab/tp] working buffer of the log-prob/entropy function
+    # (None: the function's device-dependent default, a few MiB on CPU).
+    logprob_chunk_size: int | None = None
     # Keep the entropy in the autograd graph (needed only for an entropy bonus).
     entropy_requires_grad: bool = False
 
