@@ -54,24 +54,135 @@ def ppo_surrogate(
     clip_ratio_low: float,
     clip_ratio_high: float,
     clip_ratio_c: float | None,
+    *,
+    neg_adv: torch.Tensor | None = None,
+    loss_unclipped: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate with separate ranges and optional dual-clip.
+
+    ``neg_adv`` (``-advantages``) and ``loss_unclipped`` (``-advantages * ratio``) may
+    be passed when the caller has them already.
 
     Returns ``(loss, clipped, dual_clipped)``, all shaped like ``ratio``. ``clipped``
     marks tokens whose ratio left ``[1 - low, 1 + high]`` in the direction the clip
     acts on (``A > 0`` above, ``A < 0`` below); ``dual_clipped`` marks ``A < 0``
     tokens capped at ``-A c``. Both have zero gradient through the ratio.
     """
-    loss_unclipped = -advantages * ratio
-    loss_clipped = -advantages * ratio.clamp(1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
+    if neg_adv is None:
+        neg_adv = -advantages
+    if loss_unclipped is None:
+        loss_unclipped = neg_adv * ratio
+    loss_clipped = neg_adv * ratio.clamp(1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
     loss = torch.maximum(loss_unclipped, loss_clipped)
     clipped = loss_clipped > loss_unclipped
     if clip_ratio_c is None:
         return loss, clipped, torch.zeros_like(clipped)
-    loss_dual = -advantages * clip_ratio_c
-    negative = advantages < 0
-    dual_clipped = negative & (loss_dual < loss)
-    return torch.where(negative, torch.minimum(loss, loss_dual), loss), clipped, dual_clipped
+    loss_dual = neg_adv * clip_ratio_c
+    dual_clipped = (advantages < 0) & (loss_dual < loss)
+    return torch.where(dual_clipped, loss_dual, loss), clipped, dual_clipped
+
+
+@dataclass(frozen=True)
+class SurrogateParams:
+    """The scalars of :class:`SurrogateLoss`, from a :class:`PolicyLossConfig`.
+
+    Attributes:
+        clip_ratio_low, clip_ratio_high, clip_ratio_c: PPO clip ranges and dual-clip
+            (None: no PPO clip at all when ``ppo_clip`` is False).
+        ppo_clip: use the PPO surrogate (False: plain ``-A r``, KL-Cov's default).
+        log_ratio_clamp: bound on ``|logp - logp_old|`` inside ``exp``.
+        stop_selected: Clip-Cov: selected terms are 0 with no gradient.
+        kl_beta: KL-Cov: ``beta`` of the ``beta |logp - logp_old|`` term on selected
+            tokens (None: no term).
+    """
+
+    clip_ratio_low: float
+    clip_ratio_high: float
+    clip_ratio_c: float | None
+    ppo_clip: bool
+    log_ratio_clamp: float
+    stop_selected: bool
+    kl_beta: float | None
+
+    @classmethod
+    def from_config(cls, config: PolicyLossConfig) -> SurrogateParams:
+        ec = config.entropy_control
+        return cls(
+            clip_ratio_low=config.clip_ratio_low,
+            clip_ratio_high=config.clip_ratio_high,
+            clip_ratio_c=config.clip_ratio_c,
+            ppo_clip=not (ec.method == "kl_cov" and not ec.kl_cov.ppo_clip),
+            log_ratio_clamp=config.log_ratio_clamp,
+            stop_selected=ec.method == "clip_cov",
+            kl_beta=ec.kl_cov.beta if ec.method == "kl_cov" else None,
+        )
+
+
+class SurrogateLoss(torch.autograd.Function):
+    """Token loss of the PPO / Clip-Cov / KL-Cov surrogate as one autograd node.
+
+    With ``lr = logp - logp_old`` and ``r = exp(clamp(lr, +-log_ratio_clamp))``, a
+    token's term is the PPO surrogate (or ``-A r``), 0 for Clip-Cov's selected tokens,
+    plus ``beta |lr|`` for KL-Cov's. Its derivative wrt ``logp`` is closed form:
+    ``-A r`` where the term is the unclipped surrogate and the clamp is inactive,
+    plus ``beta sign(lr)`` on KL-Cov's selected tokens, 0 elsewhere (clips, dual-clip,
+    Clip-Cov stop-gradient, padding). The forward stores that derivative; the backward
+    is one multiply.
+
+    Inputs: ``logp`` ``[b, s]`` (the only differentiable input), ``old_logp`` and
+    ``advantages`` ``[b, s]``, bool ``mask`` and ``selected`` ``[b, s]`` (``selected``
+    within ``mask``), :class:`SurrogateParams`. Padding may hold anything (NaN
+    included): it never reaches the outputs.
+
+    Outputs (all ``[b, s]``, 0 / False at padding): the token loss, the unclamped
+    ``lr`` (no gradient), and the bool ``clipped`` / ``dual_clipped`` flags.
+    """
+
+    @staticmethod
+    def forward(ctx, logp, old_logp, advantages, mask, selected, params: SurrogateParams):
+        logp = logp.detach()
+        log_ratio = logp - old_logp
+        clamped = log_ratio.clamp(-params.log_ratio_clamp, params.log_ratio_clamp)
+        ratio = torch.exp(clamped)
+        neg_adv = -advantages
+        surrogate = neg_adv * ratio
+        # The gradient flows where the term is ``surrogate`` and the clamp is inactive.
+        live = mask & (clamped == log_ratio)
+        if params.ppo_clip:
+            value, clipped, dual_clipped = ppo_surrogate(
+                ratio,
+                advantages,
+                params.clip_ratio_low,
+                params.clip_ratio_high,
+                params.clip_ratio_c,
+                neg_adv=neg_adv,
+                loss_unclipped=surrogate,
+            )
+            clipped = clipped & mask
+            dual_clipped = dual_clipped & mask
+            live = live & ~(clipped | dual_clipped)
+        else:
+            value = surrogate
+            clipped = dual_clipped = torch.zeros_like(mask)
+        if params.stop_selected:
+            live = live & ~selected
+            value = torch.where(selected, 0.0, value)
+        grad = torch.where(live, surrogate, 0.0)
+        log_ratio = masked(log_ratio, mask)
+        if params.kl_beta is not None:
+            # beta |lr| as (beta sign(lr)) lr: the same bits (sign is +-1 or 0).
+            beta_sign = torch.where(selected, torch.sign(log_ratio), 0.0).mul_(params.kl_beta)
+            value = value + beta_sign * log_ratio
+            grad = grad.add_(beta_sign)
+        value = masked(value, mask)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(log_ratio, clipped, dual_clipped)
+        return value, log_ratio, clipped, dual_clipped
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        (grad,) = ctx.saved_tensors
+        return grad_loss * grad, None, None, None, None, None
 
 
 def kl_penalty(
@@ -153,70 +264,36 @@ def compute_policy_loss(
         raw["entropy"] = entropy
     if config.kl_coeff != 0.0:
         raw["ref_logp"] = ref_logp
-    logp = masked(logp, m)
-    with torch.no_grad():
-        old_logp = masked(old_logp, m)
-        advantages = masked(advantages, m)
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio.clamp(-config.log_ratio_clamp, config.log_ratio_clamp))
-    # The only differentiable path of the surrogate: every other token's term is a
-    # constant (clipped ratio, dual-clip cap, Clip-Cov stop-gradient, padding).
-    surrogate = -advantages * ratio
-
-    # Values and flags of the full loss, without autograd; ``live`` marks the tokens
-    # whose term is ``surrogate`` (with the same value bits) and carries its gradient.
-    with torch.no_grad():
-        if method == "kl_cov" and not config.entropy_control.kl_cov.ppo_clip:
-            value = surrogate.detach()
-            clipped = torch.zeros_like(m)
-            dual_clipped = torch.zeros_like(m)
-        else:
-            value, clipped, dual_clipped = ppo_surrogate(
-                ratio.detach(),
-                advantages,
-                config.clip_ratio_low,
-                config.clip_ratio_high,
-                config.clip_ratio_c,
-            )
-        sel = torch.zeros_like(m) if selected is None else (as_bool_mask(selected) & m)
-        frozen = clipped | dual_clipped
-        if method == "clip_cov":
-            frozen = frozen | sel
-            value = torch.where(sel, 0.0, value)
-        value = masked(value, m)
-        live = m & ~frozen
-    loss = torch.where(live, surrogate, value)
-
-    if method == "kl_cov":
-        # beta |log_ratio| as (beta sign(log_ratio)) log_ratio: the same value and
-        # gradient bits (sign is +-1 or 0), one differentiable op instead of three.
-        with torch.no_grad():
-            beta_sign = torch.where(sel, config.entropy_control.kl_cov.beta, 0.0)
-            beta_sign = beta_sign * torch.sign(log_ratio.detach())
-        loss = loss + beta_sign * log_ratio
+    sel = torch.zeros_like(m) if selected is None else (as_bool_mask(selected) & m)
+    loss, log_ratio, clipped, dual_clipped = SurrogateLoss.apply(
+        logp, old_logp, advantages, m, sel, SurrogateParams.from_config(config)
+    )
+    check_sum = log_ratio.sum()
 
     if config.entropy_coeff != 0.0:
         loss = loss - config.entropy_coeff * masked(entropy, m)
-    sums = [log_ratio.detach().sum(dtype=torch.float64)]
     if config.kl_coeff != 0.0:
         ref_logp = masked(ref_logp, m)
-        sums.append(ref_logp.detach().sum(dtype=torch.float64))  # k3 clamps: check ref
-        kl = kl_penalty(logp, ref_logp, config.kl_estimator, config.log_ratio_clamp)
+        check_sum = check_sum + ref_logp.detach().sum()  # k3 clamps: check ref
+        kl = kl_penalty(masked(logp, m), ref_logp, config.kl_estimator, config.log_ratio_clamp)
         loss = loss + config.kl_coeff * kl
 
     if config.check_finite:
-        # NaN/inf in any input that enters the loss makes one of these sums non-finite
-        # (log_ratio is unclamped): a few reductions and one host sync in the common
-        # case, the per-tensor diagnosis only on failure.
-        total = sum(sums, loss.detach().sum(dtype=torch.float64))
-        if not math.isfinite(total.item()):
+        check_sum = check_sum + loss.detach().sum()
+        # NaN/inf in any input that enters the loss makes this float32 sum non-finite
+        # (log_ratio is unclamped): a sum and a scalar read in the common case. A
+        # finite sum that overflowed is a false alarm that the exact per-tensor
+        # diagnosis clears.
+        if not math.isfinite(check_sum.item()):
             check_finite(m, **raw)
-            raise ValueError("non-finite policy loss terms at valid positions")
+            terms = torch.stack([loss.detach()[m], log_ratio[m]])
+            if not bool(torch.isfinite(terms).all()):
+                raise ValueError("non-finite policy loss terms at valid positions")
     return PolicyLossOutput(
         token_loss=loss,
-        log_ratio=log_ratio.detach(),
-        clipped=clipped & m,
-        dual_clipped=dual_clipped & m,
+        log_ratio=log_ratio,
+        clipped=clipped,
+        dual_clipped=dual_clipped,
         selected=sel,
         mask=m,
     )
