@@ -1,0 +1,188 @@
+"""Convert policy checkpoints between Hugging Face and Megatron (``covrl.checkpointing``).
+
+Usage (one process per model-parallel rank; extra processes form data-parallel
+replicas, which only duplicate the work)::
+
+    # Hugging Face safetensors -> <out>/iter_0000000 + latest_checkpointed_iteration.txt
+    python tools/convert_checkpoint.py hf-to-megatron --hf PATH --out DIR --tp 1 --pp 1
+    torchrun --nproc_per_node 4 tools/convert_checkpoint.py hf-to-megatron \\
+        --hf PATH --out DIR --tp 2 --pp 2 [--vpp V] [--dtype bf16|fp32] [--iteration N]
+
+    # Megatron checkpoint (any save layout) -> Hugging Face directory
+    torchrun --nproc_per_node 2 tools/convert_checkpoint.py megatron-to-hf \\
+        --ckpt DIR [--iteration N] --out PATH --tp 2 --pp 1 [--dtype bf16|fp32] \\
+        [--copy-files-from HF_PATH]
+
+``hf-to-megatron`` builds the model at the given layout, streams the Hugging Face
+weights into it (each rank reads only its shards) and saves a Megatron checkpoint that
+any other layout can load. ``--dtype`` defaults to the Hugging Face config's dtype.
+
+``megatron-to-hf`` loads the checkpoint (the tracker's iteration unless
+``--iteration``; ``--ckpt`` may also be an ``iter_NNNNNNN`` directory) and writes a
+Hugging Face checkpoint with ``--dtype`` (default: the checkpoint's). Tokenizer and
+generation files are copied from ``--copy-files-from``, else from the Hugging Face
+source recorded in the checkpoint when it still exists.
+
+Errors are reported as one line on stderr with exit status 1 (2 for usage errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convert_checkpoint.py",
+        description="Convert policy checkpoints between Hugging Face and Megatron formats.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def layout(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+        p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+        p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
+        p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+    h2m = sub.add_parser("hf-to-megatron", help="Hugging Face -> Megatron checkpoint")
+    h2m.add_argument("--hf", required=True, help="Hugging Face checkpoint directory")
+    h2m.add_argument("--out", required=True, help="Megatron checkpoint root directory")
+    h2m.add_argument("--iteration", type=int, default=0, help="iteration to save as")
+    layout(h2m)
+
+    m2h = sub.add_parser("megatron-to-hf", help="Megatron checkpoint -> Hugging Face")
+    m2h.add_argument("--ckpt", required=True, help="checkpoint root or iter_NNNNNNN directory")
+    m2h.add_argument("--iteration", type=int, default=None, help="default: the tracker's")
+    m2h.add_argument("--out", required=True, help="Hugging Face output directory")
+    m2h.add_argument(
+        "--copy-files-from", default=None, help="copy tokenizer / generation files from here"
+    )
+    m2h.add_argument(
+        "--max-shard-bytes", type=int, default=5 * 1024**3, help="safetensors shard size limit"
+    )
+    layout(m2h)
+    return parser
+
+
+def _build(config, parallel):
+    """This rank's chunks; 16-bit models wrapped in ``Float16Module`` as the engine does
+    (it casts the norms, which the local spec creates in float32)."""
+    from megatron.core.transformer.module import Float16Module
+
+    from covrl.models import build_model
+
+    chunks = build_model(config, parallel)
+    if config.params_dtype != torch.float32:
+        chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
+    return chunks
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_world(parallel) -> None:
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    if _world_size() % (tp * pp):
+        raise ValueError(
+            f"--tp {tp} --pp {pp} needs a multiple of {tp * pp} processes, got {_world_size()} "
+            f"(run with torchrun --nproc_per_node {tp * pp})"
+        )
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def hf_to_megatron(args: argparse.Namespace) -> None:
+    from covrl import checkpointing
+    from covrl.models import PolicyModelConfig, load_hf_weights, validate_parallel_layout
+    from covrl.parallel import ParallelConfig, initialize
+
+    # Everything checkable is checked before the (slow) distributed set-up.
+    hf = Path(args.hf)
+    if not (hf / "config.json").is_file():
+        raise FileNotFoundError(f"--hf {hf}: no config.json (not a Hugging Face checkpoint)")
+    config = PolicyModelConfig.from_hf(hf, params_dtype=DTYPES.get(args.dtype))
+    parallel = ParallelConfig(args.tp, args.pp, args.vpp)
+    _check_world(parallel)
+    validate_parallel_layout(config, parallel, _world_size())
+    target = checkpointing.checkpoint_path(args.out, args.iteration)
+    if target.exists() and not args.overwrite:
+        raise FileExistsError(f"--out: {target} exists (pass --overwrite to replace it)")
+
+    initialize(parallel)
+    chunks = _build(config, parallel)
+    load_hf_weights(chunks, config, hf)
+    path = checkpointing.save_checkpoint(
+        args.out, args.iteration, chunks, config, hf_source=hf, overwrite=args.overwrite
+    )
+    if _is_rank0():
+        print(f"saved {path} ({config.model_type}, {config.params_dtype}, {parallel})")
+
+
+def megatron_to_hf(args: argparse.Namespace) -> None:
+    from covrl import checkpointing
+    from covrl.models import save_hf_checkpoint, validate_parallel_layout
+    from covrl.parallel import ParallelConfig, initialize
+
+    ckpt = checkpointing.resolve_checkpoint(args.ckpt, args.iteration)
+    metadata = checkpointing.CheckpointMetadata.from_file(ckpt / checkpointing.METADATA_FILENAME)
+    config = metadata.policy_config()
+    parallel = ParallelConfig(args.tp, args.pp, args.vpp)
+    _check_world(parallel)
+    validate_parallel_layout(config, parallel, _world_size())
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"--out: {out} exists (pass --overwrite to replace it)")
+    copy_from = args.copy_files_from
+    if copy_from is not None and not Path(copy_from).is_dir():
+        raise FileNotFoundError(f"--copy-files-from {copy_from}: not a directory")
+    if copy_from is None and metadata.hf_source and Path(metadata.hf_source).is_dir():
+        copy_from = metadata.hf_source
+
+    initialize(parallel)
+    chunks = _build(config, parallel)
+    checkpointing.load_checkpoint(ckpt, chunks, config)
+    path = save_hf_checkpoint(
+        chunks,
+        config,
+        out,
+        dtype=DTYPES.get(args.dtype),
+        max_shard_bytes=args.max_shard_bytes,
+        copy_files_from=copy_from,
+        overwrite=args.overwrite,
+    )
+    if _is_rank0():
+        copied = f", files copied from {copy_from}" if copy_from else ""
+        print(f"saved {path} from {ckpt} (iteration {metadata.iteration}{copied})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = {"hf-to-megatron": hf_to_megatron, "megatron-to-hf": megatron_to_hf}[args.command]
+    try:
+        command(args)
+    except (ValueError, OSError, RuntimeError) as exc:  # CheckpointError is a RuntimeError
+        rank = f"[rank {os.environ['RANK']}] " if _world_size() > 1 else ""
+        message = " ".join(str(exc).split())  # one line
+        print(f"convert_checkpoint.py {args.command}: error: {rank}{message}", file=sys.stderr)
+        return 1
+    finally:
+        if torch.distributed.is_initialized():  # (importing megatron-core costs seconds)
+            from covrl.parallel import destroy
+
+            destroy()
+    return 0
+
+
+if __name__ == "__main__":  # dist_checkpointing.save starts spawn-context processes
+    sys.exit(main())
