@@ -443,10 +443,10 @@ def load_checkpoint(
         config: must equal the checkpoint's model config (every field but
             ``hf_config``); a difference raises :class:`CheckpointError` naming fields.
         iteration: which checkpoint; None takes the tracker's.
-        optimizer / scheduler: restored from the checkpoint when given and
-            ``load_optimizer`` (the checkpoint must hold their state). With
-            ``load_optimizer=False`` the optimizer's main parameters are refreshed
-            from the loaded model instead.
+        optimizer / scheduler: restored from the checkpoint when given (the checkpoint
+            must hold their state).
+        load_optimizer: False keeps the optimizer's state (e.g. fresh Adam moments)
+            and only refreshes its main parameters from the loaded model.
 
     Collective over all ranks. Returns the checkpoint's metadata.
     """
@@ -458,15 +458,15 @@ def load_checkpoint(
     check_model_config(config, metadata, path / METADATA_FILENAME)
     _parallel_layout(len(model_chunks))  # chunks agree with the parallel state
     with_optimizer = optimizer is not None and load_optimizer
-    with_scheduler = scheduler is not None and load_optimizer
+    with_scheduler = scheduler is not None
     for wanted, has, what in (
         (with_optimizer, metadata.has_optimizer, "optimizer"),
         (with_scheduler, metadata.has_scheduler, "optimizer parameter scheduler"),
     ):
         if wanted and not has:
             raise CheckpointError(
-                f"{path}: checkpoint has no {what} state (saved without it); "
-                "load with load_optimizer=False"
+                f"{path}: checkpoint has no {what} state (saved without it); load without "
+                "it (optimizer: load_optimizer=False)"
             )
 
     state = _sharded_state_dict(
