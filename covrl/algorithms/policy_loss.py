@@ -146,8 +146,6 @@ class SurrogateLoss(torch.autograd.Function):
         ratio = torch.exp(clamped)
         neg_adv = -advantages
         surrogate = neg_adv * ratio
-        # The gradient flows where the term is ``surrogate`` and the clamp is inactive.
-        live = mask & (clamped == log_ratio)
         if params.ppo_clip:
             value, clipped, dual_clipped = ppo_surrogate(
                 ratio,
@@ -160,13 +158,17 @@ class SurrogateLoss(torch.autograd.Function):
             )
             clipped = clipped & mask
             dual_clipped = dual_clipped & mask
-            live = live & ~(clipped | dual_clipped)
         else:
             value = surrogate
             clipped = dual_clipped = torch.zeros_like(mask)
         if params.stop_selected:
-            live = live & ~selected
             value = torch.where(selected, 0.0, value)
+        # The gradient -A r flows exactly where the term is the unclipped surrogate
+        # (a clip or dual-clip makes it differ; a stopped Clip-Cov term equal to it has
+        # A = 0, so a gradient of 0 either way) and the clamp is inactive.
+        live = mask & (clamped == log_ratio)
+        if value is not surrogate:
+            live = live & (value == surrogate)
         grad = torch.where(live, surrogate, 0.0)
         log_ratio = masked(log_ratio, mask)
         if params.kl_beta is not None:

@@ -39,7 +39,7 @@ choice on every micro-batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +50,7 @@ from covrl.algorithms._common import (
     all_reduce_sum,
     as_bool_mask,
     group_size,
+    masked,
     selection_count,
 )
 from covrl.algorithms.config import PolicyLossConfig
@@ -57,9 +58,6 @@ from covrl.algorithms.covariance import (
     CovarianceMeans,
     SelectionBatch,
     check_scope_sums,
-    covariance_means,
-    masked_scope_sums,
-    token_covariance,
 )
 from covrl.algorithms.metrics import covariance_summary
 from covrl.algorithms.policy_loss import ppo_surrogate
@@ -93,22 +91,29 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def _key_state(seed: int, step: int) -> int:
+    return _splitmix64((seed & _MASK64) ^ _splitmix64(step & _MASK64))
+
+
+def _key_lane(token_ids: torch.Tensor, state: int, lane: int) -> torch.Tensor:
+    """31-bit lane ``lane`` (0: high bits of the key, 1: low bits) of :func:`uniform_keys`."""
+    s = _splitmix64(state ^ (0x243F6A88, 0x85A308D3)[lane])
+    lo = token_ids & _MASK32
+    hi = (token_ids >> 32) & _MASK32
+    h = _fmix32(lo ^ _fmix32(hi ^ (s & _MASK32)))
+    return _fmix32(h ^ (s >> 32)) & 0x7FFFFFFF
+
+
 def uniform_keys(token_ids: torch.Tensor, seed: int, step: int) -> torch.Tensor:
     """Pseudo-random non-negative int64 keys (62 bits) of ``token_ids`` for (seed, step).
 
     A pure function of (seed, step, id) in exact integer arithmetic, so the same on
     every rank and device. The ``n`` smallest keys of a set are a uniform random
-    ``n``-subset.
+    ``n``-subset. ``key = lane0 << 31 | lane1`` (:func:`_key_lane`), so keys compare
+    as their high lanes first.
     """
-    state = _splitmix64((seed & _MASK64) ^ _splitmix64(step & _MASK64))
-    lanes = []
-    for salt in (0x243F6A88, 0x85A308D3):
-        s = _splitmix64(state ^ salt)
-        lo = token_ids & _MASK32
-        hi = (token_ids >> 32) & _MASK32
-        h = _fmix32(lo ^ _fmix32(hi ^ (s & _MASK32)))
-        lanes.append(_fmix32(h ^ (s >> 32)) & 0x7FFFFFFF)
-    return (lanes[0] << 31) | lanes[1]
+    state = _key_state(seed, step)
+    return (_key_lane(token_ids, state, 0) << 31) | _key_lane(token_ids, state, 1)
 
 
 # --- Exact distributed top-K under (value desc, id asc) -------------------------------
@@ -119,13 +124,6 @@ _ID_MAX = torch.iinfo(torch.int64).max
 def lowest(dtype: torch.dtype) -> float | int:
     """The fill value that sorts below every eligible entry (``-inf`` / int64 min)."""
     return float("-inf") if dtype.is_floating_point else torch.iinfo(dtype).min
-
-
-def _top_values(segments: Sequence[torch.Tensor], k: int) -> torch.Tensor:
-    """The ``k`` largest values over all segments (fewer if they hold fewer)."""
-    parts = [torch.topk(s.flatten(), min(k, s.numel()), sorted=False).values for s in segments]
-    merged = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return torch.topk(merged, min(k, merged.numel()), sorted=False).values
 
 
 def _all_gather_padded(t: torch.Tensor, size: int, fill, group: ProcessGroup | None):
@@ -139,6 +137,109 @@ def _all_gather_padded(t: torch.Tensor, size: int, fill, group: ProcessGroup | N
     return torch.cat(out)
 
 
+@dataclass
+class TopK:
+    """The scope's top ``k`` under (value desc, id asc), as seen by one rank.
+
+    Attributes:
+        value, id: the ``k``-th greatest ``(value, id)`` of the scope (scalar tensors,
+            identical on every rank): the threshold of :func:`at_or_above`.
+        positions: ``[m]`` int64 positions (into this rank's flat values) of the local
+            entries at or above the threshold, i.e. this rank's share of the top ``k``.
+    """
+
+    value: torch.Tensor
+    id: torch.Tensor
+    positions: torch.Tensor
+
+
+def top_k(
+    values: torch.Tensor, ids: torch.Tensor, k: int, group: ProcessGroup | None
+) -> TopK | None:
+    """The ``k`` greatest entries of a scope under (value desc, id asc).
+
+    Args:
+        values: ``[n]`` this rank's float64 or int64 keys, larger is better; entries
+            that take no part hold :func:`lowest` of the dtype, every other entry is
+            above it.
+        ids: ``[n]`` int64 ids, unique over the scope.
+        k: how many to select over the scope (the same on every rank).
+        group: the ranks holding the rest of the scope (None: this process only).
+
+    Returns:
+        See :class:`TopK`. With fewer than ``k`` eligible entries in the scope, all of
+        them. None if there are none or ``k == 0``.
+    """
+    top = torch.topk(values, min(k + 1, values.numel()), sorted=False)
+
+    def at_least(v: torch.Tensor) -> _Candidates:
+        pos = torch.nonzero(values >= v).squeeze(1)
+        return _Candidates(values[pos], pos, ids[pos])
+
+    local = _Candidates(top.values, top.indices, ids[top.indices])
+    return _top_k_of_local(local, at_least, k, group)
+
+
+@dataclass
+class _Candidates:
+    """``[c]`` values, positions and ids of some of a rank's entries."""
+
+    values: torch.Tensor
+    positions: torch.Tensor
+    ids: torch.Tensor
+
+    @staticmethod
+    def cat(parts: Sequence[_Candidates]) -> _Candidates:
+        return _Candidates(
+            torch.cat([p.values for p in parts]),
+            torch.cat([p.positions for p in parts]),
+            torch.cat([p.ids for p in parts]),
+        )
+
+    def take(self, index: torch.Tensor) -> _Candidates:
+        return _Candidates(self.values[index], self.positions[index], self.ids[index])
+
+
+def _top_k_of_local(
+    local: _Candidates,
+    at_least: Callable[[torch.Tensor], _Candidates],
+    k: int,
+    group: ProcessGroup | None,
+) -> TopK | None:
+    """:func:`top_k` from this rank's ``k + 1`` largest entries (all if it has fewer).
+
+    ``at_least(v)`` gives every local entry with value ``>= v``; it is only called
+    when the local ``k + 1`` may cut through the ties at ``v*``.
+
+    Every entry of the scope's top ``k`` is in its rank's local top ``k`` by value, and
+    every local entry at or above ``v*`` is in the local top ``k + 1`` unless that
+    set's smallest value is ``v*`` itself, so the ties at ``v*`` and the final
+    selection only look at about ``k`` entries.
+    """
+    if k <= 0:
+        return None
+    floor = lowest(local.values.dtype)
+    own = local.values
+    if own.numel() > k:
+        own = torch.topk(own, k, sorted=False).values
+    top = _all_gather_padded(own, k, floor, group)
+    top = top[top > floor]
+    k_eff = min(k, top.numel())
+    if k_eff == 0:
+        return None
+    top = torch.topk(top, k_eff, sorted=False).values
+    v = top.min()
+    need = k_eff - int((top > v).sum())  # >= 1: v itself is in the top k_eff
+    if local.values.numel() == k + 1 and bool(local.values.min() >= v):
+        local = at_least(v)  # the local k + 1 may have cut through the ties at v
+    tied = local.ids[local.values == v]
+    tied = torch.topk(tied, min(need, tied.numel()), largest=False, sorted=False).values
+    tied = _all_gather_padded(tied, need, _ID_MAX, group)
+    i = torch.topk(tied, need, largest=False, sorted=False).values.max()
+    keep = (local.values > v) | ((local.values == v) & (local.ids <= i))
+    return TopK(v, i, local.positions[keep])
+
+
 def top_k_threshold(
     values: Sequence[torch.Tensor],
     ids: Sequence[torch.Tensor],
@@ -149,33 +250,20 @@ def top_k_threshold(
 
     Args:
         values: this rank's segments (e.g. one per micro-batch, any shape) of float64 or
-            int64 keys, larger is better; entries that take no part hold
-            :func:`lowest` of the dtype, every other entry is above it.
+            int64 keys, as in :func:`top_k`.
         ids: int64 ids shaped like ``values``, unique over the scope.
-        k: how many to select over the scope (the same on every rank).
-        group: the ranks holding the rest of the scope (None: this process only).
+        k, group: as in :func:`top_k`.
 
     Returns:
         ``(v*, id*)`` scalar tensors, identical on every rank; the selection is
         :func:`at_or_above` them. With fewer than ``k`` eligible entries in the
         scope, the smallest of them. None if there are none or ``k == 0``.
     """
-    if k <= 0 or not values:
+    if not values:
         return None
-    floor = lowest(values[0].dtype)
-    top = _all_gather_padded(_top_values(values, k), k, floor, group)
-    top = top[top > floor]
-    k_eff = min(k, top.numel())
-    if k_eff == 0:
-        return None
-    top = torch.topk(top, k_eff, sorted=False).values
-    v = top.min()
-    need = k_eff - int((top > v).sum())  # >= 1: v itself is in the top k_eff
-    # The tied entries are few (usually one): compact them rather than rank every id.
-    tied = torch.cat([i[s == v] for s, i in zip(values, ids, strict=True)])
-    tied = torch.topk(tied, min(need, tied.numel()), largest=False, sorted=False).values
-    tied = _all_gather_padded(tied, need, _ID_MAX, group)
-    return v, torch.topk(tied, need, largest=False, sorted=False).values.max()
+    flat_v = torch.cat([t.reshape(-1) for t in values])
+    result = top_k(flat_v, torch.cat([t.reshape(-1) for t in ids]), k, group)
+    return None if result is None else (result.value, result.id)
 
 
 def at_or_above(
@@ -199,7 +287,15 @@ def select_top_k(
 ) -> torch.Tensor:
     """Bool, shaped like ``values``: the eligible entries among the scope's top ``k``."""
     values = torch.where(eligible, values, lowest(values.dtype))
-    return eligible & at_or_above(values, ids, top_k_threshold([values], [ids], k, group))
+    return _positions_mask(top_k(values.reshape(-1), ids.reshape(-1), k, group), values)
+
+
+def _positions_mask(result: TopK | None, like: torch.Tensor) -> torch.Tensor:
+    """Bool shaped like ``like``, True at ``result.positions`` (of its flat view)."""
+    mask = torch.zeros(like.numel(), dtype=torch.bool, device=like.device)
+    if result is not None:
+        mask[result.positions] = True
+    return mask.view(like.shape)
 
 
 # --- The selection pass ---------------------------------------------------------------
@@ -224,41 +320,74 @@ class SelectionResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class _LocalTokens:
-    """This rank's micro-batches of one scope, flattened and concatenated.
+_BLOCK = 1 << 16
 
-    Every ``[b_i, s_i]`` tensor becomes one ``[n]`` tensor (``n = sum_i b_i s_i``,
-    padding included), so the selection costs a fixed number of ops whatever the
-    number of micro-batches; :meth:`split` gives per-micro-batch views back. One
-    micro-batch costs no copy.
+
+@dataclass
+class _Block:
+    """Slots ``[start, start + size)`` of a scope's local token sequence.
+
+    ``block[name]`` is that field (``mask``, ``advantages``, ``old_logp``,
+    ``cov_logp``, ``cur_logp``, ``ids``) as a ``[size]`` tensor: a view when the
+    block lies in one micro-batch, else a concatenation of the pieces.
     """
 
-    mask: torch.Tensor
-    advantages: torch.Tensor
-    old_logp: torch.Tensor
-    cov_logp: torch.Tensor
-    cur_logp: torch.Tensor | None
-    ids: torch.Tensor
-    shapes: list[torch.Size]
+    start: int
+    size: int
+    pieces: list[tuple[dict[str, torch.Tensor], int, int]]
 
-    @classmethod
-    def concat(cls, batches: Sequence[SelectionBatch], use_current: bool) -> _LocalTokens:
-        def flat(tensors) -> torch.Tensor:
-            parts = [t.detach().reshape(-1) for t in tensors]
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
+    def __getitem__(self, name: str) -> torch.Tensor:
+        parts = [fields[name][lo:hi] for fields, lo, hi in self.pieces]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        old_logp = flat(b.old_logp for b in batches)
-        cur_logp = flat(b.logp for b in batches) if use_current else None
-        return cls(
-            mask=flat(as_bool_mask(b.mask) for b in batches),
-            advantages=flat(b.advantages for b in batches),
-            old_logp=old_logp,
-            cov_logp=old_logp if cur_logp is None else cur_logp,
-            cur_logp=cur_logp,
-            ids=flat(b.token_ids for b in batches),
-            shapes=[b.mask.shape for b in batches],
-        )
+
+class _LocalTokens:
+    """This rank's micro-batches of one scope as one flat sequence of ``n`` token slots
+    (``n = sum_i b_i s_i``, padding included), read in blocks of ``_BLOCK`` slots.
+
+    Per-token work runs block by block, so every temporary is small (a float64 block
+    is 512 KiB) and the op count does not grow with the number of micro-batches:
+    whole-sequence temporaries would allocate tens of MiB of fresh memory per call,
+    whose page faults cost more than the arithmetic on CPU hosts. :meth:`split` gives
+    per-micro-batch views of an ``[n]`` tensor.
+    """
+
+    def __init__(self, batches: Sequence[SelectionBatch], use_current: bool):
+        self.shapes = [b.mask.shape for b in batches]
+        self.numel = sum(s.numel() for s in self.shapes)
+        self.device = batches[0].mask.device
+        self.use_current = use_current
+        self._fields = []
+        for b in batches:
+            cur = b.logp.detach().reshape(-1) if use_current else None
+            old = b.old_logp.detach().reshape(-1)
+            self._fields.append(
+                dict(
+                    mask=as_bool_mask(b.mask).reshape(-1),
+                    advantages=b.advantages.detach().reshape(-1),
+                    old_logp=old,
+                    cov_logp=old if cur is None else cur,
+                    cur_logp=cur,
+                    ids=b.token_ids.reshape(-1),
+                )
+            )
+
+    def blocks(self) -> Iterator[_Block]:
+        """The blocks in order (one empty block if ``n == 0``)."""
+        pieces: list[tuple[dict[str, torch.Tensor], int, int]] = []
+        start = filled = 0
+        for fields, shape in zip(self._fields, self.shapes, strict=True):
+            lo, size = 0, shape.numel()
+            while lo < size:
+                hi = min(size, lo + _BLOCK - filled)
+                pieces.append((fields, lo, hi))
+                filled += hi - lo
+                lo = hi
+                if filled == _BLOCK:
+                    yield _Block(start, filled, pieces)
+                    start, filled, pieces = start + filled, 0, []
+        if filled or start == 0:
+            yield _Block(start, filled, pieces or [(self._fields[0], 0, 0)])
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """``[n]`` -> one view per micro-batch, in its ``[b, s]`` layout."""
@@ -266,24 +395,95 @@ class _LocalTokens:
         return [p.view(s) for p, s in zip(parts, self.shapes, strict=True)]
 
 
+def _scope_sums(tokens: _LocalTokens, check_old: bool) -> torch.Tensor:
+    """Local float64 ``[sum logp, sum A, (0 * sum old_logp,) count]`` over valid tokens.
+
+    ``logp`` is the covariance's log-prob. ``old_logp`` is only checked: ``0 * x``
+    summed is 0 if every ``x`` is finite, else NaN.
+    """
+    total = None
+    for block in tokens.blocks():
+        m = block["mask"]
+        parts = [
+            masked(block["cov_logp"], m).sum(dtype=torch.float64),
+            masked(block["advantages"], m).sum(dtype=torch.float64),
+        ]
+        if check_old:
+            parts.append(masked(block["old_logp"], m).mul_(0).sum().double())
+        parts.append(torch.count_nonzero(m).double())
+        sums = torch.stack(parts)
+        total = sums if total is None else total.add_(sums)
+    return total
+
+
+def _block_covariance(block: _Block, means: CovarianceMeans, fill: bool) -> torch.Tensor:
+    """``[size]`` float64 covariance of a block (the float64 ops of
+    :func:`token_covariance`, so the same bits); padding is ``-inf`` with ``fill``,
+    else a finite value."""
+    m = block["mask"]
+    cov = masked(block["cov_logp"], m).double().sub_(means.mean_logp)
+    cov.mul_(masked(block["advantages"], m).double().sub_(means.mean_adv))
+    if fill:
+        cov = torch.where(m, cov, cov.new_tensor(float("-inf")), out=cov)
+    return cov
+
+
+class _RunningTop:
+    """Exact running ``m`` largest of a stream of blocks (ties at the cut broken
+    arbitrarily: :func:`_top_k_of_local` only needs the multiset of values).
+
+    Once ``m`` values are held, a block contributes only its entries at or above the
+    ``m``-th largest so far (a compare and a compaction), and the pool is cut back to
+    ``m`` whenever it reaches ``2 m``.
+    """
+
+    def __init__(self, m: int):
+        self.m = m
+        self.pool: list[_Candidates] = []
+        self.size = 0
+        self.cut: torch.Tensor | None = None
+
+    def add(self, values: torch.Tensor, block: _Block) -> None:
+        if self.cut is None:
+            pos = torch.topk(values, min(self.m, values.numel()), sorted=False).indices
+        else:
+            pos = torch.nonzero(values >= self.cut).squeeze(1)
+        self.pool.append(_Candidates(values[pos], pos + block.start, block["ids"][pos]))
+        self.size += pos.numel()
+        if self.size >= (self.m if self.cut is None else 2 * self.m):
+            self._shrink()
+
+    def _shrink(self) -> None:
+        pool = _Candidates.cat(self.pool)
+        if pool.values.numel() > self.m:
+            pool = pool.take(torch.topk(pool.values, self.m, sorted=False).indices)
+        self.pool, self.size = [pool], pool.values.numel()
+        self.cut = pool.values.min() if self.size else None
+
+    def result(self) -> _Candidates:
+        self._shrink()
+        return self.pool[0]
+
+
 def _clip_cov_candidates(
-    cov: torch.Tensor, tokens: _LocalTokens, config: PolicyLossConfig
+    cov: torch.Tensor, block: _Block, config: PolicyLossConfig, use_current: bool
 ) -> torch.Tensor:
-    """``[c]`` positions (into the ``[n]`` tokens) inside the band (so valid) and not
+    """``[c]`` positions (into the block) of valid tokens inside the band and not
     PPO-clipped (given current logp), increasing."""
     cc = config.entropy_control.clip_cov
-    pos = torch.nonzero((cov > cc.omega_low) & (cov < cc.omega_high)).squeeze(1)  # pad: -inf
-    if tokens.cur_logp is not None:
+    band = (cov > cc.omega_low) & (cov < cc.omega_high) & block["mask"]
+    pos = torch.nonzero(band).squeeze(1)
+    if use_current:
         # Tokens the PPO clip already silences would waste the budget. Same dtype and
         # elementwise formula as the loss, so the flags agree with what the loss will
         # do; only the few band tokens are evaluated.
-        old_logp = tokens.old_logp[pos]
-        log_ratio = (tokens.cur_logp[pos] - old_logp).clamp(
+        old_logp = block["old_logp"][pos]
+        log_ratio = (block["cur_logp"][pos] - old_logp).clamp(
             -config.log_ratio_clamp, config.log_ratio_clamp
         )
         _, clipped, dual = ppo_surrogate(
             torch.exp(log_ratio),
-            tokens.advantages[pos],
+            block["advantages"][pos],
             config.clip_ratio_low,
             config.clip_ratio_high,
             config.clip_ratio_c,
@@ -292,34 +492,73 @@ def _clip_cov_candidates(
     return pos
 
 
+def _random_top_k(ids: torch.Tensor, k: int, seed: int, step: int, group) -> TopK | None:
+    """The ``k`` candidates (``ids`` ``[c]``) of the scope with the smallest
+    :func:`uniform_keys`; positions into ``ids``.
+
+    Lazy hashing: a key's high lane orders it unless two high lanes tie, so only the
+    local candidates whose high lane is among the ``k`` smallest (ties included) can be
+    in the scope's draw; only those get the low lane. Exact, at about half the hashing.
+    """
+    state = _key_state(seed, step)
+    high = _key_lane(ids, state, 0)
+    short = torch.arange(ids.numel(), device=ids.device)
+    if ids.numel() > k:
+        cut = torch.topk(high, k, largest=False, sorted=False).values.max()
+        short = torch.nonzero(high <= cut).squeeze(1)
+    short_ids = ids[short]
+    keys = (high[short] << 31) | _key_lane(short_ids, state, 1)
+    result = top_k(-keys, short_ids, k, group)  # smallest key first
+    if result is not None:
+        result.positions = short[result.positions]
+    return result
+
+
 def _select_in_scope(
     tokens: _LocalTokens,
-    cov: torch.Tensor,
-    num_tokens: int,
+    means: CovarianceMeans,
     config: PolicyLossConfig,
     step: int,
     group: ProcessGroup | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[n]`` bool selection of one scope's local tokens, and the local candidate count.
+    """``[n]`` bool selection of one scope's local tokens, and the local candidate
+    count (int64 scalar tensor).
 
-    ``cov`` is ``[n]`` float64 with ``-inf`` at padding. KL-Cov ranks every valid
-    token; Clip-Cov compacts its few band candidates first and hashes only those.
+    KL-Cov keeps a running top ``K + 1`` of the covariance; Clip-Cov compacts its few
+    band candidates and hashes only those.
     """
     ec = config.entropy_control
-    k = selection_count(ec.selection_ratio, num_tokens)
+    k = selection_count(ec.selection_ratio, means.count)
+    selected = torch.zeros(tokens.numel, dtype=torch.bool, device=tokens.device)
     if ec.method == "kl_cov":
-        threshold = top_k_threshold([cov], [tokens.ids], k, group)
-        return at_or_above(cov, tokens.ids, threshold), torch.zeros(
-            (), dtype=torch.int64, device=cov.device
-        )
+        running = _RunningTop(k + 1)
+        for block in tokens.blocks():
+            running.add(_block_covariance(block, means, fill=True), block)
 
-    pos = _clip_cov_candidates(cov, tokens, config)
-    cand_ids = tokens.ids[pos]
-    keys = -uniform_keys(cand_ids, ec.seed, step)  # smallest key first
-    chosen = at_or_above(keys, cand_ids, top_k_threshold([keys], [cand_ids], k, group))
-    selected = torch.zeros_like(tokens.mask)
-    selected[pos] = chosen
-    return selected, torch.tensor(pos.numel(), dtype=torch.int64, device=cov.device)
+        def at_least(v: torch.Tensor) -> _Candidates:
+            parts = []
+            for block in tokens.blocks():
+                cov = _block_covariance(block, means, fill=True)
+                pos = torch.nonzero(cov >= v).squeeze(1)
+                parts.append(_Candidates(cov[pos], pos + block.start, block["ids"][pos]))
+            return _Candidates.cat(parts)
+
+        chosen = _top_k_of_local(running.result(), at_least, k, group)
+        if chosen is not None:
+            selected[chosen.positions] = True
+        return selected, torch.zeros((), dtype=torch.int64, device=tokens.device)
+
+    positions, ids = [], []
+    for block in tokens.blocks():
+        cov = _block_covariance(block, means, fill=False)
+        pos = _clip_cov_candidates(cov, block, config, tokens.use_current)
+        positions.append(pos + block.start)
+        ids.append(block["ids"][pos])
+    pos = torch.cat(positions)
+    chosen = _random_top_k(torch.cat(ids), k, ec.seed, step, group)
+    if chosen is not None:
+        selected[pos[chosen.positions]] = True
+    return selected, torch.tensor(pos.numel(), dtype=torch.int64, device=tokens.device)
 
 
 def prepare_selection(
@@ -368,45 +607,36 @@ def prepare_selection(
                 f"batches[{i}].logp is None but entropy_control.logp_source='current' "
                 "needs the current parameters' log-probs"
             )
-    tokens = _LocalTokens.concat(batches, use_current)
+    tokens = _LocalTokens(batches, use_current)
 
     # One float64 all-reduce of the scope sums: means, count, and the input check.
-    columns = [[tokens.cov_logp], [tokens.advantages]]
-    local = {
-        ("logp" if use_current else "old_logp"): [
-            b.logp if use_current else b.old_logp for b in batches
-        ],
-        "advantages": [b.advantages for b in batches],
-    }
-    if use_current:
-        columns.append([tokens.old_logp])
-        local["old_logp"] = [b.old_logp for b in batches]
-    sums = masked_scope_sums(columns, [tokens.mask], group)
+    sums = all_reduce_sum(_scope_sums(tokens, check_old=use_current), group)
     values = sums.tolist()
     if config.check_finite:
+        local = {
+            ("logp" if use_current else "old_logp"): [
+                b.logp if use_current else b.old_logp for b in batches
+            ],
+            "advantages": [b.advantages for b in batches],
+        }
+        if use_current:
+            local["old_logp"] = [b.old_logp for b in batches]
         check_scope_sums(values[:-1], local, [b.mask for b in batches])
     means = CovarianceMeans.from_sums(sums, values)
     num_tokens = means.count
-    cov = token_covariance(
-        tokens.cov_logp, tokens.advantages, tokens.mask, means, fill=float("-inf")
-    )
 
     metrics: dict[str, float] = {"entropy_control/num_tokens": float(num_tokens)}
     out_masks: list[torch.Tensor] | None = None
     if ec.method != "none":
         if ec.scope == "minibatch":
-            selected, n_cand = _select_in_scope(tokens, cov, num_tokens, config, step, group)
+            selected, n_cand = _select_in_scope(tokens, means, config, step, group)
         else:
             parts, cands = [], []
             for b in batches:
-                mb = _LocalTokens.concat([b], use_current)
-                m_means = covariance_means(
-                    [mb.cov_logp], [mb.advantages], [mb.mask], None, check=False
-                )
-                m_cov = token_covariance(
-                    mb.cov_logp, mb.advantages, mb.mask, m_means, fill=float("-inf")
-                )
-                sel, nc = _select_in_scope(mb, m_cov, m_means.count, config, step, None)
+                mb = _LocalTokens([b], use_current)
+                mb_sums = _scope_sums(mb, check_old=False)
+                mb_means = CovarianceMeans.from_sums(mb_sums, mb_sums.tolist())
+                sel, nc = _select_in_scope(mb, mb_means, config, step, None)
                 parts.append(sel)
                 cands.append(nc)
             selected, n_cand = torch.cat(parts), torch.stack(cands).sum()
@@ -420,5 +650,6 @@ def prepare_selection(
             metrics["entropy_control/candidates"] = float(n_cand)
 
     if ec.compute_cov_stats:
-        metrics.update(covariance_summary([cov], num_tokens, ec.cov_top_fractions, group))
+        cov = [_block_covariance(block, means, fill=True) for block in tokens.blocks()]
+        metrics.update(covariance_summary(cov, num_tokens, ec.cov_top_fractions, group))
     return SelectionResult(out_masks, metrics)
