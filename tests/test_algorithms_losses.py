@@ -415,3 +415,23 @@ def test_non_finite_log_ratio_of_finite_inputs_is_an_error():
     logp[1, 5], old[1, 5] = 3e38, -3e38  # finite inputs, log-ratio overflows to inf
     with pytest.raises(ValueError, match="non-finite policy loss terms"):
         compute_policy_loss(logp, old, adv, mask, CONFIGS["ppo"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_padding_zeroer_matches_masked(dtype):
+    from covrl.algorithms._common import PaddingZeroer, masked
+
+    g = torch.Generator().manual_seed(9)
+    mask = torch.rand(5, 7, generator=g) < 0.6
+    x = torch.randn(5, 7, generator=g).to(dtype)
+    x[0, :3] = torch.tensor([float("nan"), float("inf"), -0.0]).to(dtype)
+    x[~mask & (torch.arange(7) % 2 == 0)] = float("nan")  # garbage at padding
+    zero = PaddingZeroer(mask)
+    for t in (x, x.t().contiguous().t(), x[:, ::2]):
+        m = mask if t.shape == mask.shape else mask[:, ::2]
+        z = PaddingZeroer(m) if t.shape != mask.shape else zero
+        got, want = z(t), masked(t, m)
+        assert got.dtype == dtype and got.shape == t.shape
+        # Bitwise equal (NaN at valid positions included); +0.0 at padding.
+        bits = [r.contiguous().view(torch.uint8) for r in (got, want)]
+        assert torch.equal(*bits)

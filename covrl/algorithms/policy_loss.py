@@ -161,22 +161,21 @@ class SurrogateLoss(torch.autograd.Function):
         else:
             value = surrogate
             clipped = dual_clipped = torch.zeros_like(mask)
-        if params.stop_selected:
-            value = torch.where(selected, 0.0, value)
-        # The gradient -A r flows exactly where the term is the unclipped surrogate
-        # (a clip or dual-clip makes it differ; a stopped Clip-Cov term equal to it has
-        # A = 0, so a gradient of 0 either way) and the clamp is inactive.
-        live = mask & (clamped == log_ratio)
+        # Terms kept in the loss: valid, and not stopped by Clip-Cov.
+        keep = mask & ~selected if params.stop_selected else mask
+        # The gradient -A r flows exactly where a kept term is the unclipped surrogate
+        # (a clip or dual-clip makes it differ) and the clamp is inactive.
+        live = keep & (clamped == log_ratio)
         if value is not surrogate:
             live = live & (value == surrogate)
-        grad = torch.where(live, surrogate, 0.0)
+        grad = masked(surrogate, live)
         log_ratio = masked(log_ratio, mask)
         if params.kl_beta is not None:
             # beta |lr| as (beta sign(lr)) lr: the same bits (sign is +-1 or 0).
             beta_sign = torch.where(selected, torch.sign(log_ratio), 0.0).mul_(params.kl_beta)
             value = value + beta_sign * log_ratio
             grad = grad.add_(beta_sign)
-        value = masked(value, mask)
+        value = masked(value, keep)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(log_ratio, clipped, dual_clipped)
         return value, log_ratio, clipped, dual_clipped

@@ -46,11 +46,11 @@ import torch
 import torch.distributed as dist
 
 from covrl.algorithms._common import (
+    PaddingZeroer,
     ProcessGroup,
     all_reduce_sum,
     as_bool_mask,
     group_size,
-    masked,
     selection_count,
 )
 from covrl.algorithms.config import PolicyLossConfig
@@ -404,12 +404,13 @@ def _scope_sums(tokens: _LocalTokens, check_old: bool) -> torch.Tensor:
     total = None
     for block in tokens.blocks():
         m = block["mask"]
+        zero = PaddingZeroer(m)
         parts = [
-            masked(block["cov_logp"], m).sum(dtype=torch.float64),
-            masked(block["advantages"], m).sum(dtype=torch.float64),
+            zero(block["cov_logp"]).sum(dtype=torch.float64),
+            zero(block["advantages"]).sum(dtype=torch.float64),
         ]
         if check_old:
-            parts.append(masked(block["old_logp"], m).mul_(0).sum().double())
+            parts.append(zero(block["old_logp"]).mul_(0).sum().double())
         parts.append(torch.count_nonzero(m).double())
         sums = torch.stack(parts)
         total = sums if total is None else total.add_(sums)
@@ -421,8 +422,9 @@ def _block_covariance(block: _Block, means: CovarianceMeans, fill: bool) -> torc
     :func:`token_covariance`, so the same bits); padding is ``-inf`` with ``fill``,
     else a finite value."""
     m = block["mask"]
-    cov = masked(block["cov_logp"], m).double().sub_(means.mean_logp)
-    cov.mul_(masked(block["advantages"], m).double().sub_(means.mean_adv))
+    zero = PaddingZeroer(m)
+    cov = zero(block["cov_logp"]).double().sub_(means.mean_logp)
+    cov.mul_(zero(block["advantages"]).double().sub_(means.mean_adv))
     if fill:
         cov = torch.where(m, cov, cov.new_tensor(float("-inf")), out=cov)
     return cov
