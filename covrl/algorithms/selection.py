@@ -39,6 +39,7 @@ choice on every micro-batch.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -174,10 +175,20 @@ def top_k(
 
     def at_least(v: torch.Tensor) -> _Candidates:
         pos = torch.nonzero(values >= v).squeeze(1)
-        return _Candidates(values[pos], pos, ids[pos])
+        return _Candidates(values.index_select(0, pos), pos, ids.index_select(0, pos))
 
-    local = _Candidates(top.values, top.indices, ids[top.indices])
+    local = _Candidates(top.values, top.indices, ids.index_select(0, top.indices))
     return _top_k_of_local(local, at_least, k, group)
+
+
+def _cat_fields(parts: Sequence) -> list[torch.Tensor | None]:
+    """Field-wise concatenation of instances of one tensor dataclass (None stays None)."""
+    return [
+        None
+        if getattr(parts[0], f.name) is None
+        else torch.cat([getattr(p, f.name) for p in parts])
+        for f in dataclasses.fields(parts[0])
+    ]
 
 
 @dataclass
@@ -190,14 +201,12 @@ class _Candidates:
 
     @staticmethod
     def cat(parts: Sequence[_Candidates]) -> _Candidates:
-        return _Candidates(
-            torch.cat([p.values for p in parts]),
-            torch.cat([p.positions for p in parts]),
-            torch.cat([p.ids for p in parts]),
-        )
+        return _Candidates(*_cat_fields(parts))
 
     def take(self, index: torch.Tensor) -> _Candidates:
-        return _Candidates(self.values[index], self.positions[index], self.ids[index])
+        return _Candidates(
+            *(t.index_select(0, index) for t in (self.values, self.positions, self.ids))
+        )
 
 
 def _top_k_of_local(
@@ -329,16 +338,29 @@ class _Block:
 
     ``block[name]`` is that field (``mask``, ``advantages``, ``old_logp``,
     ``cov_logp``, ``cur_logp``, ``ids``) as a ``[size]`` tensor: a view when the
-    block lies in one micro-batch, else a concatenation of the pieces.
+    block lies in one micro-batch, else a concatenation of the pieces (made once).
     """
 
     start: int
     size: int
     pieces: list[tuple[dict[str, torch.Tensor], int, int]]
+    _cache: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        parts = [fields[name][lo:hi] for fields, lo, hi in self.pieces]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if name not in self._cache:
+            parts = [fields[name][lo:hi] for fields, lo, hi in self.pieces]
+            self._cache[name] = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._cache[name]
+
+    def take(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """``block[name]`` at the ``[c]`` block positions ``index``."""
+        return self[name].index_select(0, index)
+
+    def candidates(self, values: torch.Tensor, index: torch.Tensor) -> _Candidates:
+        """The entries ``index`` of the block's ``values``, with scope positions and ids."""
+        return _Candidates(
+            values.index_select(0, index), index + self.start, self.take("ids", index)
+        )
 
 
 class _LocalTokens:
@@ -450,7 +472,7 @@ class _RunningTop:
             pos = torch.topk(values, min(self.m, values.numel()), sorted=False).indices
         else:
             pos = torch.nonzero(values >= self.cut).squeeze(1)
-        self.pool.append(_Candidates(values[pos], pos + block.start, block["ids"][pos]))
+        self.pool.append(block.candidates(values, pos))
         self.size += pos.numel()
         if self.size >= (self.m if self.cut is None else 2 * self.m):
             self._shrink()
@@ -467,31 +489,52 @@ class _RunningTop:
         return self.pool[0]
 
 
-def _clip_cov_candidates(
+def _band_candidates(
     cov: torch.Tensor, block: _Block, config: PolicyLossConfig, use_current: bool
-) -> torch.Tensor:
-    """``[c]`` positions (into the block) of valid tokens inside the band and not
-    PPO-clipped (given current logp), increasing."""
+) -> _Band:
+    """The valid tokens of a block inside Clip-Cov's band ``omega_low < cov < omega_high``."""
     cc = config.entropy_control.clip_cov
     band = (cov > cc.omega_low) & (cov < cc.omega_high) & block["mask"]
     pos = torch.nonzero(band).squeeze(1)
-    if use_current:
-        # Tokens the PPO clip already silences would waste the budget. Same dtype and
-        # elementwise formula as the loss, so the flags agree with what the loss will
-        # do; only the few band tokens are evaluated.
-        old_logp = block["old_logp"][pos]
-        log_ratio = (block["cur_logp"][pos] - old_logp).clamp(
+    return _Band(
+        pos + block.start,
+        block.take("ids", pos),
+        block.take("old_logp", pos),
+        block.take("cur_logp", pos) if use_current else None,
+        block.take("advantages", pos),
+    )
+
+
+@dataclass
+class _Band:
+    """``[c]`` positions (into the scope's local tokens), ids, and loss inputs of band
+    tokens."""
+
+    positions: torch.Tensor
+    ids: torch.Tensor
+    old_logp: torch.Tensor
+    cur_logp: torch.Tensor | None
+    advantages: torch.Tensor
+
+    def not_clipped(self, config: PolicyLossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions and ids of the tokens the PPO clip does not already silence (they
+        would waste the budget; needs the current logp, else all). Same dtype and
+        elementwise formula as the loss, so the flags agree with what the loss will do.
+        """
+        if self.cur_logp is None:
+            return self.positions, self.ids
+        log_ratio = (self.cur_logp - self.old_logp).clamp(
             -config.log_ratio_clamp, config.log_ratio_clamp
         )
         _, clipped, dual = ppo_surrogate(
             torch.exp(log_ratio),
-            block["advantages"][pos],
+            self.advantages,
             config.clip_ratio_low,
             config.clip_ratio_high,
             config.clip_ratio_c,
         )
-        pos = pos[~(clipped | dual)]
-    return pos
+        keep = torch.nonzero(~(clipped | dual)).squeeze(1)
+        return self.positions.index_select(0, keep), self.ids.index_select(0, keep)
 
 
 def _random_top_k(ids: torch.Tensor, k: int, seed: int, step: int, group) -> TopK | None:
@@ -508,11 +551,11 @@ def _random_top_k(ids: torch.Tensor, k: int, seed: int, step: int, group) -> Top
     if ids.numel() > k:
         cut = torch.topk(high, k, largest=False, sorted=False).values.max()
         short = torch.nonzero(high <= cut).squeeze(1)
-    short_ids = ids[short]
-    keys = (high[short] << 31) | _key_lane(short_ids, state, 1)
+    short_ids = ids.index_select(0, short)
+    keys = (high.index_select(0, short) << 31) | _key_lane(short_ids, state, 1)
     result = top_k(-keys, short_ids, k, group)  # smallest key first
     if result is not None:
-        result.positions = short[result.positions]
+        result.positions = short.index_select(0, result.positions)
     return result
 
 
@@ -542,7 +585,7 @@ def _select_in_scope(
             for block in tokens.blocks():
                 cov = _block_covariance(block, means, fill=True)
                 pos = torch.nonzero(cov >= v).squeeze(1)
-                parts.append(_Candidates(cov[pos], pos + block.start, block["ids"][pos]))
+                parts.append(block.candidates(cov, pos))
             return _Candidates.cat(parts)
 
         chosen = _top_k_of_local(running.result(), at_least, k, group)
@@ -550,16 +593,17 @@ def _select_in_scope(
             selected[chosen.positions] = True
         return selected, torch.zeros((), dtype=torch.int64, device=tokens.device)
 
-    positions, ids = [], []
-    for block in tokens.blocks():
-        cov = _block_covariance(block, means, fill=False)
-        pos = _clip_cov_candidates(cov, block, config, tokens.use_current)
-        positions.append(pos + block.start)
-        ids.append(block["ids"][pos])
-    pos = torch.cat(positions)
-    chosen = _random_top_k(torch.cat(ids), k, ec.seed, step, group)
+    bands = [
+        _band_candidates(
+            _block_covariance(block, means, fill=False), block, config, tokens.use_current
+        )
+        for block in tokens.blocks()
+    ]
+    band = bands[0] if len(bands) == 1 else _Band(*_cat_fields(bands))
+    pos, ids = band.not_clipped(config)
+    chosen = _random_top_k(ids, k, ec.seed, step, group)
     if chosen is not None:
-        selected[pos[chosen.positions]] = True
+        selected[pos.index_select(0, chosen.positions)] = True
     return selected, torch.tensor(pos.numel(), dtype=torch.int64, device=tokens.device)
 
 
