@@ -304,7 +304,7 @@ def test_block_size_does_not_change_the_selection(monkeypatch, block, method, ds
     for ratio in ratios:
         cfg = _cfg(method, ratio)
         expected[ratio] = prepare_selection(_batches(mbs), cfg, step=3)
-    monkeypatch.setattr(selection, "_BLOCK", block)
+    monkeypatch.setitem(selection._BLOCK_SLOTS, "cpu", block)
     for ratio in ratios:
         res = prepare_selection(_batches(mbs), _cfg(method, ratio), step=3)
         ref = reference_selection(samples, method, ratio, omega=(0.2, 5.0), step=3)
