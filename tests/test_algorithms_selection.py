@@ -319,3 +319,18 @@ def test_block_size_does_not_change_the_selection(monkeypatch, block, method, ds
     res = prepare_selection(_batches(mbs), _cfg("kl_cov", 0.05), step=0)
     ids = sorted(torch.cat([mb["token_ids"][mb["mask"]] for mb in mbs]).tolist())
     assert _selected_ids(mbs, res) == ids[: max(1, int(0.05 * len(ids)))]
+
+
+def test_ordered_int_round_trip_and_order_on_random_bits():
+    from covrl.algorithms.metrics import ordered_int_to_float
+
+    g = torch.Generator().manual_seed(4)
+    bits = torch.randint(-(2**63), 2**63 - 1, (20_000,), generator=g, dtype=torch.int64)
+    x = bits.view(torch.float64)
+    specials = [float("-inf"), -1e308, -5e-324, -0.0, 0.0, 5e-324, 1e308, float("inf")]
+    x = torch.cat([x[~torch.isnan(x)], torch.tensor(specials, dtype=torch.float64)])
+    k = float_to_ordered_int(x)
+    assert torch.equal(ordered_int_to_float(k).view(torch.int64), x.view(torch.int64))
+    order = torch.argsort(k)
+    assert (x[order][1:] >= x[order][:-1]).all()  # -0.0 and 0.0 compare equal
+    assert k[-5] + 1 == k[-4] == 0  # -0.0 sorts just below 0.0

@@ -29,12 +29,12 @@ _LOW63 = 0x7FFFFFFFFFFFFFFF
 def float_to_ordered_int(x: torch.Tensor) -> torch.Tensor:
     """float64 -> int64 with the same order (for finite values; -0.0 sorts below 0.0)."""
     bits = x.contiguous().view(torch.int64)
-    return torch.where(bits < 0, bits ^ _LOW63, bits)
+    return bits ^ ((bits >> 63) & _LOW63)  # negative: flip all but the sign bit
 
 
 def ordered_int_to_float(k: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`float_to_ordered_int`."""
-    return torch.where(k < 0, k ^ _LOW63, k).contiguous().view(torch.float64)
+    return (k ^ ((k >> 63) & _LOW63)).contiguous().view(torch.float64)
 
 
 _DIGIT_BITS = 16

@@ -11,18 +11,25 @@ Ties in the primary value are broken by the canonical token id (smaller id wins)
 the order is strict and the selected set is a function of the scope's *data*, not of
 how it is split into micro-batches or data-parallel ranks.
 
-Distributed algorithm (:func:`top_k_threshold`), without gathering the tokens:
+Distributed algorithm (:func:`top_k`), without gathering the tokens:
 
-1. each rank takes the ``K`` largest values of its segments (the multiset of the top
-   ``K`` values does not depend on how ties are broken);
-2. ``all_gather`` of ``[K]`` values per rank; the global ``K``-th value ``v*`` and the
-   number ``a`` of values above it follow (every value above ``v*`` is in its rank's
-   local top ``K``, or that rank alone would hold ``K`` values above ``v*``);
+1. each rank takes the ``K + 1`` largest values of its tokens, with positions and ids
+   (the multiset of the top values does not depend on how ties are broken);
+2. ``all_gather`` of the ``[K]`` largest per rank; the global ``K``-th value ``v*``
+   and the number ``a`` of values above it follow (every value above ``v*`` is in its
+   rank's local top ``K``, or that rank alone would hold ``K`` values above ``v*``);
 3. the ``K - a`` tokens at ``v*`` with the smallest ids win: each rank offers its
    ``K - a`` smallest tied ids, ``all_gather``, and the ``(K - a)``-th smallest is
-   ``id*`` (usually ``K - a = 1``);
-4. a token is selected iff ``v > v*`` or ``v == v*`` and ``id <= id*``: a local
-   compare on each micro-batch, in its own layout.
+   ``id*`` (usually ``K - a = 1``). The local ``K + 1`` hold every local token at or
+   above ``v*`` unless their smallest value is ``v*`` itself (then a rescan collects
+   the ties);
+4. a token is selected iff ``v > v*`` or ``v == v*`` and ``id <= id*``: a compare on
+   the ``K + 1`` local candidates, scattered back to each micro-batch's layout.
+
+Per-token work (scope sums, covariance, KL-Cov's running top ``K + 1``, Clip-Cov's band
+candidates) runs in blocks of the concatenated micro-batches (:class:`_LocalTokens`).
+Clip-Cov hashes only its band candidates, and the key's low lane only for those whose
+high lane can reach the draw.
 
 Numerics: covariances are float64, from float64 sums all-reduced over the group. A
 sum's last bits depend on the order of summation, so two layouts agree exactly unless
@@ -31,8 +38,8 @@ Clip-Cov band edge without being equal to it. Exact ties (equal log-probs and
 advantages) stay exact ties under any layout and break by id.
 
 Cost per mini-batch: one all-reduce of a few float64 sums (means, count, input check),
-two all-gathers of at most ``K`` values / ids per rank, a handful of scalar host syncs,
-and ``O(n)`` device work; no per-token data leaves the device. The public
+two all-gathers of at most ``K`` values / ids per rank, a few scalar host syncs per
+block, and ``O(n)`` device work; no per-token data leaves the device. The public
 implementation copies the covariance to the host and runs a CPU top-k or random
 choice on every micro-batch.
 """
