@@ -138,7 +138,9 @@ def launch(
         p = ctx.Process(
             target=_worker,
             args=(fn, rank, world_size, port, tp, pp, vpp, seed, kwargs, queue),
-            daemon=True,
+            # Not daemonic: ranks may start processes of their own (megatron-core's
+            # checkpoint writer does); the finally-block below reaps every rank.
+            daemon=False,
         )
         p.start()
         procs.append(p)

@@ -35,14 +35,6 @@ RESUMED = range(SAVED_AT, SAVED_AT + 2)  # steps after it, compared with the uni
 SETTINGS = dict(lr=3e-3, weight_decay=0.1, clip_grad=1.0, lr_warmup_steps=2, lr_decay_steps=6)
 
 
-def _allow_child_processes() -> None:
-    """The harness's ranks are daemonic; megatron-core's checkpoint writer starts child
-    processes, which daemonic processes may not. Lift that for this rank only."""
-    import multiprocessing
-
-    multiprocessing.current_process()._config["daemon"] = False
-
-
 def _batch(vocab: int, step: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(5 + step)  # a new batch each step: Adam's state matters
     return {
@@ -88,7 +80,6 @@ def _save_body(ctx, hf: dict[str, Path], root: Path):
     from covrl import checkpointing as ck
     from covrl.models import PolicyModelConfig, build_model, load_hf_weights
 
-    _allow_child_processes()
     out: dict = {}
 
     # 1. HF -> Megatron at TP2 x PP2.
