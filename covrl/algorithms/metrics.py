@@ -29,12 +29,12 @@ _LOW63 = 0x7FFFFFFFFFFFFFFF
 def float_to_ordered_int(x: torch.Tensor) -> torch.Tensor:
     """float64 -> int64 with the same order (for finite values; -0.0 sorts below 0.0)."""
     bits = x.contiguous().view(torch.int64)
-    return bits ^ ((bits >> 63) & _LOW63)  # negative: flip all but the sign bit
+    return (bits >> 63).bitwise_and_(_LOW63).bitwise_xor_(bits)  # negative: flip all but the sign
 
 
 def ordered_int_to_float(k: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`float_to_ordered_int`."""
-    return (k ^ ((k >> 63) & _LOW63)).contiguous().view(torch.float64)
+    return (k >> 63).bitwise_and_(_LOW63).bitwise_xor_(k).view(torch.float64)
 
 
 _DIGIT_BITS = 16
@@ -71,7 +71,7 @@ def _radix_select(
         shift = _DIGIT_BITS * level
         if not cands:
             # The top digit's arithmetic shift is signed; the offset orders it 0..65535.
-            top = (keys >> shift) + _NUM_BINS // 2
+            top = (keys >> shift).add_(_NUM_BINS // 2)
             hist = torch.bincount(top, minlength=_NUM_BINS)
             hist = all_reduce_sum(hist.unsqueeze(0), group).expand(m, _NUM_BINS)
         else:
