@@ -47,7 +47,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +56,13 @@ import torch
 import torch.distributed as dist
 
 from covrl.models.hf_config import PolicyModelConfig
-from covrl.models.hf_weights import _fsync, _replace_dir, _unwrap
+from covrl.models.hf_weights import unwrap_model
+from covrl.utils.atomic_io import (
+    fsync_tree,
+    replace_dir,
+    temporary_sibling,
+    write_text_atomic,
+)
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 METADATA_FILENAME = "covrl_checkpoint.json"
@@ -250,34 +255,6 @@ def read_metadata(root: str | os.PathLike, iteration: int | None = None) -> Chec
     return CheckpointMetadata.from_file(resolve_checkpoint(root, iteration) / METADATA_FILENAME)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` by a file holding ``text``: temp file, fsync, rename, fsync dir."""
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync(path.parent)
-
-
-def _fsync_tree(path: Path) -> None:
-    """fsync every file below ``path``, then the directories (deepest first).
-
-    The ``.distcp`` shards are already fsynced by megatron-core's writer; the common
-    state and metadata files are not."""
-    dirs = []
-    for dirpath, _, files in os.walk(path):
-        dirs.append(Path(dirpath))
-        for name in files:
-            _fsync(Path(dirpath) / name)
-    for d in reversed(dirs):
-        _fsync(d)
-
-
 def _remove_quietly(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -313,7 +290,7 @@ def _sharded_state_dict(
 ) -> dict[str, Any]:
     # Keys of the bare GPTModel: wrappers (DDP, Float16Module) must not change them.
     state: dict[str, Any] = {
-        key: _unwrap(chunk).sharded_state_dict()
+        key: unwrap_model(chunk).sharded_state_dict()
         for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks, strict=True)
     }
     if optimizer is not None:
@@ -394,7 +371,7 @@ def save_checkpoint(
             for child in root.iterdir():  # leftovers of interrupted saves
                 if _TMP_RE.match(child.name):
                     _remove_quietly(child)
-            tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp = temporary_sibling(final)
             tmp.mkdir()
             box = [None, os.fspath(tmp)]
         except Exception as exc:  # noqa: BLE001 - raised on every rank below
@@ -412,9 +389,9 @@ def save_checkpoint(
     if dist.get_rank() == 0:
         try:
             (tmp / METADATA_FILENAME).write_text(metadata_text)
-            _fsync_tree(tmp)
-            _replace_dir(tmp, final)
-            _write_atomic(root / TRACKER_FILENAME, f"{iteration}\n")
+            fsync_tree(tmp)
+            replace_dir(tmp, final)
+            write_text_atomic(root / TRACKER_FILENAME, f"{iteration}\n")
         except Exception as exc:  # noqa: BLE001 - raised on every rank below
             status = f"saving checkpoint {final} failed: {type(exc).__name__}: {exc}"
             _remove_quietly(tmp)
@@ -486,7 +463,7 @@ def load_checkpoint(
             f"{sorted(absent)[:4]}"
         )
     for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks, strict=True):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
     elif optimizer is not None:

@@ -136,11 +136,11 @@ def _save_body(ctx, hf: dict[str, Path], root: Path):
 
     crash: dict = {}
     save = dict(optimizer=engine.optimizer, scheduler=engine.scheduler)
-    saved = (ck._fsync_tree, ck._remove_quietly, ck._write_atomic)
+    saved = (ck.fsync_tree, ck._remove_quietly, ck.write_text_atomic)
     try:
         # a) after all shards are written, before the rename: error on every rank,
         #    the temporary directory removed.
-        ck._fsync_tree = boom
+        ck.fsync_tree = boom
         crash["a_error"] = _expect_error(ck.save_checkpoint, train, 2, engine.model, config, **save)
         crash["a"] = state()
         # b) the same as a hard crash there: nothing cleans up.
@@ -149,12 +149,12 @@ def _save_body(ctx, hf: dict[str, Path], root: Path):
         crash["b"] = state()
         crash["b_explicit"] = _expect_error(ck.resolve_checkpoint, train, 2)
         # c) after the rename, before the tracker update.
-        ck._fsync_tree, ck._remove_quietly, _ = saved
-        ck._write_atomic = boom
+        ck.fsync_tree, ck._remove_quietly, _ = saved
+        ck.write_text_atomic = boom
         crash["c_error"] = _expect_error(ck.save_checkpoint, train, 3, engine.model, config, **save)
         crash["c"] = state()
     finally:
-        ck._fsync_tree, ck._remove_quietly, ck._write_atomic = saved
+        ck.fsync_tree, ck._remove_quietly, ck.write_text_atomic = saved
     # d) the next good save removes the leftovers of b).
     ck.save_checkpoint(train, 4, engine.model, config, **save)
     crash["d"] = state()

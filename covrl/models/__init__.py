@@ -15,6 +15,7 @@ from covrl.models.hf_weights import (
     export_hf_weights,
     load_hf_weights,
     save_hf_checkpoint,
+    unwrap_model,
     weight_entries,
 )
 
@@ -28,6 +29,7 @@ __all__ = [
     "layer_spec",
     "load_hf_weights",
     "save_hf_checkpoint",
+    "unwrap_model",
     "validate_parallel_layout",
     "vocab_size_with_padding",
     "weight_entries",

@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from covrl.models.hf_config import PolicyModelConfig
+from covrl.utils.atomic_io import fsync_tree, replace_dir, temporary_sibling
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -122,7 +122,7 @@ def weight_entries(config: PolicyModelConfig, *, include_tied_output: bool = Fal
     return entries
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The ``GPTModel`` inside DDP / Float16Module wrappers."""
     while not hasattr(model, "decoder") and hasattr(model, "module"):
         model = model.module
@@ -134,7 +134,7 @@ def _local_parameters(model_chunks: Sequence[torch.nn.Module]) -> dict[str, torc
     names mapped to the local spec's)."""
     params: dict[str, torch.nn.Parameter] = {}
     for chunk in model_chunks:
-        chunk = _unwrap(chunk)
+        chunk = unwrap_model(chunk)
         for name, param in chunk.named_parameters():
             m = _LAYER_RE.match(name)
             if m:
@@ -155,7 +155,7 @@ def _layer_owners(model_chunks: Sequence[torch.nn.Module], num_layers: int) -> l
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    cfg = _unwrap(model_chunks[0]).config
+    cfg = unwrap_model(model_chunks[0]).config
     pp, vpp = cfg.pipeline_model_parallel_size, cfg.virtual_pipeline_model_parallel_size
     owners = [-1] * num_layers
     for p in range(pp):
@@ -494,14 +494,6 @@ def _plan_shards(
     return shards
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_hf_checkpoint(
     model_chunks: Sequence[torch.nn.Module],
     config: PolicyModelConfig,
@@ -551,7 +543,7 @@ def save_hf_checkpoint(
         else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     )
     shard_of = {name: i for i, names in enumerate(shards) for name in names}
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_sibling(path)
     error: str | None = None
     if writer:
         try:
@@ -589,10 +581,8 @@ def save_hf_checkpoint(
             hf_config.save_pretrained(tmp)
             if copy_files_from is not None:
                 _copy_extra_files(Path(copy_files_from), tmp)
-            for f in tmp.iterdir():
-                _fsync(f)
-            _fsync(tmp)
-            _replace_dir(tmp, path)
+            fsync_tree(tmp)
+            replace_dir(tmp, path)
         except Exception as exc:  # noqa: BLE001 - reported on every rank below
             error = f"{type(exc).__name__}: {exc}"
     if writer and error is not None:
@@ -624,15 +614,3 @@ def _copy_extra_files(src: Path, dst: Path) -> None:
     for f in src.iterdir():
         if f.is_file() and f.name != "config.json" and not _WEIGHT_FILE_RE.search(f.name):
             shutil.copy2(f, dst / f.name)
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` to ``path`` (moving an existing ``path`` aside first)."""
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        path.rename(old)
-    tmp.rename(path)
-    _fsync(path.parent)
-    if old is not None:
-        shutil.rmtree(old)
