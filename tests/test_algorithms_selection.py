@@ -334,3 +334,73 @@ def test_ordered_int_round_trip_and_order_on_random_bits():
     order = torch.argsort(k)
     assert (x[order][1:] >= x[order][:-1]).all()  # -0.0 and 0.0 compare equal
     assert k[-5] + 1 == k[-4] == 0  # -0.0 sorts just below 0.0
+
+
+@pytest.mark.parametrize("block", [1, 5, 64])
+@pytest.mark.parametrize("with_valid", [False, True])
+def test_blockwise_covariance_summary_matches_sort(block, with_valid):
+    """:class:`CovarianceSummary` fed in blocks (padding as ``-inf`` or by a mask, over
+    finite junk) equals the sorting reference, for any block size."""
+    from covrl.algorithms.metrics import CovarianceSummary
+
+    g = torch.Generator().manual_seed(block)
+    cov = torch.randn(3000, generator=g, dtype=torch.float64) ** 3
+    cov[:60] = 0.75  # a tie set
+    cov[60:90] = 0.0
+    mask = torch.rand(3000, generator=g) < 0.7
+    padded = torch.where(mask, cov, 123.0 if with_valid else float("-inf"))
+    valid = cov[mask]
+    n = valid.numel()
+    fracs = (2e-4, 2e-3, 2e-2, 0.2, 0.5, 1.0)
+    summary = CovarianceSummary(fracs, cov.device)
+    blocks = list(zip(padded.split(block), mask.split(block), strict=True))
+    for values, m in blocks:
+        summary.add(values, m if with_valid else None)
+    got = summary.result(n, lambda i, pos: blocks[i][0].index_select(0, pos), None)
+    s = torch.sort(valid, descending=True).values
+    assert got["cov/mean"] == pytest.approx(valid.mean().item(), rel=1e-12)
+    for f in fracs:
+        k = max(1, int(round(f * n, 9)))
+        assert got[f"cov/top_{f * 100:g}%"] == pytest.approx(s[:k].mean().item(), rel=1e-12)
+    whole = covariance_summary([torch.where(mask, cov, float("-inf"))], n, fracs, None)
+    assert got == pytest.approx(whole, rel=1e-12)
+
+
+@pytest.mark.parametrize("ds", DATASETS)
+def test_covariance_summary_same_from_every_pass(monkeypatch, ds):
+    """The summary fed from KL-Cov's or Clip-Cov's selection pass, or from its own
+    pass (method none, micro-batch scope), at any block size and split, is the
+    mini-batch's and matches the covariance computed by sorting."""
+    import covrl.algorithms.selection as selection
+
+    samples = make_samples(ds, seed=2)
+    reference = None
+    for block in [1, 5, 64, 1 << 16]:
+        monkeypatch.setitem(selection._BLOCK_SLOTS, "cpu", block)
+        for n_mb in [1, 3]:
+            mbs = split(samples, 1, 0, n_mb, 5)
+            for method, scope in [
+                ("kl_cov", "minibatch"),
+                ("clip_cov", "minibatch"),
+                ("none", "minibatch"),
+                ("kl_cov", "microbatch"),
+            ]:
+                res = prepare_selection(_batches(mbs), _cfg(method, 0.05, scope=scope), step=1)
+                stats = {k: v for k, v in res.metrics.items() if k.startswith("cov/")}
+                assert len(stats) == 6
+                if reference is None:
+                    reference = stats
+                assert stats == pytest.approx(reference, rel=1e-12, abs=1e-15)
+    # Sorting reference from the tensors themselves.
+    mbs = split(samples, 1, 0, 1, 5)
+    mask = torch.cat([mb["mask"].reshape(-1) for mb in mbs]).bool()
+    logp = torch.cat([mb["logp"].reshape(-1) for mb in mbs]).double()[mask]
+    adv = torch.cat([mb["adv"].reshape(-1) for mb in mbs]).double()[mask]
+    cov = (logp - logp.mean()) * (adv - adv.mean())
+    s = torch.sort(cov, descending=True).values
+    assert reference["cov/mean"] == pytest.approx(cov.mean().item(), rel=1e-9, abs=1e-12)
+    for f in EntropyControlConfig().cov_top_fractions:
+        k = selection_count(f, cov.numel())
+        assert reference[f"cov/top_{f * 100:g}%"] == pytest.approx(
+            s[:k].mean().item(), rel=1e-9, abs=1e-12
+        )

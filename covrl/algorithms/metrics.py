@@ -16,7 +16,7 @@ Megatron reporting convention) and reduced once per step by
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -39,6 +39,22 @@ def ordered_int_to_float(k: torch.Tensor) -> torch.Tensor:
 
 _DIGIT_BITS = 16
 _NUM_BINS = 1 << _DIGIT_BITS
+_TOP_SHIFT = 64 - _DIGIT_BITS
+
+
+def _top_digits_(keys: torch.Tensor) -> torch.Tensor:
+    """The top 16-bit digit of int64 ``keys``, ordered 0..65535, computed in place.
+
+    The arithmetic shift is signed; the offset orders the digits.
+    """
+    return keys.bitwise_right_shift_(_TOP_SHIFT).add_(_NUM_BINS // 2)
+
+
+# The top digit of -inf (and of negative NaNs only): the bin of padding, below every
+# finite value's.
+_PAD_DIGIT = int(
+    _top_digits_(float_to_ordered_int(torch.tensor([float("-inf")], dtype=torch.float64)))[0]
+)
 
 
 def _flat_cat(segments: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -48,6 +64,60 @@ def _flat_cat(segments: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(segments) == 1
         else torch.cat([s.reshape(-1) for s in segments])
     )
+
+
+def _choose_digits(
+    hist: torch.Tensor, remaining: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One radix round: the digit holding each query's ``remaining``-th largest key.
+
+    Args:
+        hist: ``[m, 65536]`` int64 counts of the query's keys per digit (global).
+        remaining: ``[m]`` 1-based ranks among those keys.
+
+    Returns:
+        ``[m]`` chosen digits and ``[m]`` ranks within them.
+    """
+    at_least = hist.flip(1).cumsum(1)  # at_least[:, i] = #{digit >= 65535 - i}
+    i = torch.searchsorted(at_least, remaining.unsqueeze(1)).squeeze(1)
+    i = i.clamp(max=_NUM_BINS - 1)
+    above = at_least.gather(1, (i - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    return _NUM_BINS - 1 - i, remaining - torch.where(i > 0, above, 0)
+
+
+def _split_bucket(pool: torch.Tensor, prefix: torch.Tensor) -> list[torch.Tensor]:
+    """``[c]`` keys of the chosen top digits -> per query ``j``, those with top digit
+    ``prefix[j]`` (signed, as ``keys >> 48``)."""
+    top = pool >> _TOP_SHIFT
+    return [pool[top == p] for p in prefix.tolist()]
+
+
+def _radix_refine(
+    cands: list[torch.Tensor],
+    prefix: torch.Tensor,
+    remaining: torch.Tensor,
+    group: ProcessGroup | None,
+) -> torch.Tensor:
+    """The three lower radix rounds, after the top digit is chosen.
+
+    Args:
+        cands: per query, this rank's keys with the query's top digit.
+        prefix: ``[m]`` chosen top digits (signed, as ``keys >> 48``).
+        remaining: ``[m]`` 1-based ranks within those keys (global).
+
+    Returns:
+        ``[m]`` int64 keys, identical on every rank.
+    """
+    for level in range(_TOP_SHIFT // _DIGIT_BITS - 1, -1, -1):
+        shift = _DIGIT_BITS * level
+        hist = torch.stack(
+            [torch.bincount((c >> shift) & (_NUM_BINS - 1), minlength=_NUM_BINS) for c in cands]
+        )
+        all_reduce_sum(hist, group)
+        digit, remaining = _choose_digits(hist, remaining)
+        prefix = (prefix << _DIGIT_BITS) | digit
+        cands = [c[(c >> shift) == prefix[j]] for j, c in enumerate(cands)]
+    return prefix
 
 
 def _radix_select(
@@ -63,40 +133,16 @@ def _radix_select(
     Returns ``[len(ranks)]`` int64, identical on every rank.
     """
     m = len(ranks)
-    device = keys.device
-    remaining = torch.tensor(list(ranks), dtype=torch.int64, device=device)
-    prefix = torch.zeros(m, dtype=torch.int64, device=device)
-    cands: list[torch.Tensor] = []
-    for level in range(64 // _DIGIT_BITS - 1, -1, -1):
-        shift = _DIGIT_BITS * level
-        if not cands:
-            # The top digit's arithmetic shift is signed; the offset orders it 0..65535.
-            top = (keys >> shift).add_(_NUM_BINS // 2)
-            hist = torch.bincount(top, minlength=_NUM_BINS)
-            hist = all_reduce_sum(hist.unsqueeze(0), group).expand(m, _NUM_BINS)
-        else:
-            hist = torch.stack(
-                [torch.bincount((c >> shift) & (_NUM_BINS - 1), minlength=_NUM_BINS) for c in cands]
-            )
-            all_reduce_sum(hist, group)
-        at_least = hist.flip(1).cumsum(1)  # at_least[:, i] = #{digit >= 65535 - i}
-        i = torch.searchsorted(at_least, remaining.unsqueeze(1)).squeeze(1)
-        i = i.clamp(max=_NUM_BINS - 1)
-        above = at_least.gather(1, (i - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-        remaining = remaining - torch.where(i > 0, above, 0)
-        digit = _NUM_BINS - 1 - i
-        if not cands:
-            prefix = digit - _NUM_BINS // 2
-            # One pass over all keys pools every query's bucket (a lookup table of the
-            # chosen digits); split the pool per query.
-            chosen = torch.zeros(_NUM_BINS, dtype=torch.bool, device=device)
-            chosen[digit] = True
-            pool = keys[chosen[top]]
-            cands = [pool[(pool >> shift) == prefix[j]] for j in range(m)]
-        else:
-            prefix = (prefix << _DIGIT_BITS) | digit
-            cands = [c[(c >> shift) == prefix[j]] for j, c in enumerate(cands)]
-    return prefix
+    remaining = torch.tensor(list(ranks), dtype=torch.int64, device=keys.device)
+    top = _top_digits_(keys.clone())
+    hist = all_reduce_sum(torch.bincount(top, minlength=_NUM_BINS).unsqueeze(0), group)
+    digit, remaining = _choose_digits(hist.expand(m, _NUM_BINS), remaining)
+    # One pass over all keys pools every query's bucket (a lookup table of the chosen
+    # digits); split the pool per query.
+    chosen = torch.zeros(_NUM_BINS, dtype=torch.bool, device=keys.device)
+    chosen[digit] = True
+    prefix = digit - _NUM_BINS // 2
+    return _radix_refine(_split_bucket(keys[chosen[top]], prefix), prefix, remaining, group)
 
 
 def kth_largest(
@@ -119,16 +165,109 @@ def _pct_label(f: float) -> str:
     return f"{f * 100:g}%"
 
 
+def _sum_above(hist: torch.Tensor, digit: torch.Tensor) -> torch.Tensor:
+    """``[m]``: ``sum(hist[d + 1:])`` for each ``d`` of ``digit`` (``hist`` ``[65536]``)."""
+    suffix = hist.flip(0).cumsum(0).flip(0)  # suffix[d] = sum(hist[d:])
+    return torch.cat([suffix[1:], suffix.new_zeros(1)]).index_select(0, digit)
+
+
+class CovarianceSummary:
+    """Table-1 covariance summary of a scope whose values arrive block by block.
+
+    Blocks are fed once with :meth:`add` (the round-1 radix pass); :meth:`result`
+    then reads back only the values in each query's chosen top-digit bucket, through
+    a callback, so no whole-scope float or int64 temporary is built.
+
+    Per block of ``c`` values, :meth:`add` keeps the ``[c]`` int32 top digits and adds
+    to a float64 ``[2, 65536]`` histogram of counts and value sums per top digit. The
+    sums of the values above a query's bucket come from the sums histogram; inside
+    the bucket, from its candidates. The ``K``-th largest value is exact (a radix
+    select); the sums are float64 sums whose last bits depend on the order of
+    summation.
+
+    Args:
+        fractions: top fractions, e.g. ``(2e-4, 2e-3, 2e-2, 0.2, 0.5)``.
+        device: the device of the blocks.
+    """
+
+    def __init__(self, fractions: Sequence[float], device: torch.device):
+        self.fractions = tuple(fractions)
+        self.hist = torch.zeros(2, _NUM_BINS, dtype=torch.float64, device=device)
+        self.digits: list[torch.Tensor] = []
+        self._one = torch.ones((), dtype=torch.float64, device=device)
+
+    def add(self, values: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Feed the next block.
+
+        Args:
+            values: ``[c]`` float64; ``-inf`` at entries outside the scope, unless
+                ``valid`` is given.
+            valid: ``[c]`` bool, False at entries outside the scope (any value there).
+        """
+        top = _top_digits_(float_to_ordered_int(values))
+        if valid is not None:
+            top = torch.where(valid, top, top.new_tensor(_PAD_DIGIT), out=top)
+        self.hist[0].scatter_add_(0, top, self._one.expand(top.numel()))
+        self.hist[1].scatter_add_(0, top, values)
+        self.digits.append(top.to(torch.int32))
+
+    def result(
+        self,
+        num_tokens: int,
+        values_at: Callable[[int, torch.Tensor], torch.Tensor],
+        group: ProcessGroup | None,
+    ) -> dict[str, float]:
+        """``cov/mean`` and ``cov/top_<pct>`` over the scope, identical on every rank.
+
+        Three radix rounds on the bucket candidates, two all-reduces of the summary's
+        own and one host sync besides.
+
+        Args:
+            num_tokens: the scope's valid-token count (the same on every rank).
+            values_at: ``values_at(i, pos)`` gives block ``i``'s values (as fed to
+                :meth:`add`) at its ``[p]`` int64 positions ``pos``, all in the scope.
+            group: the ranks holding the rest of the scope (None: this process only).
+        """
+        names = ["cov/mean"] + [f"cov/top_{_pct_label(f)}" for f in self.fractions]
+        if num_tokens == 0:
+            return dict.fromkeys(names, 0.0)
+        ks = [selection_count(f, num_tokens) for f in self.fractions]
+        m, device = len(ks), self.hist.device
+        hist = all_reduce_sum(self.hist, group)
+        hist[:, : _PAD_DIGIT + 1] = 0  # padding (ranks stay <= N, so never chosen)
+        ranks = torch.tensor(ks, dtype=torch.int64, device=device)
+        digit, remaining = _choose_digits(hist[0].long().expand(m, _NUM_BINS), ranks)
+        chosen = torch.zeros(_NUM_BINS, dtype=torch.bool, device=device)
+        chosen[digit] = True
+        pool = [
+            float_to_ordered_int(values_at(i, torch.nonzero(chosen[d]).squeeze(1)))
+            for i, d in enumerate(self.digits)
+        ]
+        prefix = digit - _NUM_BINS // 2
+        buckets = _split_bucket(_flat_cat(pool), prefix)
+        kth = _radix_refine(buckets, prefix, remaining, group)
+        # Inside each bucket: the sum and count of the candidates above v*.
+        inside = torch.zeros(2 * m, dtype=torch.float64, device=device)
+        for j, b in enumerate(buckets):
+            b = b[b > kth[j]]
+            inside[j] = ordered_int_to_float(b).sum()
+            inside[m + j] = b.numel()
+        all_reduce_sum(inside, group)
+        above = inside[:m] + _sum_above(hist[1], digit)
+        count = inside[m:] + _sum_above(hist[0], digit)
+        k_t = ranks.double()
+        top = (above + (k_t - count) * ordered_int_to_float(kth)) / k_t
+        mean = hist[1].sum().reshape(1) / num_tokens
+        return dict(zip(names, torch.cat([mean, top]).tolist(), strict=True))
+
+
 def covariance_summary(
     cov: Sequence[torch.Tensor],
     num_tokens: int,
     fractions: Sequence[float],
     group: ProcessGroup | None,
 ) -> dict[str, float]:
-    """``cov/mean`` and ``cov/top_<pct>`` over the scope.
-
-    Four radix rounds, the sums above each ``v*``, five all-reduces and one host sync
-    in all.
+    """``cov/mean`` and ``cov/top_<pct>`` over the scope (see :class:`CovarianceSummary`).
 
     Args:
         cov: this rank's segments (e.g. ``[b, s]`` per micro-batch) of float64
@@ -136,29 +275,14 @@ def covariance_summary(
         num_tokens: the scope's valid-token count (the same on every rank).
         fractions: top fractions, e.g. ``(2e-4, 2e-3, 2e-2, 0.2, 0.5)``;
             ``K = max(1, floor(f * N))``.
+        group: the ranks holding the rest of the scope (None: this process only).
     """
-    names = ["cov/mean"] + [f"cov/top_{_pct_label(f)}" for f in fractions]
-    if num_tokens == 0:
-        return dict.fromkeys(names, 0.0)
-    ks = [selection_count(f, num_tokens) for f in fractions]
-    values = _flat_cat(cov)
-    # -inf padding maps to the lowest key; ranks stay <= N so it is never reached.
-    keys = float_to_ordered_int(values)
-    kth = _radix_select(keys, ks, group)
-    # Sum of the values above each v*, from the largest K down: the tokens above a
-    # threshold are a subset of those above the next lower one, so each query only
-    # scans what the previous one kept (about 1.7 N entries for the default fractions).
-    m = len(ks)
-    sums = torch.zeros(1 + 2 * m, dtype=torch.float64, device=kth.device)
-    sums[0] = torch.where(values > float("-inf"), values, 0.0).sum()
-    for j in sorted(range(m), key=lambda j: -ks[j]):
-        keys = keys[keys > kth[j]]
-        sums[1 + j] = ordered_int_to_float(keys).sum()
-        sums[1 + m + j] = keys.numel()
-    all_reduce_sum(sums, group)
-    k_t = torch.tensor(ks, dtype=torch.float64, device=kth.device)
-    top = (sums[1 : 1 + m] + (k_t - sums[1 + m :]) * ordered_int_to_float(kth)) / k_t
-    return dict(zip(names, torch.cat([sums[:1] / num_tokens, top]).tolist(), strict=True))
+    flat = [c.reshape(-1) for c in cov]
+    device = flat[0].device if flat else torch.device("cpu")
+    summary = CovarianceSummary(fractions, device)
+    for values in flat:
+        summary.add(values)
+    return summary.result(num_tokens, lambda i, pos: flat[i].index_select(0, pos), group)
 
 
 def policy_metric_sums(

@@ -67,7 +67,7 @@ from covrl.algorithms.covariance import (
     SelectionBatch,
     check_scope_sums,
 )
-from covrl.algorithms.metrics import covariance_summary
+from covrl.algorithms.metrics import CovarianceSummary
 from covrl.algorithms.policy_loss import ppo_surrogate
 
 _MASK32 = 0xFFFFFFFF
@@ -452,17 +452,40 @@ def _scope_sums(tokens: _LocalTokens, check_old: bool) -> torch.Tensor:
     return total
 
 
+def _centered_product(logp: torch.Tensor, adv: torch.Tensor, means: CovarianceMeans):
+    """float64 ``(logp - mean_logp) * (adv - mean_adv)``, elementwise; the float64 ops of
+    :func:`token_covariance`, so the same bits. ``logp`` and ``adv`` are fresh tensors
+    (one may be overwritten)."""
+    cov = logp.double().sub_(means.mean_logp)
+    return cov.mul_(adv.double().sub_(means.mean_adv))
+
+
 def _block_covariance(block: _Block, means: CovarianceMeans, fill: bool) -> torch.Tensor:
-    """``[size]`` float64 covariance of a block (the float64 ops of
-    :func:`token_covariance`, so the same bits); padding is ``-inf`` with ``fill``,
-    else a finite value."""
+    """``[size]`` float64 covariance of a block; padding is ``-inf`` with ``fill``, else
+    a finite value."""
     m = block["mask"]
     zero = PaddingZeroer(m)
-    cov = zero(block["cov_logp"]).double().sub_(means.mean_logp)
-    cov.mul_(zero(block["advantages"]).double().sub_(means.mean_adv))
+    cov = _centered_product(zero(block["cov_logp"]), zero(block["advantages"]), means)
     if fill:
         cov = torch.where(m, cov, cov.new_tensor(float("-inf")), out=cov)
     return cov
+
+
+def _covariance_at(block: _Block, pos: torch.Tensor, means: CovarianceMeans) -> torch.Tensor:
+    """``[p]`` float64 covariance at the valid block positions ``pos``: the values of
+    :func:`_block_covariance` there, bit for bit."""
+    return _centered_product(block.take("cov_logp", pos), block.take("advantages", pos), means)
+
+
+def _covariance_summary(
+    tokens: _LocalTokens,
+    means: CovarianceMeans,
+    summary: CovarianceSummary,
+    group: ProcessGroup | None,
+) -> dict[str, float]:
+    """:meth:`CovarianceSummary.result` of a scope whose blocks were fed in order."""
+    blocks = list(tokens.blocks())
+    return summary.result(means.count, lambda i, pos: _covariance_at(blocks[i], pos, means), group)
 
 
 class _RunningTop:
@@ -578,12 +601,14 @@ def _select_in_scope(
     config: PolicyLossConfig,
     step: int,
     group: ProcessGroup | None,
+    summary: CovarianceSummary | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[n]`` bool selection of one scope's local tokens, and the local candidate
     count (int64 scalar tensor).
 
     KL-Cov keeps a running top ``K + 1`` of the covariance; Clip-Cov compacts its few
-    band candidates and hashes only those.
+    band candidates and hashes only those. Each block's covariance is also fed to
+    ``summary`` when given.
     """
     ec = config.entropy_control
     k = selection_count(ec.selection_ratio, means.count)
@@ -591,7 +616,10 @@ def _select_in_scope(
     if ec.method == "kl_cov":
         running = _RunningTop(k + 1)
         for block in tokens.blocks():
-            running.add(_block_covariance(block, means, fill=True), block)
+            cov = _block_covariance(block, means, fill=True)
+            running.add(cov, block)
+            if summary is not None:
+                summary.add(cov)
 
         def at_least(v: torch.Tensor) -> _Candidates:
             parts = []
@@ -606,12 +634,12 @@ def _select_in_scope(
             selected[chosen.positions] = True
         return selected, torch.zeros((), dtype=torch.int64, device=tokens.device)
 
-    bands = [
-        _band_candidates(
-            _block_covariance(block, means, fill=False), block, config, tokens.use_current
-        )
-        for block in tokens.blocks()
-    ]
+    bands = []
+    for block in tokens.blocks():
+        cov = _block_covariance(block, means, fill=False)
+        bands.append(_band_candidates(cov, block, config, tokens.use_current))
+        if summary is not None:
+            summary.add(cov, block["mask"])
     band = bands[0] if len(bands) == 1 else _Band(*_cat_fields(bands))
     pos, ids = band.not_clipped(config)
     chosen = _random_top_k(ids, k, ec.seed, step, group)
@@ -686,9 +714,16 @@ def prepare_selection(
 
     metrics: dict[str, float] = {"entropy_control/num_tokens": float(num_tokens)}
     out_masks: list[torch.Tensor] | None = None
+    # The covariance summary takes each block's covariance from the mini-batch-scope
+    # selection pass, or from a pass of its own.
+    summary = CovarianceSummary(ec.cov_top_fractions, tokens.device)
+    fed = not ec.compute_cov_stats
     if ec.method != "none":
         if ec.scope == "minibatch":
-            selected, n_cand = _select_in_scope(tokens, means, config, step, group)
+            selected, n_cand = _select_in_scope(
+                tokens, means, config, step, group, None if fed else summary
+            )
+            fed = True
         else:
             parts, cands = [], []
             for b in batches:
@@ -709,6 +744,8 @@ def prepare_selection(
             metrics["entropy_control/candidates"] = float(n_cand)
 
     if ec.compute_cov_stats:
-        cov = [_block_covariance(block, means, fill=True) for block in tokens.blocks()]
-        metrics.update(covariance_summary(cov, num_tokens, ec.cov_top_fractions, group))
+        if not fed:
+            for block in tokens.blocks():
+                summary.add(_block_covariance(block, means, fill=True))
+        metrics.update(_covariance_summary(tokens, means, summary, group))
     return SelectionResult(out_masks, metrics)
