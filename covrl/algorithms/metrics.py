@@ -8,6 +8,9 @@ order-preserving int64 images of the float64 values: four rounds of 16-bit digit
 one all-reduce of an int64 histogram, whatever ``K`` is (50% of the
 tokens costs the same as 0.02%); the first round covers every token once for all
 fractions, later rounds only the tokens sharing the chosen prefix.
+:class:`CovarianceSummary` runs the first round block by block (with a histogram of
+value sums per digit, for the sums above each bucket) and reads back only the chosen
+buckets, so no whole-scope temporary is built.
 
 Loss statistics are accumulated per micro-batch as ``(sum, count)`` pairs (the
 Megatron reporting convention) and reduced once per step by
