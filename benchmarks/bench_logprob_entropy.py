@@ -42,7 +42,6 @@ import argparse
 import multiprocessing as mp
 import os
 import resource
-import socket
 import statistics
 import time
 from dataclasses import dataclass
@@ -65,12 +64,6 @@ class Job:
     warmup: int
     repeats: int
     threads: int
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_bytes() -> int:
@@ -246,8 +239,10 @@ def _worker(job: Job, rank: int, port: int, queue) -> None:
 def _launch(ctx, job: Job, timeout: float = 600.0):
     """Run ``job`` on ``job.tp`` fresh ranks; (median seconds, peak bytes, setup peak,
     (logp error, entropy error) vs float64 on the first tokens)."""
+    from covrl.parallel import free_port
+
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(job, r, port, queue)) for r in range(job.tp)]
     for p in procs:
         p.start()

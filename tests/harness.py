@@ -27,11 +27,12 @@ import io
 import multiprocessing as mp
 import os
 import queue as queue_mod
-import socket
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
+
+from covrl.parallel import free_port
 
 _PRELOAD = ["torch", "torch.distributed", "megatron.core", "covrl.parallel"]
 _ctx = None
@@ -68,12 +69,6 @@ class RankContext:
 
 class DistributedTestError(AssertionError):
     """A rank raised, or the group hung."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(fn, rank, world_size, port, tp, pp, vpp, seed, kwargs, queue):
@@ -132,7 +127,7 @@ def launch(
     """Run ``fn(ctx, **kwargs)`` on ``world_size`` ranks; return the per-rank results."""
     ctx = _mp_context()
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world_size):
         p = ctx.Process(

@@ -3,6 +3,7 @@
 from covrl.parallel.state import (
     ParallelConfig,
     destroy,
+    free_port,
     get_backend,
     get_device,
     init_process_group,
@@ -12,6 +13,7 @@ from covrl.parallel.state import (
 __all__ = [
     "ParallelConfig",
     "destroy",
+    "free_port",
     "get_backend",
     "get_device",
     "init_process_group",

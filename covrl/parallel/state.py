@@ -79,7 +79,7 @@ def init_process_group(timeout_minutes: int = 30) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group(
         backend=get_backend(), timeout=datetime.timedelta(minutes=timeout_minutes)
@@ -126,7 +126,8 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """An unused TCP port on the loopback interface (for a local rendezvous)."""
     import socket
 
     with socket.socket() as s:
