@@ -1,8 +1,9 @@
 """Clip-Cov / KL-Cov end to end on the megatron policy: the split does not matter.
 
-Two PPO epochs over one GRPO mini-batch of a tiny Qwen2 policy: each epoch takes the
-current log-probs with a no-grad forward (the selection hook), selects tokens over
-the whole mini-batch and data-parallel group, then runs the gradient micro-batches.
+Two PPO epochs (:func:`covrl.training.ppo_update`) over one GRPO mini-batch of a tiny
+Qwen2 policy: each epoch takes the current log-probs with a no-grad forward, selects
+tokens over the whole mini-batch and data-parallel group, then runs the gradient
+micro-batches.
 The selected tokens, the loss and the grad norm must be the same for one micro-batch
 on one rank, four micro-batches on each of two DP ranks, eight micro-batches on one
 rank, and under TP=2 and PP=2 -- the property the public per-micro-batch selection
@@ -59,16 +60,10 @@ def _config(method: str):
 def _body(ctx, checkpoint, micro_batch_size):
     from megatron.core import parallel_state as ps
 
-    from covrl.algorithms import (
-        SelectionBatch,
-        aggregate_loss,
-        canonical_token_ids,
-        compute_policy_loss,
-        global_loss_count,
-        prepare_selection,
-    )
+    from covrl.algorithms import canonical_token_ids
     from covrl.models import PolicyModelConfig, build_model, load_hf_weights
     from covrl.models.engine import EngineConfig, OptimizerSettings, PolicyEngine
+    from covrl.training import PolicyBatch, ppo_update
 
     model_config = PolicyModelConfig.from_hf(checkpoint)
     ids, mask, response, adv = _rollout(model_config.vocab_size)
@@ -91,44 +86,25 @@ def _body(ctx, checkpoint, micro_batch_size):
             EngineConfig(micro_batch_size=micro_batch_size),
         )
         old_logp = engine.forward_logprobs(ids, mask).logp
-        count = global_loss_count([response], cfg.loss_agg_mode, dp_group)
+        batch = PolicyBatch(
+            input_ids=ids,
+            attention_mask=mask,
+            response_mask=response,
+            sample_index=rows,
+            old_logp=old_logp,
+            advantages=adv,
+        )
         epochs = []
         for epoch in range(EPOCHS):
-            logp = engine.forward_logprobs(ids, mask).logp  # the selection hook
-            micro = [slice(i, i + micro_batch_size) for i in range(0, len(rows), micro_batch_size)]
-            sel = prepare_selection(
-                [
-                    SelectionBatch(adv[m], old_logp[m], response[m], token_ids[m], logp=logp[m])
-                    for m in micro
-                ],
-                cfg,
-                step=epoch,
-                group=dp_group,
-            )
-            selected = torch.cat(sel.masks, dim=0)
-
-            def loss_fn(o, mb, cfg=cfg, count=count):
-                res = compute_policy_loss(
-                    o.logp, mb["old_logp"], mb["adv"], mb["response"], cfg, selected=mb["selected"]
-                )
-                loss = aggregate_loss(res.token_loss, mb["response"], cfg.loss_agg_mode, count)
-                return loss, {"selected": mb["selected"].sum()}
-
-            batch = dict(
-                input_ids=ids,
-                attention_mask=mask,
-                old_logp=old_logp,
-                adv=adv,
-                response=response,
-                selected=selected,
-            )
-            r = engine.train_step(batch, loss_fn)
+            # The current policy, as the update's selection pass sees it.
+            logp = engine.forward_logprobs(ids, mask).logp
+            r = ppo_update(engine, batch, cfg, step=epoch, dp_group=dp_group)
             epochs.append(
                 dict(
                     loss=r.loss,
                     grad_norm=r.grad_norm,
-                    num_selected=r.metrics["selected"],
-                    selected_ids=sorted(token_ids[selected].tolist()),
+                    num_selected=r.metrics["entropy_control/selected_tokens"],
+                    selected_ids=sorted(token_ids[r.selected].tolist()),
                     max_abs_log_ratio=float((logp - old_logp)[response].abs().max()),
                 )
             )

@@ -1,22 +1,33 @@
 """RL algorithms: advantages, policy losses, covariance-based entropy control (Clip-Cov,
 KL-Cov), loss aggregation and step metrics.
 
-Per optimizer mini-batch, on the ranks that hold log-probs (last pipeline stage)::
+One optimizer mini-batch goes through :func:`covrl.training.ppo_update`, which wires
+these pieces to the megatron policy::
 
-    masks = [mb.mask for mb in micro_batches]
-    count = global_loss_count(masks, cfg.loss_agg_mode, dp_group)
+    from covrl.algorithms import EntropyControlConfig, PolicyLossConfig
+    from covrl.training import PolicyBatch, ppo_update
+
+    cfg = PolicyLossConfig(entropy_control=EntropyControlConfig(method="kl_cov"))
+    batch = PolicyBatch(input_ids=ids, attention_mask=attn, response_mask=response,
+                        sample_index=rows, old_logp=old_logp, advantages=adv)
+    result = ppo_update(engine, batch, cfg, step=step, dp_group=dp_group)
+
+Inside it, per mini-batch (``current`` from a no-grad forward when
+``logp_source="current"``; ``mbs`` the engine's micro-batch slices)::
+
+    token_ids = canonical_token_ids(sample_index, response_mask)
     sel = prepare_selection(
-        [SelectionBatch(mb.adv, mb.old_logp, mb.mask,
-                        canonical_token_ids(mb.sample_index, mb.mask),
-                        logp=current_logp_no_grad(mb))        # logp_source="current"
-         for mb in micro_batches],
+        [SelectionBatch(adv[m], old_logp[m], response_mask[m], token_ids[m],
+                        logp=current[m]) for m in mbs],
         cfg, step=step, group=dp_group)
-    for i, mb in enumerate(micro_batches):                    # gradient micro-batches
-        out = compute_policy_loss(logp, mb.old_logp, mb.adv, mb.mask, cfg,
-                                  selected=sel.masks[i] if sel.masks else None)
-        loss = aggregate_loss(out.token_loss, mb.mask, cfg.loss_agg_mode, count,
-                              cfg.loss_norm_constant)
-        (loss * megatron_loss_scale(num_microbatches, dp_size)).backward()
+    count = global_loss_count([response_mask], cfg.loss_agg_mode, dp_group)
+    # per gradient micro-batch, in the engine's loss function:
+    out = compute_policy_loss(logp, old_logp, adv, mask, cfg, selected=selected)
+    loss = aggregate_loss(out.token_loss, mask, cfg.loss_agg_mode, count,
+                          cfg.loss_norm_constant)
+
+and :meth:`covrl.models.engine.PolicyEngine.train_step` multiplies each micro-batch
+loss by :func:`megatron_loss_scale` before megatron's backward.
 """
 
 from covrl.algorithms.advantages import (

@@ -13,6 +13,8 @@ With ``r = exp(logp - logp_old)`` (log-ratio clamped to ``+-log_ratio_clamp``):
   still count in the aggregation's denominator).
 * KL-Cov: ``-A r`` for every token (PPO surrogate if ``kl_cov.ppo_clip``), plus
   ``beta |logp - logp_old|`` on the selected tokens.
+* Rollout correction: with truncated importance weights ``w`` (rollout engine vs
+  trainer), the terms above are multiplied by ``w`` per token.
 * Entropy bonus: ``- entropy_coeff * H``; reference KL: ``+ kl_coeff * kl(logp, ref)``.
 """
 
@@ -218,6 +220,7 @@ def compute_policy_loss(
     selected: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
+    rollout_weights: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """Per-token policy loss of one micro-batch.
 
@@ -234,6 +237,10 @@ def compute_policy_loss(
             ``clip_cov``/``kl_cov``, must be None for ``none``).
         entropy: ``[b, s]`` per-token policy entropy (required if ``entropy_coeff``).
         ref_logp: ``[b, s]`` reference-policy log-probs (required if ``kl_coeff``).
+        rollout_weights: ``[b, s]`` per-token importance weights correcting for the
+            rollout engine's sampling distribution (e.g. truncated
+            ``min(exp(old_logp - rollout_logp), C)``); they multiply the surrogate term
+            (PPO / Clip-Cov / KL-Cov), not the entropy bonus or the reference KL.
 
     Raises:
         ValueError: with ``config.check_finite``, if an input that enters the loss has
@@ -249,6 +256,7 @@ def compute_policy_loss(
         selected=selected,
         entropy=entropy,
         ref_logp=ref_logp,
+        rollout_weights=rollout_weights,
     )
     if method == "none" and selected is not None:
         raise ValueError("a selection mask was passed but entropy_control.method is 'none'")
@@ -265,11 +273,17 @@ def compute_policy_loss(
         raw["entropy"] = entropy
     if config.kl_coeff != 0.0:
         raw["ref_logp"] = ref_logp
+    if rollout_weights is not None:
+        raw["rollout_weights"] = rollout_weights
     sel = torch.zeros_like(m) if selected is None else (as_bool_mask(selected) & m)
     loss, log_ratio, clipped, dual_clipped = SurrogateLoss.apply(
         logp, old_logp, advantages, m, sel, SurrogateParams.from_config(config)
     )
     check_sum = log_ratio.sum()
+    if rollout_weights is not None:
+        weights = masked(rollout_weights.detach(), m)
+        check_sum = check_sum + weights.sum()
+        loss = loss * weights
 
     if config.entropy_coeff != 0.0:
         loss = loss - config.entropy_coeff * masked(entropy, m)

@@ -1,0 +1,277 @@
+"""One PPO optimizer step on one mini-batch: the path from a batch to ``optimizer.step``.
+
+:func:`ppo_update` is the single place where the pieces meet:
+
+1. with Clip-Cov / KL-Cov and ``logp_source="current"``, a no-grad forward of the
+   mini-batch gives the current parameters' log-probs (the paper's covariance);
+2. :func:`covrl.algorithms.prepare_selection` selects the tokens over the whole
+   mini-batch and the data-parallel group (canonical token ids from ``sample_index``),
+   so the selection does not depend on the micro-batch split or the DP size;
+3. :func:`covrl.algorithms.global_loss_count` gives the loss normaliser of the whole
+   mini-batch (one all-reduce over DP);
+4. :meth:`PolicyEngine.train_step` runs the gradient micro-batches through megatron's
+   schedule; each micro-batch's loss is its share of the mini-batch loss
+   (:func:`covrl.algorithms.aggregate_loss` with the global count) and the engine undoes
+   megatron's micro-batch and DP averaging, so the applied gradient is that of the
+   mini-batch loss. Callers never scale a loss.
+
+Layout: every per-token tensor is this rank's DP shard ``[batch, seq]``, aligned as
+:meth:`PolicyEngine.forward_logprobs` aligns log-probs (``logp[b, t]`` scores token
+``t`` from its prefix). Under TP and PP every rank of a DP replica passes the same
+shard; the loss runs on the last pipeline stage, the selection on every stage (each
+stage's DP group holds the same tokens), and every rank returns the same result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+
+from covrl.algorithms import (
+    PolicyLossConfig,
+    SelectionBatch,
+    aggregate_loss,
+    canonical_token_ids,
+    compute_policy_loss,
+    global_loss_count,
+    kl_penalty,
+    policy_metric_sums,
+    prepare_selection,
+)
+from covrl.models.engine import PolicyEngine, TokenOutputs
+
+# Loss statistics are reported as token means: summed per micro-batch and over DP as
+# (sum, count) pairs; this is the count's name in the engine's summed metrics.
+_TOKENS = "num_tokens"
+
+
+@dataclass
+class PolicyBatch:
+    """This rank's data-parallel shard of one optimizer mini-batch.
+
+    Attributes:
+        input_ids: ``[batch, seq]`` long, right-padded prompt + response.
+        attention_mask: ``[batch, seq]``, 1 on real tokens (then 0s per row).
+        response_mask: ``[batch, seq]`` bool, the tokens scored by the loss.
+        sample_index: ``[batch]`` long, each row's index in the global mini-batch
+            (unique over every DP rank; it names the row's tokens in the selection).
+        old_logp: ``[batch, seq]`` float32 log-probs of the policy that sampled the
+            response, from :meth:`PolicyEngine.forward_logprobs`.
+        advantages: ``[batch, seq]`` float32 per-token advantages.
+        ref_logp: ``[batch, seq]`` reference-policy log-probs, for
+            ``PolicyLossConfig.kl_coeff`` (also reported as ``ref_kl`` when given).
+        rollout_weights: ``[batch, seq]`` truncated importance weights of the rollout
+            correction; they multiply each token's surrogate term.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    sample_index: torch.Tensor
+    old_logp: torch.Tensor
+    advantages: torch.Tensor
+    ref_logp: torch.Tensor | None = None
+    rollout_weights: torch.Tensor | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field with a wrong shape or dtype."""
+        if self.input_ids.dim() != 2:
+            raise ValueError(
+                f"PolicyBatch.input_ids must be [batch, seq], got {tuple(self.input_ids.shape)}"
+            )
+        shape = self.input_ids.shape
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("input_ids", "sample_index") or value is None:
+                continue
+            if value.shape != shape:
+                raise ValueError(
+                    f"PolicyBatch.{f.name} has shape {tuple(value.shape)}, expected "
+                    f"{tuple(shape)} (the shape of input_ids)"
+                )
+        if self.sample_index.shape != shape[:1]:
+            raise ValueError(
+                f"PolicyBatch.sample_index has shape {tuple(self.sample_index.shape)}, "
+                f"expected ({shape[0]},) (one index per row)"
+            )
+        if self.response_mask.dtype != torch.bool:
+            raise ValueError(
+                f"PolicyBatch.response_mask must be bool, got {self.response_mask.dtype}"
+            )
+        for name in ("input_ids", "sample_index"):
+            dtype = getattr(self, name).dtype
+            if dtype.is_floating_point or dtype == torch.bool:
+                raise ValueError(f"PolicyBatch.{name} must be an integer tensor, got {dtype}")
+
+
+@dataclass
+class UpdateResult:
+    """Outcome of :func:`ppo_update`; every field is identical on every rank.
+
+    Attributes:
+        loss: the mini-batch loss (summed over micro-batches and DP ranks).
+        grad_norm: global gradient norm before clipping.
+        lr: learning rate of the step.
+        update_successful: False if megatron's optimizer skipped the step.
+        metrics: token means over the mini-batch of ``pg_clipfrac``, ``pg_clipfrac_dual``,
+            ``approx_kl_k2``, ``approx_kl_k3``, ``entropy`` (and ``ref_kl`` with
+            ``ref_logp``); ``num_tokens``; and the selection pass's
+            ``entropy_control/*`` counts and ``cov/*`` covariance summary.
+        selected: this rank's ``[batch, seq]`` bool mask of the tokens the
+            entropy-control method acted on (None for method ``none``).
+    """
+
+    loss: float
+    grad_norm: float
+    lr: float
+    update_successful: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+    selected: torch.Tensor | None = None
+
+
+def _check_engine(engine: PolicyEngine, config: PolicyLossConfig, dp_group) -> None:
+    if dp_group is None:
+        raise ValueError(
+            "ppo_update needs dp_group, the data-parallel group the mini-batch is split "
+            "over (a one-rank group when there is no data parallelism)"
+        )
+    if dist.get_world_size(dp_group) != engine.dp_size:
+        raise ValueError(
+            f"dp_group has {dist.get_world_size(dp_group)} ranks but the engine's "
+            f"data-parallel size is {engine.dp_size}"
+        )
+    if config.entropy_coeff != 0.0 and not engine.config.entropy_requires_grad:
+        raise ValueError(
+            f"entropy_coeff={config.entropy_coeff} needs an engine built with "
+            "EngineConfig(entropy_requires_grad=True)"
+        )
+
+
+def _select(
+    engine: PolicyEngine,
+    batch: PolicyBatch,
+    config: PolicyLossConfig,
+    step: int,
+    dp_group,
+) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """The entropy-control selection of the mini-batch (None for method ``none``) and
+    the selection pass's metrics."""
+    ec = config.entropy_control
+    if ec.method == "none" and not ec.compute_cov_stats:
+        return None, {}
+    current = None
+    if ec.logp_source == "current":
+        current = engine.forward_logprobs(batch.input_ids, batch.attention_mask).logp
+    token_ids = canonical_token_ids(batch.sample_index, batch.response_mask)
+    # One selection batch per gradient micro-batch: with scope="microbatch" each selects
+    # on its own, as the public implementation does; with "minibatch" the split is moot.
+    mbs = engine.config.micro_batch_size
+    parts = [slice(i, i + mbs) for i in range(0, batch.input_ids.shape[0], mbs)]
+    result = prepare_selection(
+        [
+            SelectionBatch(
+                batch.advantages[m],
+                batch.old_logp[m],
+                batch.response_mask[m],
+                token_ids[m],
+                logp=None if current is None else current[m],
+            )
+            for m in parts
+        ],
+        config,
+        step=step,
+        group=dp_group,
+    )
+    selected = None if result.masks is None else torch.cat(result.masks, dim=0)
+    return selected, result.metrics
+
+
+def ppo_update(
+    engine: PolicyEngine,
+    batch: PolicyBatch,
+    config: PolicyLossConfig,
+    *,
+    step: int,
+    dp_group: dist.ProcessGroup,
+) -> UpdateResult:
+    """One optimizer step of the policy loss over one mini-batch.
+
+    Args:
+        engine: a training engine (built with optimizer settings).
+        batch: this rank's DP shard of the mini-batch (see :class:`PolicyBatch`).
+        config: the policy loss, its aggregation and the entropy-control method.
+        step: the optimizer step; with ``entropy_control.seed`` it fixes Clip-Cov's draw.
+        dp_group: the data-parallel group the mini-batch is split over.
+
+    Returns:
+        :class:`UpdateResult`, identical on every rank.
+
+    Collectives: every rank of the model-parallel world calls this with the same
+    config and step (one no-grad forward with ``logp_source="current"``, the selection
+    pass and the loss count over ``dp_group``, megatron's schedule and optimizer step).
+    """
+    batch.validate()
+    _check_engine(engine, config, dp_group)
+    selected, selection_metrics = _select(engine, batch, config, step, dp_group)
+    count = global_loss_count([batch.response_mask], config.loss_agg_mode, dp_group)
+
+    def loss_fn(out: TokenOutputs, micro: dict[str, torch.Tensor]):
+        result = compute_policy_loss(
+            out.logp,
+            micro["old_logp"],
+            micro["advantages"],
+            micro["response_mask"],
+            config,
+            selected=micro.get("selected"),
+            entropy=out.entropy,
+            ref_logp=micro.get("ref_logp"),
+            rollout_weights=micro.get("rollout_weights"),
+        )
+        loss = aggregate_loss(
+            result.token_loss,
+            result.mask,
+            config.loss_agg_mode,
+            count,
+            config.loss_norm_constant,
+        )
+        sums = policy_metric_sums(result, out.entropy)
+        reported = {name: pair[0] for name, pair in sums.items()}
+        reported[_TOKENS] = result.mask.sum()
+        if "ref_logp" in micro:
+            kl = kl_penalty(
+                out.logp.detach(), micro["ref_logp"], config.kl_estimator, config.log_ratio_clamp
+            )
+            reported["ref_kl"] = torch.where(result.mask, kl, 0.0).sum()
+        return loss, reported
+
+    data = {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "response_mask": batch.response_mask,
+        "old_logp": batch.old_logp,
+        "advantages": batch.advantages,
+    }
+    for name, value in (
+        ("selected", selected),
+        ("ref_logp", batch.ref_logp),
+        ("rollout_weights", batch.rollout_weights),
+    ):
+        if value is not None:
+            data[name] = value
+    step_result = engine.train_step(data, loss_fn)
+
+    sums = step_result.metrics
+    tokens = sums.pop(_TOKENS)
+    metrics = {name: value / max(tokens, 1.0) for name, value in sums.items()}
+    metrics[_TOKENS] = tokens
+    metrics.update(selection_metrics)
+    return UpdateResult(
+        loss=step_result.loss,
+        grad_norm=step_result.grad_norm,
+        lr=step_result.lr,
+        update_successful=step_result.update_successful,
+        metrics=metrics,
+        selected=selected,
+    )
