@@ -42,8 +42,11 @@ VARIANTS = {
 }
 
 
-def hf_model(variant: Variant, seed: int = 0):
-    """A float32 transformers model with every parameter random (norms around 1)."""
+def hf_model(variant: Variant, seed: int = 0, **overrides):
+    """A float32 transformers model with every parameter random (norms around 1).
+
+    ``overrides`` replace fields of :data:`TINY` (e.g. ``head_dim=64``, which vLLM's CPU
+    attention needs)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     config_cls, model_cls = {
@@ -51,7 +54,7 @@ def hf_model(variant: Variant, seed: int = 0):
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     }[variant.family]
     config = config_cls(
-        **{**TINY, "num_key_value_heads": variant.kv_heads},
+        **{**TINY, "num_key_value_heads": variant.kv_heads, **overrides},
         tie_word_embeddings=variant.tied,
         rope_parameters={"rope_type": "default", "rope_theta": variant.rope_theta},
         dtype="float32",
@@ -68,10 +71,10 @@ def hf_model(variant: Variant, seed: int = 0):
     return model
 
 
-def make_checkpoint(root: Path, name: str, seed: int = 0) -> Path:
+def make_checkpoint(root: Path, name: str, seed: int = 0, **overrides) -> Path:
     variant = VARIANTS[name]
     path = root / name
-    model = hf_model(variant, seed)
+    model = hf_model(variant, seed, **overrides)
     model.save_pretrained(path, max_shard_size="200KB" if variant.sharded else "1GB")
     if variant.sharded:
         assert (path / "model.safetensors.index.json").is_file()
