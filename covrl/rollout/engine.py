@@ -1,0 +1,367 @@
+"""vLLM colocated with megatron-core training: one engine per rank, SPMD.
+
+Every rank of the torchrun world builds a ``vllm.LLM`` with the
+``external_launcher`` executor: vLLM runs in-process (no engine-core process, no
+Ray), joins the existing ``torch.distributed`` world and builds its own groups on it.
+With world ``W`` and rollout TP ``r``, vLLM lays the ranks out as ``W / r`` external
+data-parallel replicas of ``r`` consecutive ranks each; the training layout (TP x PP
+x DP of megatron-core) is unrelated. Because scheduling is deterministic, the ``r``
+ranks of a replica run the same requests in lock-step.
+
+Per iteration::
+
+    gens = engine.generate(prompts, sampling, seed=step)   # same Generations everywhere
+    ... rewards, old log-probs ...
+    engine.sleep()                                          # CUDA: free KV cache + weights
+    ... ppo_update ...
+    engine.sync_weights(model_chunks, model_config)         # wakes, reloads, resets caches
+
+Log-probs: vLLM runs with ``logprobs_mode="processed_logprobs"``, so a sampled token's
+log-prob is taken from the distribution it was sampled from: logits / temperature,
+then top-k / top-p. Without truncation that is exactly the trainer's
+``log_softmax(logits / T)`` (see docs/rollout.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from covrl.models import PolicyModelConfig, export_hf_weights
+from covrl.models.hf_config import _dtype as parse_dtype
+from covrl.parallel import get_device
+from covrl.rollout.config import RolloutConfig, SamplingConfig
+from covrl.rollout.generations import (
+    FINISH_REASONS,
+    Generations,
+    gather_replica_rows,
+    make_generations,
+    split_evenly,
+)
+from covrl.rollout.weight_sync import BucketedWeightStream, shape_errors
+
+
+def raise_if_any(error: str | None, what: str, group: dist.ProcessGroup | None = None) -> None:
+    """Collective: if any rank has an error, raise it on every rank (naming the rank).
+
+    Keeps a check that fails on some ranks only from leaving the others in a later
+    collective.
+    """
+    errors: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, error, group=group)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        rank, message = failed[0]
+        others = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
+        raise RuntimeError(f"{what} failed on rank {rank}{others}: {message}")
+
+
+@contextlib.contextmanager
+def preserved_rng_state():
+    """Restore python / numpy / torch (CPU and CUDA) RNG states on exit: vLLM seeds the
+    global generators when its worker starts, which must not move training's."""
+    import numpy as np
+
+    state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def sample_seed(seed: int, prompt: int, sample: int) -> int:
+    """The vLLM request seed of sample ``sample`` of prompt ``prompt`` (global indices),
+    so a sample does not depend on which replica draws it."""
+    digest = hashlib.blake2b(f"{seed}:{prompt}:{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 62) - 1)
+
+
+def _vllm_dtype(config: RolloutConfig, model_config: PolicyModelConfig) -> torch.dtype:
+    if config.dtype == "auto":
+        return model_config.params_dtype
+    return parse_dtype(config.dtype, "rollout.dtype")
+
+
+def check_model(hf_model_dir: str | os.PathLike, config: RolloutConfig) -> str | None:
+    """Why vLLM could not serve this checkpoint here, or None: an architecture vLLM
+    cannot load, a layout covrl cannot sync, a head dim the CPU attention rejects."""
+    from transformers import AutoConfig
+    from vllm.model_executor.models import ModelRegistry
+
+    try:
+        hf = AutoConfig.from_pretrained(hf_model_dir)
+    except Exception as exc:  # noqa: BLE001 - reported with the path
+        return f"{hf_model_dir}: cannot read config.json ({type(exc).__name__}: {exc})"
+    archs = list(getattr(hf, "architectures", None) or [])
+    supported = ModelRegistry.get_supported_archs()
+    if not archs or not any(a in supported for a in archs):
+        return (
+            f"{hf_model_dir}: config field architectures={archs} is not loadable by vLLM "
+            "(none of them is in vllm.ModelRegistry)"
+        )
+    try:
+        model = PolicyModelConfig.from_hf(hf)
+    except ValueError as exc:
+        return f"{hf_model_dir}: {exc}"
+    heads = model.num_attention_heads
+    vllm_head_dim = model.hidden_size // heads
+    if model.model_type == "qwen2" and model.head_dim != vllm_head_dim:
+        return (
+            f"{hf_model_dir}: config field head_dim={model.head_dim} differs from hidden_size / "
+            f"num_attention_heads = {vllm_head_dim}, which vLLM's Qwen2 uses"
+        )
+    if not torch.cuda.is_available():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        if model.head_dim not in sizes:
+            return (
+                f"{hf_model_dir}: head_dim={model.head_dim} (hidden_size / num_attention_heads) "
+                f"is not supported by vLLM's CPU attention; expected one of {sizes}"
+            )
+    r = config.tensor_parallel_size
+    if heads % r:
+        return (
+            f"rollout.tensor_parallel_size={r} must divide num_attention_heads={heads} of "
+            f"{hf_model_dir}"
+        )
+    return None
+
+
+class RolloutEngine:
+    """A vLLM engine on every rank of the world, fed with the trained weights.
+
+    Collective: construct and call every method on all ranks, in the same order.
+
+    Args:
+        hf_model_dir: Hugging Face checkpoint vLLM starts from (config + weights; no
+            tokenizer is needed: prompts are token ids).
+        config: engine settings.
+        group: the world the replicas span (default: the default group).
+    """
+
+    def __init__(
+        self,
+        hf_model_dir: str | os.PathLike,
+        config: RolloutConfig | None = None,
+        *,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        self.config = config = config or RolloutConfig()
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.device = get_device()
+        self.hf_model_dir = str(Path(hf_model_dir).absolute())
+        error = None
+        try:
+            config.validate(self.world_size)
+            error = check_model(self.hf_model_dir, config)
+        except ValueError as exc:
+            error = str(exc)
+        raise_if_any(error, "starting the vLLM rollout engine", group)
+
+        self.model_config = PolicyModelConfig.from_hf(self.hf_model_dir)
+        self.dtype = _vllm_dtype(config, self.model_config)
+        self.expected_shapes = self.model_config.hf_weight_shapes()
+        self.replica_size = config.tensor_parallel_size
+        self.num_replicas = self.world_size // self.replica_size
+        self.replica = self.rank // self.replica_size
+        self._cuda_sleep = config.enable_sleep_mode and torch.cuda.is_available()
+        self._asleep: set[str] = set()
+        self._weights_lost = False  # slept at level 2 and not synced since
+
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine
+        from vllm import LLM
+
+        on_cpu = not torch.cuda.is_available()
+        utilization = config.gpu_memory_utilization or (0.1 if on_cpu else 0.5)
+        eager = config.enforce_eager if config.enforce_eager is not None else on_cpu
+        kwargs = dict(
+            model=self.hf_model_dir,
+            skip_tokenizer_init=True,
+            distributed_executor_backend="external_launcher",
+            tensor_parallel_size=self.replica_size,
+            gpu_memory_utilization=utilization,
+            max_model_len=config.max_model_len or self.model_config.max_position_embeddings,
+            max_num_seqs=config.max_num_seqs,
+            dtype=str(self.dtype).removeprefix("torch."),
+            enforce_eager=eager,
+            enable_prefix_caching=config.enable_prefix_caching,
+            seed=config.seed,
+            logprobs_mode="processed_logprobs",
+        )
+        if config.kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
+        if self._cuda_sleep:
+            kwargs["enable_sleep_mode"] = True
+        kwargs.update(config.engine_kwargs)
+        with preserved_rng_state():
+            self.llm = LLM(**kwargs)
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig, *, seed: int = 0
+    ) -> Generations:
+        """Sample ``sampling.n`` responses per prompt; identical result on every rank.
+
+        Prompts are split in contiguous, near-equal ranges over the rollout replicas;
+        every sample has its own vLLM seed derived from ``(seed, prompt, sample)``, so
+        the same seed and layout give the same samples.
+        """
+        from vllm import SamplingParams
+
+        sampling.validate()
+        self._wake(("weights", "kv_cache"))
+        mine = split_evenly(len(prompt_ids), self.num_replicas)[self.replica]
+        prompts, params = [], []
+        for p in mine:
+            for j in range(sampling.n):
+                prompts.append({"prompt_token_ids": list(prompt_ids[p])})
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=sampling.temperature,
+                        top_p=sampling.top_p,
+                        top_k=sampling.top_k,
+                        max_tokens=sampling.max_tokens,
+                        stop_token_ids=list(sampling.stop_token_ids),
+                        logprobs=0,
+                        seed=sample_seed(seed, p, j),
+                        detokenize=False,
+                    )
+                )
+        ids, values, codes = [], [], []
+        if prompts:
+            with preserved_rng_state():
+                outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            for out in outputs:
+                c = out.outputs[0]
+                tokens = list(c.token_ids)
+                ids.append(tokens)
+                values.append([c.logprobs[t][tok].logprob for t, tok in enumerate(tokens)])
+                if c.finish_reason not in FINISH_REASONS:
+                    raise RuntimeError(f"vLLM finished a request with reason {c.finish_reason!r}")
+                codes.append(FINISH_REASONS.index(c.finish_reason))
+        rows = gather_replica_rows(
+            ids, values, codes, self.replica_size, self._comm_device(), self.group
+        )
+        return make_generations(prompt_ids, sampling.n, *rows)
+
+    def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        """vLLM's log-probs of fixed token sequences (temperature 1, no sampling):
+        entry ``t - 1`` of row ``i`` is ``log p(seq[t] | seq[:t])``; identical on every
+        rank. A check of vLLM's weights against another implementation."""
+        from vllm import SamplingParams
+
+        self._wake(("weights", "kv_cache"))
+        mine = split_evenly(len(sequences), self.num_replicas)[self.replica]
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        ids, values = [], []
+        if len(mine):
+            with preserved_rng_state():
+                outputs = self.llm.generate(
+                    [{"prompt_token_ids": list(sequences[i])} for i in mine], params, use_tqdm=False
+                )
+            for i, out in zip(mine, outputs, strict=True):
+                seq = list(sequences[i])
+                ids.append(seq[1:])
+                values.append([out.prompt_logprobs[t][seq[t]].logprob for t in range(1, len(seq))])
+        _, values, _ = gather_replica_rows(
+            ids, values, [0] * len(ids), self.replica_size, self._comm_device(), self.group
+        )
+        return values
+
+    # ------------------------------------------------------------------ weights
+    def sync_weights(
+        self,
+        model_chunks: Sequence[torch.nn.Module],
+        model_config: PolicyModelConfig,
+        *,
+        tp_group: dist.ProcessGroup | None = None,
+        pp_group: dist.ProcessGroup | None = None,
+        bucket_mb: float | None = None,
+    ) -> dict[str, float]:
+        """Load the megatron model's current weights into vLLM (every rank).
+
+        Streams :func:`covrl.models.export_hf_weights` (collective over each
+        model-parallel group, groups default to megatron's) through a
+        :class:`BucketedWeightStream` into one in-place ``reload_weights`` of this
+        rank's vLLM worker, then drops vLLM's prefix cache (its KV was computed with
+        the old weights). Returns this rank's ``time_s``, ``bytes``, ``tensors``,
+        ``buckets``, ``peak_bucket_bytes``, ``largest_tensor_bytes``, ``gb_per_s``.
+        Raises on every rank, before anything is loaded, when ``model_config``'s
+        tensors differ from the checkpoint's vLLM was started with.
+        """
+        start = time.perf_counter()
+        error = shape_errors(
+            self.expected_shapes,
+            model_config.hf_weight_shapes(),
+            f"weight sync of {model_config.model_type} model into vLLM ({self.hf_model_dir})",
+        )
+        raise_if_any(error, "weight sync", self.group)
+        self._wake(("weights",))
+        bucket_mb = self.config.sync_bucket_mb if bucket_mb is None else bucket_mb
+        stream = BucketedWeightStream(
+            export_hf_weights(
+                model_chunks, model_config, dtype=self.dtype, tp_group=tp_group, pp_group=pp_group
+            ),
+            self.expected_shapes,
+            bucket_bytes=max(1, int(bucket_mb * 2**20)),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        with torch.no_grad():
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_iterator": iter(stream), "is_checkpoint_format": True},
+            )
+        self.llm.reset_prefix_cache()
+        self._weights_lost = False
+        metrics = stream.stats.metrics()
+        metrics["time_s"] = time.perf_counter() - start
+        metrics["gb_per_s"] = metrics["bytes"] / 1e9 / metrics["time_s"]
+        del metrics["seconds"]
+        return metrics
+
+    # ------------------------------------------------------------------ memory
+    def sleep(self) -> None:
+        """Release vLLM's KV cache and weights until the next sync / generate (CUDA with
+        ``enable_sleep_mode``; a no-op on CPU, where vLLM has no sleep mode). Level 2:
+        the weights are not backed up, the next :meth:`sync_weights` rewrites them."""
+        if self._cuda_sleep and not self._asleep:
+            self.llm.sleep(level=2)
+            self._asleep = {"weights", "kv_cache"}
+            self._weights_lost = True
+
+    def wake_up(self) -> None:
+        """Re-allocate everything :meth:`sleep` released (weights keep whatever the
+        allocation holds until a sync: call :meth:`sync_weights` after a sleep)."""
+        self._wake(("weights", "kv_cache"))
+
+    def _wake(self, tags: Sequence[str]) -> None:
+        if "kv_cache" in tags and self._weights_lost:
+            raise RuntimeError(
+                "vLLM's weights were released by sleep(); call sync_weights() before generating"
+            )
+        pending = [t for t in tags if t in self._asleep]
+        if pending:
+            self.llm.wake_up(tags=pending)
+            self._asleep.difference_update(pending)
+
+    def _comm_device(self) -> torch.device:
+        # NCCL collectives need CUDA tensors, gloo ones CPU tensors.
+        return self.device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
