@@ -273,6 +273,20 @@ def test_run_errors_name_run_file_and_tag(tmp_path):
         analyze_run(load_run(tmp_path / "short"), fit_until=4)
 
 
+def test_non_finite_steps_are_left_out_and_reported(tmp_path):
+    records = run_records(steps=60)
+    records[8][R_TAG] = float("nan")  # json writes NaN, which Python reads back
+    records[58][H_TAG] = float("inf")
+    run = load_run(write_jsonl(tmp_path / "diverged" / "metrics.jsonl", records))
+    an = analyze_run(run)
+    assert an.skipped_steps.tolist() == [8, 58]
+    assert 8 not in an.steps and an.fit.num_points == 16 - 1
+    assert (an.current_step, an.current_entropy) == (60, records[60][H_TAG])
+    clean = [r for r in records if r["step"] not in (8, 58)]
+    ref = analyze_run(load_run(write_jsonl(tmp_path / "clean" / "metrics.jsonl", clean)))
+    assert an.fit == ref.fit
+
+
 # --------------------------------------------------------------------------- monitor
 
 
@@ -310,6 +324,10 @@ def test_monitor_reports_the_running_fit():
     assert mon.update(999, float("nan"), 0.5) == {}
     flat = EntropyLawMonitor(EntropyLawMonitorConfig(min_points=3))
     assert [flat.update(s, 0.3, 0.1 * s) for s in range(4)] == [{}] * 4
+    # Constant accuracy: a = 0 and R^2 undefined, so r2 is left out (not logged as NaN).
+    const = EntropyLawMonitor(EntropyLawMonitorConfig(min_points=3))
+    out = [const.update(s, 1.0 - 0.1 * s, 0.4) for s in range(3)][-1]
+    assert abs(out["entropy_law/a"]) < 1e-15 and "entropy_law/r2" not in out
 
 
 # --------------------------------------------------------------------------- compare + CLI

@@ -154,7 +154,7 @@ def fit_entropy_law(entropy, accuracy, *, steps=None, context: str = "") -> Entr
         a_se=math.sqrt(s2 / sxx),
         b_se=math.sqrt(s2 * (1.0 / n + float(x_bar) ** 2 / sxx)),
         cov_ab=s2 * float(x_bar) / sxx,
-        r2=1.0 - sse / sst if sst > 0 else math.nan,
+        r2=1.0 - sse / sst if r.max() > r.min() else math.nan,
         rmse=math.sqrt(sse / n),
         residual_std=math.sqrt(s2),
         num_points=n,
@@ -290,7 +290,8 @@ class EntropyLawMonitor:
         return self._prefixed(out)
 
     def _prefixed(self, d: dict[str, float]) -> dict[str, float]:
-        return {self.config.prefix + k: v for k, v in d.items()}
+        # Non-finite values (r2 of a constant accuracy) are not loggable as JSON.
+        return {self.config.prefix + k: v for k, v in d.items() if math.isfinite(v)}
 
     def state_dict(self) -> dict[str, list]:
         """JSON-serializable points (the fit is recomputed on load)."""

@@ -50,8 +50,9 @@ class RunAnalysis:
     fit: EntropyLawFit
     fit_until: int | None
     held_out: HeldOutError | None
-    current_step: int  # last step logging the entropy tag
+    current_step: int  # last step logging a finite entropy
     current_entropy: float
+    skipped_steps: np.ndarray  # steps left out for a NaN / inf entropy or accuracy
 
     @property
     def fitted_mask(self) -> np.ndarray:
@@ -80,13 +81,15 @@ def analyze_run(
         EntropyLawError: no common steps, too few points, constant entropy, no held-out
             points; the message names the run, its file and the tags.
     """
-    h_series = run.series(tags.entropy)
-    r_series = run.series(tags.accuracy)
+    h_series, h_bad = run.series(tags.entropy).finite()
+    r_series, r_bad = run.series(tags.accuracy).finite()
     steps, h, r = align(h_series, r_series)
     ctx = _context(run, tags)
+    if len(h_series) == 0 or len(r_series) == 0:
+        raise EntropyLawError(f"no finite values ({ctx})")
     if len(steps) == 0:
         raise EntropyLawError(
-            f"no step logs both tags ({ctx}; entropy at steps "
+            f"no step logs both tags with finite values ({ctx}; entropy at steps "
             f"{int(h_series.steps[0])}..{int(h_series.steps[-1])}, accuracy at steps "
             f"{int(r_series.steps[0])}..{int(r_series.steps[-1])})"
         )
@@ -105,6 +108,7 @@ def analyze_run(
         held_out=held,
         current_step=int(h_series.steps[-1]),
         current_entropy=float(h_series.values[-1]),
+        skipped_steps=np.union1d(h_bad, r_bad),
     )
 
 
@@ -125,6 +129,7 @@ def analysis_dict(an: RunAnalysis) -> dict:
         "current_entropy": an.current_entropy,
         "dR_dH_current": an.slope_now,
         "held_out": None,
+        "skipped_steps": an.skipped_steps.tolist(),
     }
     if an.held_out is not None:
         d["held_out"] = {k: clean(v) for k, v in vars(an.held_out).items()}
@@ -145,6 +150,10 @@ def format_analysis(an: RunAnalysis) -> str:
         f"  R^2 = {f.r2:.4f}   RMSE = {f.rmse:.4g}",
         f"  dR/dH at step {an.current_step} (H = {an.current_entropy:.4g}) = {an.slope_now:.4g}",
     ]
+    if len(an.skipped_steps):
+        shown = an.skipped_steps[:10].tolist()
+        more = " ..." if len(an.skipped_steps) > 10 else ""
+        lines.append(f"  left out {len(an.skipped_steps)} steps with NaN/inf values: {shown}{more}")
     if an.held_out is not None:
         e = an.held_out
         lines.append(
@@ -179,8 +188,10 @@ def summarize_run(
     """Accuracy and entropy summary of one run, plus its law fit over all steps if possible."""
     if not 0.0 < plateau_fraction <= 1.0:
         raise ValueError(f"plateau_fraction must be in (0, 1], got {plateau_fraction}")
-    h = run.series(tags.entropy)
-    r = run.series(tags.accuracy)
+    h, _ = run.series(tags.entropy).finite()
+    r, _ = run.series(tags.accuracy).finite()
+    if len(h) == 0 or len(r) == 0:
+        raise EntropyLawError(f"no finite values ({_context(run, tags)})")
     tail = max(1, math.ceil(plateau_fraction * len(h)))
     best = int(np.argmax(r.values))  # first occurrence of the best accuracy
     try:

@@ -40,6 +40,11 @@ class Series:
     def __len__(self) -> int:
         return len(self.steps)
 
+    def finite(self) -> tuple[Series, np.ndarray]:
+        """``(series without NaN/inf values, [k] steps that had them)``."""
+        ok = np.isfinite(self.values)
+        return Series(self.steps[ok], self.values[ok]), self.steps[~ok]
+
     @classmethod
     def from_points(cls, points: Iterable[tuple[int, float]]) -> Series:
         """Sorted by step; for a repeated step the point given last wins."""
