@@ -192,7 +192,7 @@ def summarize_run(
     r, _ = run.series(tags.accuracy).finite()
     if len(h) == 0 or len(r) == 0:
         raise EntropyLawError(f"no finite values ({_context(run, tags)})")
-    tail = max(1, math.ceil(plateau_fraction * len(h)))
+    tail = max(1, math.ceil(plateau_fraction * len(h) - 1e-9))  # 0.07 * 100 = 7.000000000000001
     best = int(np.argmax(r.values))  # first occurrence of the best accuracy
     try:
         fit, note = analyze_run(run, tags).fit, ""
