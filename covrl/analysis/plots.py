@@ -138,7 +138,7 @@ def plot_runs(
     ax_h.set_title("entropy and accuracy over training")
     for ax in (ax_h, ax_r):
         ax.grid(alpha=0.3)
-    ax_h.legend(loc="upper right", fontsize=8)
+    ax_h.legend(loc="best", fontsize=8)
     return _save(fig, path, dpi)
 
 
@@ -159,6 +159,19 @@ def covariance_tags(run: RunLog) -> tuple[list[str], list[str]]:
     return quantiles, [t for t in tags if t not in quantiles]
 
 
+def _log_scale_if_wide(ax, values: np.ndarray) -> None:
+    """Log y axis for values spanning over two decades; symmetric log (linear around 0)
+    when some are <= 0 (the mean covariance can be negative, counts can be 0)."""
+    values = values[np.isfinite(values)]
+    nonzero = np.abs(values[values != 0])
+    if nonzero.size == 0 or nonzero.max() <= 100 * nonzero.min():
+        return
+    if (values > 0).all():
+        ax.set_yscale("log")
+    else:
+        ax.set_yscale("symlog", linthresh=float(nonzero.min()))
+
+
 def plot_covariance(
     run: RunLog,
     path: str | os.PathLike,
@@ -166,8 +179,8 @@ def plot_covariance(
     size: tuple[float, float] = DEFAULT_SIZE,
     dpi: int = DEFAULT_DPI,
 ) -> str | None:
-    """The token-covariance summary over steps (mean and mean of the top fractions, on a
-    symmetric-log axis) and the other ``cov/`` scalars below; None if the run has none."""
+    """The token-covariance summary over steps (mean and mean of the top fractions) and the
+    other ``cov/`` scalars below, on log axes where they span decades; None without any."""
     quantiles, others = covariance_tags(run)
     if not quantiles and not others:
         return None
@@ -177,18 +190,10 @@ def plot_covariance(
         for i, tag in enumerate(group):
             s = run.series(tag)
             ax.plot(s.steps, s.values, color=f"C{i}", lw=1.4, label=tag)
-        if group is quantiles:
-            values = np.concatenate([run.series(t).values for t in group])
-            if (values > 0).all():
-                ax.set_yscale("log")
-            else:  # the mean covariance can be negative: linear around 0, log beyond
-                nonzero = np.abs(values[values != 0])
-                ax.set_yscale("symlog", linthresh=float(nonzero.min()) if nonzero.size else 1.0)
-            ax.set_ylabel("covariance: mean,\nmean of top fraction")
-        else:
-            ax.set_ylabel("value")
+        _log_scale_if_wide(ax, np.concatenate([run.series(t).values for t in group]))
+        ax.set_ylabel("covariance: mean,\nmean of top fraction" if group is quantiles else "value")
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize=8, ncol=2)
+        ax.legend(loc="best", fontsize=8, ncol=2)
     axes[0].set_title(f"{run.name}: token covariance Cov(log π, A) over training")
     axes[-1].set_xlabel("step")
     return _save(fig, path, dpi)
