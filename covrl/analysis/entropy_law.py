@@ -236,7 +236,8 @@ class EntropyLawMonitor:
     Keys (with ``prefix``): ``a``, ``b``, ``a_se``, ``b_se``, ``ceiling`` (``b - a``),
     ``ceiling_se``, ``r2``, ``rmse``, ``dR_dH`` (at this step's entropy), ``num_points``,
     and ``prediction_error`` (this point's accuracy minus the previous fit's prediction, a
-    held-out check) once a previous fit exists. A step at or before the last one recorded
+    held-out check) once a previous fit exists; non-finite values (``r2`` of a constant
+    accuracy) are left out. A step at or before the last one recorded
     (a resumed run replaying steps) replaces the points from that step on.
     :meth:`state_dict` / :meth:`load_state_dict` carry the points through checkpoints.
     """
