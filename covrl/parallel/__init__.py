@@ -1,6 +1,8 @@
 """Devices, backends, process groups and megatron-core parallel state for covrl."""
 
+from covrl.parallel.liveness import PEER_LOST_EXIT_CODE, LivenessConfig
 from covrl.parallel.state import (
+    DistributedTimeouts,
     ParallelConfig,
     destroy,
     free_port,
@@ -8,9 +10,13 @@ from covrl.parallel.state import (
     get_device,
     init_process_group,
     initialize,
+    set_collective_timeout,
 )
 
 __all__ = [
+    "PEER_LOST_EXIT_CODE",
+    "DistributedTimeouts",
+    "LivenessConfig",
     "ParallelConfig",
     "destroy",
     "free_port",
@@ -18,4 +24,5 @@ __all__ = [
     "get_device",
     "init_process_group",
     "initialize",
+    "set_collective_timeout",
 ]

@@ -12,6 +12,7 @@ ranks are adjacent, pipeline stages are the slowest-varying dimension.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from covrl.parallel import cpu_compat
+from covrl.parallel import cpu_compat, liveness
 
 
 @dataclass
@@ -67,26 +68,87 @@ def get_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_process_group(timeout_minutes: int = 30) -> None:
+@dataclass(frozen=True)
+class DistributedTimeouts:
+    """How long a job waits before it gives up (seconds).
+
+    ``setup_s`` bounds the rendezvous and process-group creation (a rank that has not
+    joined by then fails the job); ``collective_s`` bounds one collective afterwards
+    (every process group: the default one and megatron's), i.e. how long a rank may
+    work alone while the others wait (an export, an evaluation). A *dead* rank or node
+    is found much sooner by the heartbeat (:mod:`covrl.parallel.liveness`): no
+    heartbeat for ``dead_after_s`` and every process exits with
+    ``PEER_LOST_EXIT_CODE`` within about ``dead_after_s + 2 * heartbeat_interval_s``.
+    ``liveness=False`` turns the heartbeat off (only the timeouts remain).
+    """
+
+    setup_s: float = 45.0
+    collective_s: float = 600.0
+    heartbeat_interval_s: float = 2.0
+    dead_after_s: float = 20.0
+    liveness: bool = True
+
+    def validate(self) -> None:
+        if self.setup_s <= 0 or self.collective_s <= 0:
+            raise ValueError(
+                f"timeouts.setup_s={self.setup_s} and timeouts.collective_s="
+                f"{self.collective_s} must be > 0"
+            )
+        self.liveness_config().validate()
+
+    def liveness_config(self) -> liveness.LivenessConfig:
+        return liveness.LivenessConfig(
+            interval_s=self.heartbeat_interval_s,
+            dead_after_s=self.dead_after_s,
+            join_timeout_s=max(self.setup_s, self.dead_after_s),
+        )
+
+
+def init_process_group(
+    timeout_minutes: float | None = None, *, timeouts: DistributedTimeouts | None = None
+) -> None:
     """Initialise torch.distributed from the torchrun environment (idempotent).
 
     Without a launcher (no ``WORLD_SIZE``) a single-process group on a free local port
-    is created, so scripts and tools also run as plain ``python``.
+    is created, so scripts and tools also run as plain ``python``. The group is
+    created with ``timeouts.setup_s`` as its timeout, then switched to
+    ``timeouts.collective_s``; the heartbeat starts before the rendezvous, so a rank
+    that never arrives is reported after ``setup_s``. ``timeout_minutes`` (older
+    callers) sets both timeouts.
     """
     if dist.is_initialized():
         return
+    timeouts = timeouts or DistributedTimeouts()
+    if timeout_minutes is not None:
+        seconds = 60.0 * timeout_minutes
+        timeouts = dataclasses.replace(timeouts, setup_s=seconds, collective_s=seconds)
+    timeouts.validate()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if timeouts.liveness:
+        liveness.start(timeouts.liveness_config(), rank, world)
     dist.init_process_group(
-        backend=get_backend(), timeout=datetime.timedelta(minutes=timeout_minutes)
+        backend=get_backend(), timeout=datetime.timedelta(seconds=timeouts.setup_s)
     )
+    set_collective_timeout(timeouts.collective_s)
 
 
-def initialize(parallel: ParallelConfig | None = None, *, seed: int = 1234) -> None:
+def set_collective_timeout(seconds: float, group: dist.ProcessGroup | None = None) -> None:
+    """Change the timeout of ``group``'s collectives (default: the default group)."""
+    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds), group)
+
+
+def initialize(
+    parallel: ParallelConfig | None = None,
+    *,
+    seed: int = 1234,
+    timeouts: DistributedTimeouts | None = None,
+) -> None:
     """Initialise torch.distributed, the CPU shims and megatron-core's parallel state.
 
     Args:
@@ -94,11 +156,14 @@ def initialize(parallel: ParallelConfig | None = None, *, seed: int = 1234) -> N
         seed: base seed. Every rank gets ``seed`` for its default generator (the same
             across TP ranks, as megatron requires for identical dropout outside
             TP regions) and megatron's tracker gets its TP-rank offset streams.
+        timeouts: set-up and collective timeouts and the heartbeat (default:
+            :class:`DistributedTimeouts`). megatron's groups get ``collective_s``.
     """
     from megatron.core import parallel_state, tensor_parallel
 
     parallel = parallel or ParallelConfig()
-    init_process_group()
+    timeouts = timeouts or DistributedTimeouts()
+    init_process_group(timeouts=timeouts)
     parallel.validate(dist.get_world_size())
     cpu_compat.apply()
     if parallel_state.model_parallel_is_initialized():
@@ -107,6 +172,8 @@ def initialize(parallel: ParallelConfig | None = None, *, seed: int = 1234) -> N
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        # A float is fine: megatron builds timedelta(minutes=...).
+        distributed_timeout_minutes=timeouts.collective_s / 60.0,
         # On CPU the main groups are already gloo; skip the duplicate gloo groups.
         create_gloo_process_groups=torch.cuda.is_available(),
     )
@@ -117,9 +184,12 @@ def initialize(parallel: ParallelConfig | None = None, *, seed: int = 1234) -> N
 
 
 def destroy() -> None:
-    """Tear down megatron-core's parallel state and the default process group."""
+    """Stop the heartbeat (this rank is done), tear down megatron-core's parallel state
+    and the default process group."""
     from megatron.core import parallel_state
 
+    # First: this rank is done (rank 0 may host the store the heartbeat uses).
+    liveness.stop()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
