@@ -196,6 +196,13 @@ def test_tensorboard_event_files_read_back_exactly(tmp_path):
     np.testing.assert_array_equal(s.steps, np.arange(0, 60, 2))
     np.testing.assert_array_equal(s.values[:20], values[H_TAG][:20].astype(np.float32))
     assert (s.values[20:] == 0.5).all()
+    # Tensor-format scalars (tf.summary v2 layout) are read too.
+    with SummaryWriter(str(tmp_path / "v2")) as w:
+        for step in range(5):
+            w.add_scalar(H_TAG, float(values[H_TAG][step]), step, new_style=True)
+    np.testing.assert_array_equal(
+        load_run(tmp_path / "v2").series(H_TAG).values, values[H_TAG][:5].astype(np.float32)
+    )
     # A single event file is a run too.
     (event_file,) = sorted((tmp_path / "grpo" / "tensorboard").glob("*tfevents*"))[:1]
     assert load_run(event_file).series(R_TAG).steps.tolist() == [0, 6, 12, 18, 24, 30, 36, 42, 48]
