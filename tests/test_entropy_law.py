@@ -46,7 +46,7 @@ def synthetic_points(n: int, noise: float, rng: np.random.Generator, a=A_TRUE, b
 
 
 def reference_ols(h: np.ndarray, r: np.ndarray):
-    """Least squares through the design matrix [1, -exp(H)]: (a, b) and their covariance."""
+    """Least squares through the design matrix [-exp(H), 1]: (a, b) and their covariance."""
     X = np.column_stack([-np.exp(h), np.ones_like(h)])
     coef, *_ = np.linalg.lstsq(X, r, rcond=None)
     resid = r - X @ coef
