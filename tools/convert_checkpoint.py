@@ -23,7 +23,16 @@ Hugging Face checkpoint with ``--dtype`` (default: the checkpoint's). Tokenizer 
 generation files are copied from ``--copy-files-from``, else from the Hugging Face
 source recorded in the checkpoint when it still exists.
 
-Errors are reported as one line on stderr with exit status 1 (2 for usage errors).
+Both directions check the input's ``checksums.json`` when it has one (skip the digests
+with ``--no-verify-input``) and write one for the output. ``--verify`` then reads the
+output back: every file against its checksum, and every tensor against the model in
+memory (bit for bit).
+
+    # check a checkpoint directory (Megatron iter_NNNNNNN or Hugging Face) on its own
+    python tools/convert_checkpoint.py verify PATH
+
+Errors are reported as one line on stderr (per rank) with exit status 1 (2 for usage
+errors).
 """
 
 from __future__ import annotations
@@ -51,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
         p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
         p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        p.add_argument("--verify", action="store_true", help="read the output back and compare it")
+        p.add_argument(
+            "--no-verify-input",
+            action="store_true",
+            help="check only the input files' sizes, not their checksums",
+        )
 
     h2m = sub.add_parser("hf-to-megatron", help="Hugging Face -> Megatron checkpoint")
     h2m.add_argument("--hf", required=True, help="Hugging Face checkpoint directory")
@@ -69,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
         "--max-shard-bytes", type=int, default=5 * 1024**3, help="safetensors shard size limit"
     )
     layout(m2h)
+
+    ver = sub.add_parser("verify", help="check a checkpoint directory against checksums.json")
+    ver.add_argument("path", help="Megatron checkpoint (root or iter_NNNNNNN) or HF directory")
     return parser
 
 
@@ -89,13 +107,32 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _check_world(parallel) -> None:
-    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    if _world_size() % (tp * pp):
-        raise ValueError(
-            f"--tp {tp} --pp {pp} needs a multiple of {tp * pp} processes, got {_world_size()} "
-            f"(run with torchrun --nproc_per_node {tp * pp})"
-        )
+def _hf_config(hf: Path, dtype: torch.dtype | None):
+    """The model config of a Hugging Face directory; errors name ``config.json``."""
+    import json
+
+    from covrl.models import PolicyModelConfig
+
+    file = hf / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"--hf {hf}: no config.json (not a Hugging Face checkpoint)")
+    try:
+        raw = json.loads(file.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("expected a JSON object")
+        return PolicyModelConfig.from_hf(raw, params_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{file}: {' '.join(str(exc).split())}") from exc
+
+
+def _same_tensors(a: dict, b: dict, where: Path) -> None:
+    """Raise naming the first tensor where ``b`` (read back) differs from ``a``."""
+    if sorted(a) != sorted(b):
+        raise RuntimeError(f"--verify: {where} holds tensors {sorted(b)[:4]}..., not the model's")
+    for name, t in a.items():
+        u = b[name]
+        if u.shape != t.shape or u.dtype != t.dtype or not torch.equal(u, t):
+            raise RuntimeError(f"--verify: {where}: tensor {name} differs from the model")
 
 
 def _is_rank0() -> bool:
@@ -104,41 +141,55 @@ def _is_rank0() -> bool:
 
 def hf_to_megatron(args: argparse.Namespace) -> None:
     from covrl import checkpointing
-    from covrl.models import PolicyModelConfig, load_hf_weights, validate_parallel_layout
+    from covrl.models import load_hf_weights, validate_parallel_layout, verify_hf_checkpoint
     from covrl.parallel import ParallelConfig, initialize
 
     # Everything checkable is checked before the (slow) distributed set-up.
     hf = Path(args.hf)
-    if not (hf / "config.json").is_file():
-        raise FileNotFoundError(f"--hf {hf}: no config.json (not a Hugging Face checkpoint)")
-    config = PolicyModelConfig.from_hf(hf, params_dtype=DTYPES.get(args.dtype))
+    config = _hf_config(hf, DTYPES.get(args.dtype))
     parallel = ParallelConfig(args.tp, args.pp, args.vpp)
-    _check_world(parallel)
     validate_parallel_layout(config, parallel, _world_size())
+    verify_hf_checkpoint(hf, digest=not args.no_verify_input)
     target = checkpointing.checkpoint_path(args.out, args.iteration)
     if target.exists() and not args.overwrite:
         raise FileExistsError(f"--out: {target} exists (pass --overwrite to replace it)")
 
     initialize(parallel)
     chunks = _build(config, parallel)
-    load_hf_weights(chunks, config, hf)
+    load_hf_weights(chunks, config, hf, verify=False)  # (verified above)
     path = checkpointing.save_checkpoint(
         args.out, args.iteration, chunks, config, hf_source=hf, overwrite=args.overwrite
     )
+    if args.verify:
+        fresh = _build(config, parallel)
+        checkpointing.load_checkpoint(path, fresh, config, load_rng=False, verify=True)
+        _same_tensors(_state(chunks), _state(fresh), path)
     if _is_rank0():
-        print(f"saved {path} ({config.model_type}, {config.params_dtype}, {parallel})")
+        checked = ", verified" if args.verify else ""
+        print(f"saved {path} ({config.model_type}, {config.params_dtype}, {parallel}{checked})")
+
+
+def _state(chunks) -> dict:
+    from covrl.models import unwrap_model
+
+    return {
+        f"{i}.{k}": v
+        for i, c in enumerate(chunks)
+        for k, v in unwrap_model(c).state_dict().items()
+        if isinstance(v, torch.Tensor)
+    }
 
 
 def megatron_to_hf(args: argparse.Namespace) -> None:
     from covrl import checkpointing
-    from covrl.models import save_hf_checkpoint, validate_parallel_layout
+    from covrl.models import export_hf_weights, save_hf_checkpoint, validate_parallel_layout
+    from covrl.models.hf_weights import HFCheckpointReader
     from covrl.parallel import ParallelConfig, initialize
 
     ckpt = checkpointing.resolve_checkpoint(args.ckpt, args.iteration)
     metadata = checkpointing.CheckpointMetadata.from_file(ckpt / checkpointing.METADATA_FILENAME)
     config = metadata.policy_config()
     parallel = ParallelConfig(args.tp, args.pp, args.vpp)
-    _check_world(parallel)
     validate_parallel_layout(config, parallel, _world_size())
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -151,24 +202,56 @@ def megatron_to_hf(args: argparse.Namespace) -> None:
 
     initialize(parallel)
     chunks = _build(config, parallel)
-    checkpointing.load_checkpoint(ckpt, chunks, config)
+    checkpointing.load_checkpoint(
+        ckpt, chunks, config, load_rng=False, verify=not args.no_verify_input
+    )
+    dtype = DTYPES.get(args.dtype)
     path = save_hf_checkpoint(
         chunks,
         config,
         out,
-        dtype=DTYPES.get(args.dtype),
+        dtype=dtype,
         max_shard_bytes=args.max_shard_bytes,
         copy_files_from=copy_from,
         overwrite=args.overwrite,
     )
+    if args.verify:
+        # Every rank re-exports (collective) and compares with what rank 0 wrote.
+        from covrl.models import verify_hf_checkpoint
+
+        verify_hf_checkpoint(path)
+        expected = {n: t.clone() for n, t in export_hf_weights(chunks, config, dtype=dtype)}
+        with HFCheckpointReader(path) as reader:
+            written = {n: reader.read(n) for n in reader.names()}
+        _same_tensors(expected, written, path)
     if _is_rank0():
         copied = f", files copied from {copy_from}" if copy_from else ""
-        print(f"saved {path} from {ckpt} (iteration {metadata.iteration}{copied})")
+        checked = ", verified" if args.verify else ""
+        print(f"saved {path} from {ckpt} (iteration {metadata.iteration}{copied}{checked})")
+
+
+def verify(args: argparse.Namespace) -> None:
+    """Check a directory against its manifest (no distributed set-up needed)."""
+    from covrl import checkpointing
+    from covrl.utils import checksums
+
+    path = Path(args.path)
+    if not (path / checksums.MANIFEST_FILENAME).is_file() and path.is_dir():
+        try:  # a Megatron checkpoint root: check the tracker's checkpoint
+            path = checkpointing.resolve_checkpoint(path)
+        except checkpointing.CheckpointError:
+            pass
+    n = checksums.verify_directory(path)
+    print(f"{path}: {n} files match {checksums.MANIFEST_FILENAME}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = {"hf-to-megatron": hf_to_megatron, "megatron-to-hf": megatron_to_hf}[args.command]
+    command = {
+        "hf-to-megatron": hf_to_megatron,
+        "megatron-to-hf": megatron_to_hf,
+        "verify": verify,
+    }[args.command]
     try:
         command(args)
     except (ValueError, OSError, RuntimeError) as exc:  # CheckpointError is a RuntimeError

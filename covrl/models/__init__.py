@@ -16,6 +16,7 @@ from covrl.models.hf_weights import (
     load_hf_weights,
     save_hf_checkpoint,
     unwrap_model,
+    verify_hf_checkpoint,
     weight_entries,
 )
 
@@ -31,6 +32,7 @@ __all__ = [
     "save_hf_checkpoint",
     "unwrap_model",
     "validate_parallel_layout",
+    "verify_hf_checkpoint",
     "vocab_size_with_padding",
     "weight_entries",
 ]

@@ -39,7 +39,15 @@ import torch
 import torch.distributed as dist
 
 from covrl.models.hf_config import PolicyModelConfig
-from covrl.utils.atomic_io import fsync_tree, replace_dir, temporary_sibling
+from covrl.utils import checksums
+from covrl.utils.atomic_io import (
+    describe_write_error,
+    fsync_tree,
+    recover_dir,
+    recoverable_dir,
+    replace_dir,
+    temporary_sibling,
+)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -169,6 +177,35 @@ def _layer_owners(model_chunks: Sequence[torch.nn.Module], num_layers: int) -> l
 
 
 # ---------------------------------------------------------------------------- reading
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def _is_complete_export(path: Path) -> bool:
+    """An export directory is complete once its checksum manifest (written last) exists."""
+    return (path / checksums.MANIFEST_FILENAME).is_file()
+
+
+def verify_hf_checkpoint(path: str | os.PathLike, *, digest: bool = True) -> int:
+    """Check a Hugging Face checkpoint directory against its ``checksums.json`` (written
+    by :func:`save_hf_checkpoint`): every file's size, and its SHA-256 unless
+    ``digest`` is False. Raises ``ValueError`` naming every bad file. Returns the number
+    of files checked, 0 for a directory without a manifest (e.g. from the Hub)."""
+    path = Path(path)
+    try:
+        manifest = checksums.read_manifest(path)
+        if manifest is None:
+            return 0
+        problems = checksums.check_sizes(path, manifest)
+        if not problems and digest:
+            problems = checksums.check_digests(path, manifest)
+    except checksums.ChecksumError as exc:
+        problems = [str(exc)]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return len(manifest)
+
+
 class HFCheckpointReader:
     """Slice-wise access to a Hugging Face safetensors checkpoint directory.
 
@@ -181,9 +218,17 @@ class HFCheckpointReader:
         from safetensors import safe_open
 
         path = Path(path)
+        if not path.is_dir():
+            # An export with overwrite interrupted between its two renames.
+            path = recoverable_dir(path, _is_complete_export) or path
         index = path / SAFE_WEIGHTS_INDEX_NAME
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise ValueError("weight_map is not a mapping")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{index}: not a safetensors index ({_one_line(exc)})") from exc
         elif (path / SAFE_WEIGHTS_NAME).is_file():
             weight_map = None
         else:
@@ -191,19 +236,27 @@ class HFCheckpointReader:
                 f"{path}: no {SAFE_WEIGHTS_INDEX_NAME} or {SAFE_WEIGHTS_NAME} (only safetensors "
                 "checkpoints are supported)"
             )
+        self.path = path
         self._stack = contextlib.ExitStack()
         handles: dict[str, object] = {}
 
         def handle(file: str):
             if file not in handles:
-                handles[file] = self._stack.enter_context(
-                    safe_open(str(path / file), framework="pt", device="cpu")
-                )
+                try:
+                    handles[file] = self._stack.enter_context(
+                        safe_open(str(path / file), framework="pt", device="cpu")
+                    )
+                except Exception as exc:  # SafetensorError, OSError: name the file
+                    self._stack.close()
+                    raise ValueError(
+                        f"{path / file}: not a readable safetensors file ({_one_line(exc)})"
+                    ) from exc
             return handles[file]
 
         if weight_map is None:
             f = handle(SAFE_WEIGHTS_NAME)
             weight_map = dict.fromkeys(f.keys(), SAFE_WEIGHTS_NAME)
+        self._file_names = dict(weight_map)
         self._files = {name: handle(file) for name, file in weight_map.items()}
         self.elements_read = 0
 
@@ -215,8 +268,12 @@ class HFCheckpointReader:
 
     def read(self, name: str, rows: slice = slice(None), cols: slice | None = None) -> torch.Tensor:
         """``tensor[rows]`` (or ``tensor[rows, cols]``), reading only that slice."""
-        sl = self._files[name].get_slice(name)
-        t = sl[rows] if cols is None else sl[rows, cols]
+        try:
+            sl = self._files[name].get_slice(name)
+            t = sl[rows] if cols is None else sl[rows, cols]
+        except Exception as exc:  # a file truncated or changed since it was opened
+            file = self.path / self._file_names[name]
+            raise ValueError(f"{file}: cannot read tensor {name} ({_one_line(exc)})") from exc
         self.elements_read += t.numel()
         return t
 
@@ -293,6 +350,7 @@ def load_hf_weights(
     *,
     tp_group: dist.ProcessGroup | None = None,
     strict: bool = True,
+    verify: bool = True,
 ) -> LoadStats:
     """Fill this rank's model chunks from a Hugging Face safetensors checkpoint.
 
@@ -304,8 +362,11 @@ def load_hf_weights(
     With ``strict`` the checkpoint must hold exactly the tensors of ``config``
     (``lm_head.weight`` may also be present when embeddings are tied; rotary
     ``inv_freq`` buffers are ignored). Raises ``ValueError`` on a missing, unexpected or
-    mis-shaped tensor.
+    mis-shaped tensor, and a ``ValueError`` naming the file for an unreadable,
+    truncated or (with ``verify``, against the directory's ``checksums.json`` when it
+    has one) corrupted file.
     """
+    verify_hf_checkpoint(checkpoint, digest=verify)
     r, t = _tp_rank_size(tp_group)
     expected = config.hf_weight_shapes()
     entries = {e.key: e for e in weight_entries(config, include_tied_output=True)}
@@ -517,9 +578,11 @@ def save_hf_checkpoint(
     config's ``params_dtype``). Files other than weights and config (tokenizer,
     generation config) are copied from ``copy_files_from`` if given.
 
-    Atomic: everything is written to a temporary sibling directory, fsynced, and
-    renamed to ``path``; an existing ``path`` is an error unless ``overwrite``. A
-    failure on rank 0 is raised on every rank.
+    Atomic: everything is written to a temporary sibling directory, then
+    ``checksums.json`` (size and SHA-256 of every file, checked by
+    :func:`load_hf_weights`), fsynced, and renamed to ``path``; an existing ``path`` is
+    an error unless ``overwrite`` (crash-safe: see :mod:`covrl.utils.atomic_io`). A
+    failure on rank 0 (a full disk is named as such) is raised on every rank.
     """
     from megatron.core import parallel_state
 
@@ -528,8 +591,14 @@ def save_hf_checkpoint(
     writer = dist.get_rank() == 0
     # Decide on rank 0 and share, so that no rank enters the stream alone.
     status = [None]
-    if writer and path.exists() and not overwrite:
-        status = [f"{path} exists (pass overwrite=True to replace it)"]
+    if writer:
+        try:
+            # Finish an overwrite interrupted between its renames; drop temporary copies.
+            recover_dir(path, _is_complete_export)
+            if path.exists() and not overwrite:
+                status = [f"{path} exists (pass overwrite=True to replace it)"]
+        except OSError as exc:
+            status = [f"{path}: {describe_write_error(exc, path.parent)}"]
     dist.broadcast_object_list(status, src=0)
     if status[0] is not None:
         raise FileExistsError(status[0])
@@ -549,7 +618,7 @@ def save_hf_checkpoint(
         try:
             tmp.mkdir(parents=True)
         except Exception as exc:  # noqa: BLE001 - reported on every rank below
-            error = f"{type(exc).__name__}: {exc}"
+            error = describe_write_error(exc, path.parent)
 
     if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
         bucket: dict[str, torch.Tensor] = {}
@@ -566,7 +635,7 @@ def save_hf_checkpoint(
                     _write_shard(tmp / files[i], bucket)
                     bucket = {}
             except Exception as exc:  # noqa: BLE001 - reported on every rank below
-                error = f"{type(exc).__name__}: {exc}"
+                error = describe_write_error(exc, path.parent)
 
     if writer and error is None:
         try:
@@ -581,10 +650,12 @@ def save_hf_checkpoint(
             hf_config.save_pretrained(tmp)
             if copy_files_from is not None:
                 _copy_extra_files(Path(copy_files_from), tmp)
+            # Last: its presence marks the export complete (see _is_complete_export).
+            checksums.write_manifest(tmp, checksums.digests(tmp, checksums.list_files(tmp)))
             fsync_tree(tmp)
             replace_dir(tmp, path)
         except Exception as exc:  # noqa: BLE001 - reported on every rank below
-            error = f"{type(exc).__name__}: {exc}"
+            error = describe_write_error(exc, path.parent)
     if writer and error is not None:
         shutil.rmtree(tmp, ignore_errors=True)
     status = [error]

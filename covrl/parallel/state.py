@@ -100,7 +100,9 @@ class DistributedTimeouts:
         return liveness.LivenessConfig(
             interval_s=self.heartbeat_interval_s,
             dead_after_s=self.dead_after_s,
-            join_timeout_s=max(self.setup_s, self.dead_after_s),
+            # Just under the set-up timeout, so that a missing rank is reported by
+            # name rather than by the process group's timeout error.
+            join_timeout_s=max(self.setup_s - 2 * self.heartbeat_interval_s, self.dead_after_s),
         )
 
 
