@@ -71,7 +71,7 @@ class DistributedTestError(AssertionError):
     """A rank raised, or the group hung."""
 
 
-def _worker(fn, rank, world_size, port, tp, pp, vpp, seed, kwargs, queue):
+def _worker(fn, rank, world_size, port, tp, pp, vpp, seed, device_lint, kwargs, queue):
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -90,7 +90,14 @@ def _worker(fn, rank, world_size, port, tp, pp, vpp, seed, kwargs, queue):
         parallel = ParallelConfig(tp, pp, vpp)
         initialize(parallel, seed=seed)
         ctx = RankContext(rank, world_size, tp, pp, parallel.data_parallel_size(world_size), vpp)
-        result = fn(ctx, **kwargs)
+        if device_lint:
+            from tests.device_lint import DeviceLint
+
+            with DeviceLint() as lint:
+                result = fn(ctx, **kwargs)
+            lint.check()
+        else:
+            result = fn(ctx, **kwargs)
         # Plain bytes: torch's own pickling of tensors through a Queue shares storage
         # by file descriptor, which dies with this process.
         buf = io.BytesIO()
@@ -122,9 +129,14 @@ def launch(
     vpp: int | None = None,
     seed: int = 1234,
     timeout: float = 300.0,
+    device_lint: bool = False,
     **kwargs,
 ) -> list[Any]:
-    """Run ``fn(ctx, **kwargs)`` on ``world_size`` ranks; return the per-rank results."""
+    """Run ``fn(ctx, **kwargs)`` on ``world_size`` ranks; return the per-rank results.
+
+    ``device_lint``: run ``fn`` under :class:`tests.device_lint.DeviceLint`; a rank
+    whose collectives got tensors a GPU run would hold on the host fails, naming them.
+    """
     ctx = _mp_context()
     queue = ctx.Queue()
     port = free_port()
@@ -132,7 +144,7 @@ def launch(
     for rank in range(world_size):
         p = ctx.Process(
             target=_worker,
-            args=(fn, rank, world_size, port, tp, pp, vpp, seed, kwargs, queue),
+            args=(fn, rank, world_size, port, tp, pp, vpp, seed, device_lint, kwargs, queue),
             # Not daemonic: ranks may start processes of their own (megatron-core's
             # checkpoint writer does); the finally-block below reaps every rank.
             daemon=False,

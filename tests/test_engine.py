@@ -89,7 +89,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(checkpoint):
     return {
-        name: launch(_engine_body, checkpoint=checkpoint, timeout=400, **topo)
+        name: launch(_engine_body, checkpoint=checkpoint, timeout=400, device_lint=True, **topo)
         for name, topo in TOPOLOGIES.items()
     }
 
@@ -183,7 +183,9 @@ def _bf16_body(ctx, checkpoint):
 @pytest.fixture(scope="module")
 def bf16_runs(checkpoint):
     return {
-        name: launch(_bf16_body, checkpoint=checkpoint, timeout=300, **TOPOLOGIES[name])
+        name: launch(
+            _bf16_body, checkpoint=checkpoint, timeout=300, device_lint=True, **TOPOLOGIES[name]
+        )
         for name in ("tp1", "tp2pp2")
     }
 

@@ -125,7 +125,7 @@ LAYOUTS = {
 def runs(tmp_path_factory):
     checkpoint = make_checkpoint(tmp_path_factory.mktemp("hf"), "qwen2")
     return {
-        name: launch(_body, checkpoint=checkpoint, timeout=400, **layout)
+        name: launch(_body, checkpoint=checkpoint, timeout=400, device_lint=True, **layout)
         for name, layout in LAYOUTS.items()
     }
 

@@ -71,7 +71,7 @@ def _reference(checkpoint):
     grad_norm = torch.sqrt(sum(p.grad.double().square().sum() for p in model.parameters()))
     return dict(
         loss=float(loss.detach()),
-        unweighted_loss=float(unweighted),
+        unweighted_loss=float(unweighted.detach()),
         grad_norm=float(grad_norm),
         clipfrac=float(clipped[response].double().mean()),
         ref_kl=float(k3[response].mean()),
@@ -127,13 +127,17 @@ def _body(ctx, checkpoint, inputs, micro_batch_size):
 def results(tmp_path_factory):
     checkpoint = make_checkpoint(tmp_path_factory.mktemp("hf"), "qwen2")
     ref = _reference(checkpoint)
+    layouts = {"dp1_mb2": (1, 2), "dp2_mb1": (2, 1)}  # (world size, micro-batch size)
     runs = {
-        "dp1_mb2": launch(
-            _body, world_size=1, checkpoint=checkpoint, inputs=ref["inputs"], micro_batch_size=2
-        ),
-        "dp2_mb1": launch(
-            _body, world_size=2, checkpoint=checkpoint, inputs=ref["inputs"], micro_batch_size=1
-        ),
+        name: launch(
+            _body,
+            world_size=world,
+            checkpoint=checkpoint,
+            inputs=ref["inputs"],
+            micro_batch_size=mbs,
+            device_lint=True,
+        )
+        for name, (world, mbs) in layouts.items()
     }
     return ref, runs
 

@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from covrl.algorithms.aggregation import megatron_loss_scale
 from covrl.ops import vocab_parallel_logprob_entropy
+from covrl.parallel import get_device
 
 LossFn = Callable[["TokenOutputs", dict[str, torch.Tensor]], tuple[torch.Tensor, dict]]
 
@@ -110,6 +111,9 @@ class PolicyEngine:
         self.config = config or EngineConfig()
         self.vocab_size = vocab_size
         self.model = list(model)
+        # Batches are moved here, and every tensor a collective sees is made here: the
+        # NCCL groups of a GPU run reject host tensors.
+        self.device = get_device()
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.pp_size = ps.get_pipeline_model_parallel_world_size()
@@ -199,7 +203,7 @@ class PolicyEngine:
         Returns:
             :class:`TokenOutputs` with ``[batch, seq]`` tensors on every rank.
         """
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        batch = self._to_device({"input_ids": input_ids, "attention_mask": attention_mask})
         collected: list[TokenOutputs] = []
 
         def collect(out: TokenOutputs, micro):
@@ -210,7 +214,7 @@ class PolicyEngine:
             m.eval()
         self._run(batch, collect, forward_only=True)
         b, s = input_ids.shape
-        flat = torch.empty(2, b, s, dtype=torch.float32, device=input_ids.device)
+        flat = torch.empty(2, b, s, dtype=torch.float32, device=self.device)
         if self.is_last_stage:
             flat[0] = torch.cat([c.logp for c in collected], dim=0)
             flat[1] = torch.cat([c.entropy for c in collected], dim=0)
@@ -234,7 +238,7 @@ class PolicyEngine:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = self._run(batch, loss_fn, forward_only=False)
+        losses = self._run(self._to_device(batch), loss_fn, forward_only=False)
         update_successful, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         metrics = self._reduce_metrics(losses)
@@ -247,6 +251,9 @@ class PolicyEngine:
         )
 
     # ------------------------------------------------------------------ internals
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
     def _split(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
         if input_ids.dim() != 2 or mask.shape != input_ids.shape:
@@ -311,7 +318,10 @@ class PolicyEngine:
                 loss, metrics = loss_fn(self._token_outputs(logits, ids), data)
                 reported = {"loss": loss.detach().clone()}
                 reported.update(
-                    {k: torch.as_tensor(v).detach().float() for k, v in metrics.items()}
+                    {
+                        k: torch.as_tensor(v, device=self.device).detach().float()
+                        for k, v in metrics.items()
+                    }
                 )
                 # Undo the schedule's division by the number of micro-batches and
                 # DDP's average over DP: the gradient is that of the summed loss.
@@ -336,10 +346,10 @@ class PolicyEngine:
         from megatron.core import parallel_state as ps
 
         keys = sorted(per_micro[0]) if per_micro else []
-        n = torch.tensor([len(keys)], dtype=torch.long)
+        n = torch.tensor([len(keys)], dtype=torch.long, device=self.device)
         if self.pp_size > 1:
             dist.broadcast(n, src=self.last_stage_rank, group=self.pp_group)
-        values = torch.zeros(int(n.item()), dtype=torch.float64)
+        values = torch.zeros(int(n.item()), dtype=torch.float64, device=self.device)
         if self.is_last_stage:
             for m in per_micro:
                 values += torch.stack([m[k].double().reshape(()) for k in keys])

@@ -476,5 +476,9 @@ def build_model(
             rotary_base=config.rotary_base,
             vp_stage=vp,
         )
+        if torch.cuda.is_available():
+            # As Megatron-LM's get_model: layers built outside megatron's tensor-parallel
+            # modules (norms, buffers) are created on the host.
+            model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks

@@ -75,6 +75,16 @@ class PolicyBatch:
     ref_logp: torch.Tensor | None = None
     rollout_weights: torch.Tensor | None = None
 
+    def to(self, device: torch.device) -> PolicyBatch:
+        """The batch with every tensor on ``device`` (the engine's)."""
+        return PolicyBatch(
+            **{
+                f.name: None if v is None else v.to(device, non_blocking=True)
+                for f in fields(self)
+                for v in [getattr(self, f.name)]
+            }
+        )
+
     def validate(self) -> None:
         """Raise ValueError naming the first field with a wrong shape or dtype."""
         if self.input_ids.dim() != 2:
@@ -214,6 +224,7 @@ def ppo_update(
     """
     batch.validate()
     _check_engine(engine, config, dp_group)
+    batch = batch.to(engine.device)
     selected, selection_metrics = _select(engine, batch, config, step, dp_group)
     count = global_loss_count([batch.response_mask], config.loss_agg_mode, dp_group)
 
