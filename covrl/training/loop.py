@@ -1,0 +1,132 @@
+"""The RL training driver: the paper's recipe, one phase per line.
+
+Per step, on every rank (SPMD under torchrun; vLLM colocated with megatron-core)::
+
+    prompts -> rollout.generate (n per prompt) -> rewards -> DAPO dynamic sampling
+      (refill from further generation batches) -> GRPO / RLOO / REINFORCE++ advantages
+      -> old log-probs (+ reference log-probs) and the rollout/trainer mismatch
+      -> ppo_epochs x one ppo_update per mini-batch -> entropy change vs -Cov
+      -> sync weights to vLLM -> validation every test_freq steps (+ entropy-law fit)
+      -> log -> checkpoint every save_freq steps, on preemption and at the end
+
+The phases live in :mod:`covrl.training.steps`, the set-up in
+:mod:`covrl.training.setup`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from covrl.config import RunConfig
+from covrl.training.batch import MiniBatchPlan
+from covrl.training.logger import PhaseTimer
+from covrl.training.preemption import PreemptionHandler
+from covrl.training.setup import Run, build_run
+from covrl.training.steps import (
+    collect_rollouts,
+    entropy_change,
+    export_hf,
+    old_logprobs,
+    save,
+    update_policy,
+    validate,
+)
+
+__all__ = ["TrainResult", "train"]
+
+
+@dataclass
+class TrainResult:
+    last_step: int
+    preempted: bool
+    hf_export: str | None
+
+
+def _due(step: int, freq: int) -> bool:
+    return freq > 0 and step % freq == 0
+
+
+def train_step(run: Run, step: int) -> dict[str, float]:
+    """One rollout step; returns its scalars (identical on every rank)."""
+    cfg = run.config
+    timer = PhaseTimer()
+    with timer("step"):
+        batch, metrics = collect_rollouts(run, step, timer)
+        run.rollout.sleep()
+        if batch is not None:
+            tensors = batch.tensors(cfg.algorithm.advantage, run.tokenizer.pad_token_id or 0)
+            plan = MiniBatchPlan(
+                num_minibatches=batch.num_groups // cfg.algorithm.ppo_mini_batch_size,
+                rows_per_minibatch=cfg.algorithm.ppo_mini_batch_size * cfg.sampling.n,
+                dp_size=run.dp_size,
+                dp_rank=_dp_rank(),
+            )
+            with timer("old_logprob"):
+                local, more = old_logprobs(run, tensors, plan)
+                metrics.update(more)
+            with timer("update"):
+                metrics.update(update_policy(run, tensors, plan, local))
+            if _due(step, cfg.trainer.entropy_change_freq):
+                with timer("entropy_change"):
+                    metrics.update(entropy_change(run, tensors, plan, local))
+            with timer("sync"):
+                sync = run.rollout.sync_weights(run.engine.model, run.model_config)
+                metrics["perf/sync_gb_per_s"] = sync["gb_per_s"]
+        else:
+            metrics["train/updates"] = 0.0
+        if run.val_data is not None and (
+            _due(step, cfg.validation.test_freq) or step == run.total_steps
+        ):
+            with timer("validate"):
+                metrics.update(validate(run, step))
+            if cfg.trainer.entropy_law and "rollout/entropy" in metrics:
+                metrics.update(
+                    run.monitor.update(step, metrics["rollout/entropy"], metrics["val/accuracy"])
+                )
+    metrics.update(timer.metrics())
+    metrics["perf/tokens_per_s"] = metrics["rollout/response_tokens"] / metrics["time/step"]
+    return metrics
+
+
+def _dp_rank() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_rank()
+
+
+def train(config: RunConfig, resume: str = "auto") -> TrainResult:
+    """Run (or continue) training as ``config`` describes. Collective over all ranks.
+
+    ``resume``: ``auto`` (continue from the newest complete checkpoint in the run
+    directory, if any), ``none`` (start over), or a checkpoint path.
+    """
+    run = build_run(config, resume)
+    preemption = PreemptionHandler()
+    try:
+        cfg = run.config
+        if run.start_step == 0 and run.val_data is not None and cfg.validation.before_train:
+            start = time.perf_counter()
+            metrics = validate(run, 0)
+            metrics["time/validate"] = time.perf_counter() - start
+            run.logger.log(0, metrics)
+        step = run.start_step
+        while step < run.total_steps:
+            step += 1
+            run.logger.log(step, train_step(run, step))
+            preempted = preemption.agreed()
+            if preempted or _due(step, cfg.trainer.save_freq) or step == run.total_steps:
+                save(run, step)
+            if preempted:
+                run.logger.print(f"preempted: checkpoint saved at step {step}")
+                return TrainResult(step, True, None)
+        hf = export_hf(run) if cfg.trainer.export_hf else None
+        run.logger.print(
+            f"done: {step} steps; TensorBoard logs in {run.run_dir / 'tensorboard'}, "
+            f"metrics in {run.run_dir / 'metrics.jsonl'}"
+            + (f", Hugging Face export in {hf}" if hf else "")
+        )
+        return TrainResult(step, False, hf)
+    finally:
+        preemption.restore()
+        run.close()

@@ -1,0 +1,60 @@
+"""Rewards for a step's samples, computed once over the world.
+
+Every rank holds the same samples; sample ``i`` is decoded and scored by rank
+``i % world`` (in its reward worker, under the per-sample time limit), and one
+all-reduce shares the scores. A scorer error on any rank is raised on every rank
+with the same message, so no rank is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from covrl.data import PromptDataset
+from covrl.rewards import RewardError, RewardExecutor, RewardRegistry, ScoreRequest
+from covrl.training.batch import RolloutBatch
+
+__all__ = ["score_batch"]
+
+
+def score_batch(
+    batch: RolloutBatch,
+    dataset: PromptDataset,
+    tokenizer,
+    registry: RewardRegistry,
+    executor: RewardExecutor,
+    group: dist.ProcessGroup | None = None,
+) -> int:
+    """Fill ``batch.rewards`` and ``batch.acc``; returns the number of timed-out samples."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    mine = list(range(rank, len(batch), world))
+    requests = []
+    for i in mine:
+        record = dataset[batch.record[i]]
+        requests.append(
+            ScoreRequest(
+                spec=registry.spec_for(record.data_source),
+                data_source=record.data_source,
+                solution_str=tokenizer.decode(batch.response_ids[i], skip_special_tokens=True),
+                ground_truth=record.ground_truth,
+                extra_info=record.extra_info,
+                source=record.source,
+            )
+        )
+    values = torch.zeros(len(batch), 3, dtype=torch.float64)
+    error = None
+    try:
+        for i, result in zip(mine, executor.score(requests), strict=True):
+            values[i] = torch.tensor([result.reward, result.acc, float(result.timed_out)])
+    except RewardError as exc:
+        error = str(exc)
+    errors: list[str | None] = [None] * world
+    dist.all_gather_object(errors, error, group=group)
+    failed = [e for e in errors if e is not None]
+    if failed:
+        raise RewardError(failed[0])
+    dist.all_reduce(values, group=group)
+    batch.rewards = values[:, 0].tolist()
+    batch.acc = values[:, 1].tolist()
+    return int(values[:, 2].sum().item())

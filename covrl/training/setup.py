@@ -1,0 +1,255 @@
+"""Everything a run needs before its first step, built from a :class:`RunConfig`.
+
+:func:`build_run` initialises the process groups, loads the tokenizer and the prompt
+data, builds the megatron-core policy (and a frozen reference policy when a KL
+coefficient is set) from the Hugging Face checkpoint, starts the colocated vLLM
+engine and the reward worker, and restores the newest checkpoint when resuming.
+Collective: every rank calls it; an error on any rank is raised on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from covrl import checkpointing
+from covrl.analysis import EntropyLawMonitor
+from covrl.config import ConfigError, RunConfig, save_config, to_yaml
+from covrl.data import DataError, EpochSampler, PromptDataset, load_prompt_dataset, load_tokenizer
+from covrl.models import PolicyModelConfig, build_model, load_hf_weights
+from covrl.models.engine import PolicyEngine
+from covrl.parallel import initialize
+from covrl.rewards import RewardError, RewardExecutor, RewardRegistry
+from covrl.rollout import RolloutEngine
+from covrl.training.logger import MetricsLogger
+
+__all__ = ["CHECKPOINT_DIRNAME", "HF_EXPORT_DIRNAME", "Run", "build_run", "trainer_state"]
+
+CHECKPOINT_DIRNAME = "checkpoints"
+HF_EXPORT_DIRNAME = "hf"
+# Tags shown on the progress bar, with their short labels.
+PROGRESS_TAGS = {
+    "rollout/accuracy": "acc",
+    "rollout/entropy": "H",
+    "val/accuracy": "val",
+    "rollout/response_length_mean": "len",
+    "time/step": "s/step",
+}
+
+
+@dataclass
+class Run:
+    config: RunConfig
+    tokenizer: Any
+    train_data: PromptDataset
+    val_data: PromptDataset | None
+    sampler: EpochSampler
+    registry: RewardRegistry
+    rewards: RewardExecutor
+    model_config: PolicyModelConfig
+    engine: PolicyEngine
+    ref_engine: PolicyEngine | None
+    rollout: RolloutEngine
+    logger: MetricsLogger
+    monitor: EntropyLawMonitor
+    dp_group: Any
+    dp_size: int
+    total_steps: int
+    start_step: int = 0
+    resumed_from: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.trainer.run_dir)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / CHECKPOINT_DIRNAME
+
+    def close(self) -> None:
+        """Stop the reward worker, the logs, this rank's heartbeat and vLLM (whose
+        shutdown destroys the default process group, and with it rank 0's store)."""
+        from covrl.parallel import liveness
+
+        self.rewards.close()
+        self.logger.close()
+        liveness.stop()
+        self.rollout.llm.llm_engine.engine_core.shutdown()
+
+
+def _agree(error: str | None) -> None:
+    """Raise ``error`` of the first failing rank on every rank (one-line message)."""
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [e for e in errors if e is not None]
+    if failed:
+        raise ConfigError(failed[0])
+
+
+def _load_data(config: RunConfig, tokenizer) -> tuple[PromptDataset, PromptDataset | None]:
+    d = config.data
+    options = dict(
+        max_prompt_length=d.max_prompt_length,
+        prompt_key=d.prompt_key,
+        apply_chat_template=d.apply_chat_template,
+    )
+    train = load_prompt_dataset(d.train_files, tokenizer, **options)
+    val = None
+    if d.val_files and config.validation.test_freq > 0:
+        val = load_prompt_dataset(d.val_files, tokenizer, max_prompts=d.val_max_prompts, **options)
+    return train, val
+
+
+def _build_policy(config: RunConfig, *, trainable: bool) -> tuple[PolicyModelConfig, PolicyEngine]:
+    path = config.policy.model_path
+    model_config = PolicyModelConfig.from_hf(
+        path,
+        params_dtype=config.policy.dtype,
+        make_vocab_size_divisible_by=config.policy.make_vocab_size_divisible_by,
+    )
+    chunks = build_model(model_config, config.policy.parallel())
+    load_hf_weights(chunks, model_config, path)
+    engine = PolicyEngine(
+        chunks,
+        model_config.vocab_size,
+        optimizer=config.policy.optim if trainable else None,
+        config=config.policy.engine,
+    )
+    return model_config, engine
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """``auto``: the newest complete checkpoint under ``root`` (None if there is none);
+    ``none``: None; anything else: a checkpoint root or ``iter_*`` directory."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        complete = checkpointing.list_checkpoints(root)
+        return checkpointing.checkpoint_path(root, complete[-1]) if complete else None
+    return checkpointing.resolve_checkpoint(resume)
+
+
+def trainer_state(run: Run, step: int) -> dict:
+    """The JSON trainer state stored with a checkpoint."""
+    return {
+        "trainer": {
+            "step": step,
+            "sampler": run.sampler.state_dict(),
+            "entropy_law": run.monitor.state_dict(),
+            "config": to_yaml(run.config),
+        }
+    }
+
+
+def build_run(config: RunConfig, resume: str = "auto") -> Run:
+    """Set up a run on every rank (see the module docstring)."""
+    from megatron.core import parallel_state as ps
+
+    initialize(config.policy.parallel(), seed=config.trainer.seed, timeouts=config.timeouts())
+    world, rank = dist.get_world_size(), dist.get_rank()
+    error = None
+    try:
+        dp_size = config.check_layout(world)
+        if config.policy.engine.temperature != config.sampling.temperature:
+            raise ConfigError(
+                f"policy.engine.temperature={config.policy.engine.temperature} must equal "
+                f"sampling.temperature={config.sampling.temperature} (the trainer's log-probs "
+                "are those of the sampling distribution)"
+            )
+        if not Path(config.policy.model_path, "config.json").is_file():
+            raise ConfigError(
+                f"policy.model_path={config.policy.model_path!r}: not a Hugging Face "
+                "checkpoint directory (no config.json)"
+            )
+        tokenizer = load_tokenizer(
+            config.policy.model_path, require_chat_template=config.data.apply_chat_template
+        )
+        train_data, val_data = _load_data(config, tokenizer)
+        sampler = EpochSampler(
+            len(train_data),
+            config.data.train_batch_size,
+            seed=config.data.seed,
+            shuffle=config.data.shuffle,
+        )
+        registry = RewardRegistry(config.reward.sources, config.reward.default)
+        sources = set(train_data.data_sources) | set(val_data.data_sources if val_data else [])
+        registry.check(sources)
+        resume_from = resolve_resume(resume, Path(config.trainer.run_dir) / CHECKPOINT_DIRNAME)
+    except (ConfigError, DataError, RewardError, checkpointing.CheckpointError, ValueError) as exc:
+        error = str(exc).strip().splitlines()[0]
+    _agree(error)
+
+    if rank == 0:
+        save_config(config, config.trainer.run_dir)
+        for message in config.warnings():
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    if not config.sampling.stop_token_ids and tokenizer.eos_token_id is not None:
+        config.sampling.stop_token_ids = [int(tokenizer.eos_token_id)]
+    model_config, engine = _build_policy(config, trainable=True)
+    ref_engine = None
+    if config.policy.loss.kl_coeff > 0:
+        _, ref_engine = _build_policy(config, trainable=False)
+    rollout = RolloutEngine(config.policy.model_path, config.rollout)
+    monitor = EntropyLawMonitor()
+
+    total = config.trainer.total_steps or config.trainer.total_epochs * sampler.batches_per_epoch
+    start_step = 0
+    if resume_from is not None:
+        metadata = checkpointing.load_checkpoint(
+            resume_from,
+            engine.model,
+            model_config,
+            optimizer=engine.optimizer,
+            scheduler=engine.scheduler,
+        )
+        state = metadata.extra.get("trainer", {})
+        start_step = int(state.get("step", metadata.iteration))
+        sampler.load_state_dict(state["sampler"])
+        monitor.load_state_dict(
+            state.get("entropy_law", {"steps": [], "entropy": [], "accuracy": []})
+        )
+        # vLLM started from the Hugging Face weights: give it the restored ones.
+        rollout.sync_weights(engine.model, model_config)
+
+    logger = MetricsLogger(
+        config.trainer.run_dir,
+        enabled=rank == 0,
+        total_steps=total,
+        initial_step=start_step,
+        progress_bar=config.trainer.progress_bar,
+        show=PROGRESS_TAGS,
+    )
+    if rank == 0:
+        logger.print(
+            f"covrl: {world} ranks (tp={config.policy.tp}, pp={config.policy.pp}, dp={dp_size}), "
+            f"{len(train_data)} training prompts ({train_data.num_dropped_too_long} dropped as "
+            f"longer than {config.data.max_prompt_length} tokens), steps {start_step + 1}..{total}"
+            + (f", resumed from {resume_from}" if resume_from else "")
+        )
+    return Run(
+        config=config,
+        tokenizer=tokenizer,
+        train_data=train_data,
+        val_data=val_data,
+        sampler=sampler,
+        registry=registry,
+        rewards=RewardExecutor(config.reward.timeout_s),
+        model_config=model_config,
+        engine=engine,
+        ref_engine=ref_engine,
+        rollout=rollout,
+        logger=logger,
+        monitor=monitor,
+        dp_group=ps.get_data_parallel_group(),
+        dp_size=dp_size,
+        total_steps=total,
+        start_step=start_step,
+        resumed_from=os.fspath(resume_from) if resume_from else None,
+    )
