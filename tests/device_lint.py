@@ -25,6 +25,8 @@ exist on CPU (``create_gloo_process_groups`` is off there).
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import threading
 import traceback
 from dataclasses import dataclass
@@ -38,6 +40,8 @@ from torch.utils._pytree import tree_leaves
 # Where a tensor would live on GPU: an attribute on the tensor; absent means device.
 _WHERE = "_device_lint_where"
 HOST, NEUTRAL = "host", "neutral"
+
+_LINT_FILES = ("device_lint.py", "cpu_compat.py")
 
 # ProcessGroup methods that move tensors (torch.distributed's functions all end in one).
 _COLLECTIVES = (
@@ -108,9 +112,10 @@ class _ProvenanceMode(TorchFunctionMode):
     records ops that mix a host tensor of more than one element with device tensors
     (CUDA rejects those; a host scalar is fine)."""
 
-    def __init__(self):
+    def __init__(self, test_data_on_device: bool):
         super().__init__()
         self.factories = _device_constructors()
+        self.test_data_on_device = test_data_on_device
         self.mixed: list[str] = []
 
     def _combine(self, func, inputs: list[torch.Tensor]) -> str | None:
@@ -151,7 +156,7 @@ class _ProvenanceMode(TorchFunctionMode):
                 where = self._combine(func, inputs)
                 if not (args and out is args[0]):  # in place: the tensor stays put
                     _mark(out, where)
-            elif func in self.factories:
+            elif func in self.factories and not (self.test_data_on_device and _made_by_test_code()):
                 _mark(out, HOST)
         return out
 
@@ -166,13 +171,23 @@ class Violation:
         return f"{self.collective} got a host tensor {self.tensor} at\n{self.where}"
 
 
+def _made_by_test_code() -> bool:
+    """Whether the innermost frame outside torch and the lint is a test module's."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if "/torch/" not in name and not name.endswith(_LINT_FILES):
+            return f"{os.sep}tests{os.sep}" in name
+        frame = frame.f_back
+    return False
+
+
 def _caller() -> str:
     """The innermost frames outside torch, where the collective was asked for."""
     frames = [
         f
         for f in traceback.extract_stack()[:-3]
-        if "/torch/" not in f.filename
-        and not f.filename.endswith(("device_lint.py", "cpu_compat.py"))
+        if "/torch/" not in f.filename and not f.filename.endswith(_LINT_FILES)
     ]
     return "".join(traceback.format_list(frames[-3:]))
 
@@ -181,11 +196,14 @@ class DeviceLint:
     """Context manager: collect :class:`Violation` s in ``violations`` (this thread).
 
     ``check()`` raises AssertionError listing them (each call site once).
+    ``test_data_on_device``: tensors made by factories called from a ``tests/`` module
+    count as device tensors: a test body stands for the caller whose data a GPU run
+    holds on the device (the harness uses this; covrl's own factories stay checked).
     """
 
-    def __init__(self):
+    def __init__(self, *, test_data_on_device: bool = False):
         self.violations: list[Violation] = []
-        self._mode = _ProvenanceMode()
+        self._mode = _ProvenanceMode(test_data_on_device)
         self._saved: dict[tuple[object, str], object] = {}
         self._exempt = threading.local()
 

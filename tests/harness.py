@@ -93,7 +93,7 @@ def _worker(fn, rank, world_size, port, tp, pp, vpp, seed, device_lint, kwargs, 
         if device_lint:
             from tests.device_lint import DeviceLint
 
-            with DeviceLint() as lint:
+            with DeviceLint(test_data_on_device=True) as lint:
                 result = fn(ctx, **kwargs)
             lint.check()
         else:
@@ -129,14 +129,17 @@ def launch(
     vpp: int | None = None,
     seed: int = 1234,
     timeout: float = 300.0,
-    device_lint: bool = False,
+    device_lint: bool | None = None,
     **kwargs,
 ) -> list[Any]:
     """Run ``fn(ctx, **kwargs)`` on ``world_size`` ranks; return the per-rank results.
 
     ``device_lint``: run ``fn`` under :class:`tests.device_lint.DeviceLint`; a rank
     whose collectives got tensors a GPU run would hold on the host fails, naming them.
+    None: on when the environment has ``COVRL_DEVICE_LINT=1`` (lint every launch).
     """
+    if device_lint is None:
+        device_lint = os.environ.get("COVRL_DEVICE_LINT") == "1"
     ctx = _mp_context()
     queue = ctx.Queue()
     port = free_port()

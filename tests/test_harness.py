@@ -120,12 +120,14 @@ def _collectives_under_lint(ctx):
 
 
 def _host_all_reduce(ctx):
-    dist.all_reduce(torch.zeros(2))
+    # The harness counts a test body's own tensors as device data; a host copy is not.
+    dist.all_reduce(torch.zeros(2).cpu())
 
 
 @pytest.fixture(scope="module")
 def lint_verdicts():
-    return launch(_collectives_under_lint, 1, timeout=60)[0]
+    # Its own lints only: a launch-wide one would also see the deliberate offences.
+    return launch(_collectives_under_lint, 1, timeout=60, device_lint=False)[0]
 
 
 @pytest.mark.parametrize("case", ["host_factory", "host_copy", "derived_from_host", "mixed_op"])
