@@ -1,0 +1,172 @@
+"""slurm/ scripts on a real local Slurm cluster (tests/slurm_cluster.py): two fake nodes,
+real sbatch/srun/torchrun, one torchrun per node.
+
+The program under torchrun is tests/slurm_probe.py (the trainer's command line and
+preemption contract without a model), so these tests check the launcher itself:
+rendezvous across nodes, arguments, logs, exit codes, preemption with requeue and
+resume, and a dead rank ending the whole job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm_cluster import SlurmCluster, unavailable_reason
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def start_cluster():
+    """Start the local cluster, or skip with the reason; under CI a missing cluster fails."""
+    reason = unavailable_reason()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"local Slurm cluster required under CI: {reason}")
+        pytest.skip(reason)
+    return SlurmCluster.start()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = start_cluster()
+    print(
+        f"\nlocal Slurm: installed in {c.install_seconds:.1f} s, started in {c.start_seconds:.2f} s"
+    )
+    yield c
+    t0 = time.monotonic()
+    c.stop()
+    print(f"local Slurm: stopped in {time.monotonic() - t0:.2f} s")
+
+
+def job_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The submitting shell's environment: the project's venv first on PATH, one CPU rank
+    per fake node, the probe as the program, outputs under tmp_path."""
+    return {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "COVRL_PROGRAM": "tests/slurm_probe.py",
+        "COVRL_NPROC_PER_NODE": "1",
+        "COVRL_OUTPUT": str(tmp_path / "runs"),
+        "COVRL_MODEL": "/models/tiny",
+        "PROBE_OUT": str(tmp_path / "probe"),
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
+
+
+def run_dir(tmp_path: Path, job_id: int) -> Path:
+    return tmp_path / "runs" / f"covrl-32b-{job_id}"
+
+
+def test_two_nodes_rendezvous_arguments_logs_and_exit_code(cluster, tmp_path):
+    env = job_env(tmp_path, PROBE_EXIT_RANK="1", PROBE_EXIT_CODE="3")
+    out = tmp_path / "batch.out"
+    job = cluster.sbatch(
+        ["--wait", "--nodes", "2", f"--output={out}", "slurm/train_32b.sh",
+         "trainer.total_steps=2", "policy.optim.lr=5e-7"],
+        env=env, cwd=REPO, timeout=240,
+    )  # fmt: skip
+    print(f"2-node probe job: {job.seconds:.1f} s")
+    # A failing rank fails the job: torchrun, srun and the batch script pass it on.
+    assert job.returncode != 0, out.read_text()
+    ranks = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert {r["node"] for r in ranks} == {"n1", "n2"}  # one torchrun per node
+    assert all(r["world_size"] == 2 and r["sum"] == 3.0 for r in ranks)
+    rdir = run_dir(tmp_path, job.job_id)
+    assert ranks[0]["argv"] == [
+        "--config", "examples/qwen2.5-32b_kl_cov.yaml", "--resume", "auto",
+        f"trainer.run_dir={rdir}", "policy.model_path=/models/tiny",
+        "trainer.total_steps=2", "policy.optim.lr=5e-7",
+    ]  # fmt: skip
+    logs = sorted(p.name for p in (rdir / "logs").iterdir())
+    assert logs == [f"{job.job_id}.0.node0.log", f"{job.job_id}.0.node1.log"]
+    batch = out.read_text()
+    assert "2 node(s) x 1 rank(s), backend gloo, rendezvous c10d at n1:" in batch
+    assert "ranks finished with exit code 1" in batch
+
+
+def test_preemption_signal_checkpoint_requeue_resume(cluster, tmp_path):
+    """USR1 to the batch shell (what --signal=B:USR1@T sends before the time limit):
+    the ranks checkpoint at the next step, the job requeues itself and resumes there."""
+    env = job_env(tmp_path, PROBE_MODE="steps", PROBE_STEP_SECONDS="0.5")
+    probe = tmp_path / "probe"
+    out = tmp_path / "batch.out"
+    t0 = time.monotonic()
+    job_id, sbatch = cluster.submit(
+        ["--nodes", "2", f"--output={out}", "slurm/train_32b.sh", "trainer.total_steps=6"],
+        env=env, cwd=REPO,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not all((probe / f"ready{r}.0").exists() for r in (0, 1)):
+            assert time.monotonic() < deadline and sbatch.poll() is None, out.read_text()
+            time.sleep(0.2)
+        time.sleep(0.8)  # inside step 2
+        signalled = subprocess.run(
+            ["scancel", "--signal=USR1", "--batch", str(job_id)], env=cluster.env
+        )
+        assert signalled.returncode == 0
+        sbatch.communicate(timeout=240)
+    finally:
+        if sbatch.poll() is None:
+            sbatch.kill()
+    print(f"preempted and requeued probe job: {time.monotonic() - t0:.1f} s")
+    assert sbatch.returncode == 0, out.read_text()
+    batch = out.read_text()
+    assert "USR1 received" in batch and f"requeueing job {job_id}" in batch
+    first = (run_dir(tmp_path, job_id) / "logs" / f"{job_id}.0.node0.log").read_text()
+    first += (run_dir(tmp_path, job_id) / "logs" / f"{job_id}.0.node1.log").read_text()
+    saved = int(re.search(r"preempted: checkpoint saved at step (\d+)", first).group(1))
+    assert 1 <= saved < 6
+    for r in (0, 1):
+        steps = [tuple(map(int, line.split())) for line in (probe / f"steps.rank{r}").open()]
+        # Attempt 0 ran steps 1..saved; the requeued attempt 1 resumed at saved + 1.
+        assert steps == [(0, s) for s in range(1, saved + 1)] + [
+            (1, s) for s in range(saved + 1, 7)
+        ]
+
+
+def test_dead_rank_ends_the_job_within_60s(cluster, tmp_path):
+    """SIGKILL one rank in steady state: every process exits and the job fails < 60 s."""
+    env = job_env(tmp_path, PROBE_MODE="dead_rank", PROBE_KILL_RANK="1", PROBE_KILL_AFTER="2")
+    out = tmp_path / "batch.out"
+    job_id, sbatch = cluster.submit(
+        ["--nodes", "2", f"--output={out}", "slurm/train_32b.sh"], env=env, cwd=REPO
+    )
+    killed = tmp_path / "probe" / "killed"
+    try:
+        sbatch.communicate(timeout=240)
+        ended = time.time()
+    finally:
+        if sbatch.poll() is None:
+            sbatch.kill()
+    assert killed.exists(), out.read_text()
+    exit_seconds = ended - float(killed.read_text())
+    print(f"dead rank: job ended {exit_seconds:.1f} s after the kill")
+    assert sbatch.returncode != 0
+    assert exit_seconds < 60
+    # Nothing of the job is left: no probe process on this machine.
+    left = subprocess.run(["pgrep", "-f", "tests/slurm_probe.py"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", left.stdout
+
+
+def test_stop_leaves_nothing_running():
+    """A separate cluster: after stop() no daemon of it is alive and its folder is gone."""
+    c = start_cluster()
+    pids = [p.pid for p in c._procs.values()]
+    root = c.root
+    c.stop()
+    for pid in pids:
+        stat = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True)
+        assert stat.stdout.strip() in ("", "Z"), (pid, stat.stdout)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not root.exists()
