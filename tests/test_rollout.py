@@ -187,14 +187,14 @@ def world1(checkpoint):
     return launch(_world1_body, world_size=1, checkpoint=checkpoint, timeout=400)[0]
 
 
-def _max_abs(a: list, b: list) -> float:
+def max_abs_diff(a: list, b: list) -> float:
     return max(
         (torch.as_tensor(x).double() - torch.as_tensor(y).double()).abs().max().item()
         for x, y in zip(a, b, strict=True)
     )
 
 
-def _mean_abs(a: list, b: list) -> float:
+def mean_abs_diff(a: list, b: list) -> float:
     diffs = torch.cat(
         [
             (torch.as_tensor(x).double() - torch.as_tensor(y).double())
@@ -206,16 +206,16 @@ def _mean_abs(a: list, b: list) -> float:
 
 def test_prompt_logprobs_match_transformers(world1, checkpoint):
     ref = hf_reference(hf_model_from(checkpoint), world1["seqs"])
-    assert _max_abs(world1["vllm_initial"], ref) < 1e-4
+    assert max_abs_diff(world1["vllm_initial"], ref) < 1e-4
 
 
 def test_sync_brings_the_optimizer_step_into_vllm(world1):
     new = world1["megatron_new"]
-    stale = _mean_abs(world1["vllm_stale"], new)
-    synced = _mean_abs(world1["vllm_small"], new)
+    stale = mean_abs_diff(world1["vllm_stale"], new)
+    synced = mean_abs_diff(world1["vllm_small"], new)
     assert synced < 1e-5, synced
     assert stale > 1e3 * synced and stale > 1e-2, (stale, synced)
-    assert _max_abs(world1["vllm_small"], new) < 1e-4
+    assert max_abs_diff(world1["vllm_small"], new) < 1e-4
 
 
 def test_bucket_size_does_not_change_the_weights(world1):

@@ -82,6 +82,76 @@ def preserved_rng_state():
             torch.cuda.set_rng_state_all(cuda)
 
 
+def _job_unique_cpu_shm_names() -> None:
+    """Name vLLM's CPU shared-memory segments after this job's rendezvous.
+
+    vLLM's CPU TP communicator names its segments after the init method, which is
+    ``env://`` under ``external_launcher``: the same for every job on the host, so two
+    jobs (or a job and the segments a killed one left behind) collide with "create shm
+    in SHMManager failed. errno: 17". ``MASTER_ADDR:MASTER_PORT`` is the same on every
+    rank of a job and differs between concurrent jobs.
+    """
+    from vllm.distributed.device_communicators import cpu_communicator
+
+    shm = cpu_communicator._CPUSHMDistributed
+    original = shm.make_group_name
+    if getattr(original, "job_unique", False):
+        return
+
+    def make_group_name(communicator) -> str:
+        return f"{original(communicator)}-{_job_id()}"
+
+    make_group_name.job_unique = True
+    shm.make_group_name = staticmethod(make_group_name)
+
+
+def _job_id() -> str:
+    return f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+
+
+def _unlink_cpu_shm_names(group: dist.ProcessGroup | None) -> None:
+    """Unlink this job's shared-memory segment names once every rank has mapped them
+    (collective): the memory lives until the last process unmaps it, and no name is
+    left in /dev/shm when a job ends, however it ends."""
+    dist.barrier(group=group)
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return
+    suffix = f"-cpushm-{_job_id()}_"
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir("/dev/shm"):
+            if suffix in entry.name:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+
+
+def _reprocess_shared_weight_layers(worker) -> int:
+    """Runs on a vLLM worker after an in-place reload: re-run weight post-processing
+    of every layer whose weight is shared with another layer (tied embeddings).
+
+    vLLM's checkpoint loader skips ``lm_head.weight`` of a tied model, so the reload
+    never touches the LM head; its weight is the (updated) embedding tensor, but on
+    CPU its GEMM runs on a packed copy made at start-up, which would stay stale.
+    Returns the number of layers processed.
+    """
+    model = worker.model_runner.get_model()
+    by_weight: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            by_weight.setdefault(id(weight), []).append(module)
+    count = 0
+    with torch.no_grad():
+        for modules in by_weight.values():
+            if len(modules) < 2:
+                continue
+            for module in modules:
+                method = getattr(module, "quant_method", None)
+                if method is not None:
+                    method.process_weights_after_loading(module)
+                    count += 1
+    return count
+
+
 def sample_seed(seed: int, prompt: int, sample: int) -> int:
     """The vLLM request seed of sample ``sample`` of prompt ``prompt`` (global indices),
     so a sample does not depend on which replica draws it."""
@@ -209,8 +279,12 @@ class RolloutEngine:
         if self._cuda_sleep:
             kwargs["enable_sleep_mode"] = True
         kwargs.update(config.engine_kwargs)
+        if on_cpu:
+            _job_unique_cpu_shm_names()
         with preserved_rng_state():
             self.llm = LLM(**kwargs)
+        if on_cpu:
+            _unlink_cpu_shm_names(group)
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -329,6 +403,8 @@ class RolloutEngine:
                 "reload_weights",
                 kwargs={"weights_iterator": iter(stream), "is_checkpoint_format": True},
             )
+        if self.model_config.tie_word_embeddings:
+            self.llm.collective_rpc(_reprocess_shared_weight_layers)
         self.llm.reset_prefix_cache()
         self._weights_lost = False
         metrics = stream.stats.metrics()
