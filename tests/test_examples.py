@@ -1,0 +1,144 @@
+"""examples/: every config loads and validates; the Qwen2.5 recipes carry the paper's
+values (typed here from the paper's recipe, not read from the code) and fit their
+Slurm layout; the Slurm dry run prints the plan."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from covrl.config import load_config
+from covrl.scaling import Layout, estimate_memory, model_config
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+RECIPES = [p for p in EXAMPLES if p.name.startswith("qwen2.5-")]
+
+# The paper's training setup (Cui et al., 2025, Sec. "Experiments"; the brief's table):
+# GRPO advantages over 8 responses, 256 prompts per rollout batch, mini-batches of 32
+# prompts, lr 1e-6 constant, grad clip 1.0, no reference KL, no entropy bonus,
+# responses of 8192 tokens at temperature 1.0, token-mean loss, dynamic sampling.
+COMMON = {
+    "algorithm.advantage.estimator": "grpo",
+    "algorithm.advantage.dynamic_sampling": True,
+    "sampling.n": 8,
+    "data.train_batch_size": 256,
+    "algorithm.ppo_mini_batch_size": 32,
+    "policy.optim.lr": 1e-6,
+    "policy.optim.lr_decay_style": "constant",
+    "policy.optim.clip_grad": 1.0,
+    "policy.loss.kl_coeff": 0.0,
+    "policy.loss.entropy_coeff": 0.0,
+    "sampling.max_tokens": 8192,
+    "sampling.temperature": 1.0,
+    "policy.loss.loss_agg_mode": "token-mean",
+}
+# Method-defining values: Clip-Cov r = 2e-4, omega in (1, 5), clip range 1/1 in the
+# paper's runs; KL-Cov k = 2e-3 (7B) / 2e-4 (32B), beta = 1; clip-higher 0.2 / 0.28.
+METHODS = {
+    "grpo": {"method": "none", "clip_ratio_low": 0.2, "clip_ratio_high": 0.2},
+    "clip_higher": {"method": "none", "clip_ratio_low": 0.2, "clip_ratio_high": 0.28},
+    "clip_cov": {
+        "method": "clip_cov", "clip_ratio_low": 1.0, "clip_ratio_high": 1.0,
+        "clip_cov.ratio": 2e-4, "clip_cov.omega_low": 1.0, "clip_cov.omega_high": 5.0,
+    },
+    "kl_cov": {"method": "kl_cov", "clip_ratio_low": 0.2, "clip_ratio_high": 0.2,
+               "kl_cov.beta": 1.0},
+}  # fmt: skip
+KL_COV_RATIO = {"7b": 2e-3, "32b": 2e-4}
+# The Slurm scripts' allocation: 4 nodes x 8 GPUs.
+WORLD = 32
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def test_every_method_and_size_has_an_example():
+    names = {p.stem for p in RECIPES}
+    assert names == {f"qwen2.5-{s}_{m}" for s in KL_COV_RATIO for m in METHODS}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_loads_and_validates(path):
+    cfg = load_config(path)
+    assert cfg.warnings() == []
+    if path in RECIPES:
+        assert cfg.check_layout(WORLD) == WORLD // (cfg.policy.tp * cfg.policy.pp)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_values_match_the_paper(path):
+    cfg = load_config(path)
+    size, method = re.fullmatch(r"qwen2\.5-(\d+b)_(\w+)", path.stem).groups()
+    for key, value in COMMON.items():
+        assert _get(cfg, key) == value, key
+    loss = cfg.policy.loss
+    expected = dict(METHODS[method])
+    if method == "kl_cov":
+        expected["kl_cov.ratio"] = KL_COV_RATIO[size]
+    for key, value in expected.items():
+        where = loss if key.startswith("clip_ratio") else loss.entropy_control
+        assert _get(where, key) == pytest.approx(value), key
+    # The recipe's rollout: 2048-token prompts, vLLM TP=2 as in the public scripts.
+    assert cfg.data.max_prompt_length == 2048
+    assert cfg.rollout.tensor_parallel_size == 2
+    assert cfg.rollout.max_model_len == 2048 + 8192
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_fits_80gb_gpus(path):
+    cfg = load_config(path)
+    est = estimate_memory(
+        model_config(cfg.policy.model_path),
+        Layout(
+            nodes=4, gpus_per_node=8, tp=cfg.policy.tp, pp=cfg.policy.pp,
+            micro_batch_size=cfg.policy.engine.micro_batch_size,
+            seq_length=cfg.data.max_prompt_length + cfg.sampling.max_tokens,
+            vllm_tp=cfg.rollout.tensor_parallel_size,
+            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        ),
+    )  # fmt: skip
+    assert est.fits, est.table()
+
+
+def test_dry_run_prints_layout_commands_and_memory():
+    """`COVRL_DRY_RUN=1 bash slurm/train_32b.sh` outside Slurm: the scripts' defaults."""
+    env = dict(
+        os.environ,
+        COVRL_DRY_RUN="1",
+        COVRL_PYTHON=sys.executable,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    )
+    for key in [k for k in env if k.startswith(("SLURM_", "COVRL_"))]:
+        if key not in ("COVRL_DRY_RUN", "COVRL_PYTHON"):
+            env.pop(key)
+    proc = subprocess.run(
+        ["bash", "slurm/train_32b.sh", "policy.optim.lr=5e-7"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "4 node(s) x 8 rank(s)" in out
+    commands = re.findall(r"^  \[node\d\] (torchrun .*)$", out, re.M)
+    assert len(commands) == 4 and len(set(commands)) == 1  # c10d: the same on every node
+    assert "--nnodes=4 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=node0:" in commands[0]
+    assert (
+        commands[0]
+        .rstrip()
+        .endswith(
+            "-m covrl.training.cli --config examples/qwen2.5-32b_kl_cov.yaml --resume auto "
+            f"trainer.run_dir={REPO}/outputs/covrl-dryrun policy.optim.lr=5e-7"
+        )
+    )
+    assert "layout: 4 nodes x 8 GPUs = 32; train TP=8 PP=4 DP=1; vLLM TP=2 (16 replicas)" in out
+    for term in ("weights (bf16)", "gradients", "optimizer", "activations", "KV cache"):
+        assert term in out
+    assert re.search(r"^  fits\s+yes$", out, re.M)
