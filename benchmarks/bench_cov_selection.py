@@ -48,6 +48,7 @@ from covrl.algorithms import (
     global_loss_count,
     prepare_selection,
 )
+from covrl.parallel import SINGLE_PROCESS
 
 
 def make_minibatch(tokens: int, width: int, mb_seqs: int, device: torch.device, seed: int = 0):
@@ -128,6 +129,7 @@ def covrl_step(mbs, cfg: PolicyLossConfig, count: torch.Tensor) -> None:
         ],
         cfg,
         step=0,
+        group=SINGLE_PROCESS,
     )
     for i, mb in enumerate(mbs):
         logp = mb["logp"].clone().requires_grad_(True)
@@ -190,7 +192,7 @@ def main() -> None:
     print("-" * len(header))
     for mb_seqs in args.mb_seqs:
         mbs, n_tokens = make_minibatch(args.tokens, args.width, mb_seqs, device)
-        count = global_loss_count([mb["mask"] for mb in mbs], "token-mean")
+        count = global_loss_count([mb["mask"] for mb in mbs], "token-mean", SINGLE_PROCESS)
         for name, ec in methods.items():
             cfg = PolicyLossConfig(entropy_control=replace(ec, compute_cov_stats=False))
             stats_cfg = PolicyLossConfig(entropy_control=replace(ec, compute_cov_stats=True))

@@ -120,6 +120,7 @@ def _run_once(job: Job, logits, target, weights, group):
     from megatron.core import tensor_parallel
 
     from covrl.ops import vocab_parallel_logprob_entropy
+    from covrl.parallel import SINGLE_PROCESS
 
     train = job.mode != "fwd"
     with torch.set_grad_enabled(train):
@@ -132,7 +133,8 @@ def _run_once(job: Job, logits, target, weights, group):
             logp, entropy = vocab_parallel_logprob_entropy(
                 logits,
                 target,
-                tp_group=group if job.tp > 1 else None,
+                tp_group=group if job.tp > 1 else SINGLE_PROCESS,
+                vocab_size=logits.shape[-1] * job.tp,
                 chunk_size=job.chunk_size,
                 entropy_requires_grad=job.mode == "fwd+bwd+H",
                 inplace=job.method == "fused-inplace",

@@ -184,7 +184,9 @@ def _reinforce_pp(rank, dp, group):
     labels = torch.arange(16) // 4
     mask = torch.rand(16, 10, generator=g) < 0.7
     mine = (labels % dp) == rank
-    adv = reinforce_pp_baseline_advantages(rewards[mine], labels[mine], mask[mine], group=group)
+    adv = reinforce_pp_baseline_advantages(
+        rewards[mine], labels[mine], mask[mine], process_group=group
+    )
     full = reinforce_pp_baseline_advantages(rewards, labels, mask)
     return dict(max_err=(adv - full[mine]).abs().max().item())
 

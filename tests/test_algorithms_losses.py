@@ -22,6 +22,7 @@ from covrl.algorithms import (
     policy_metric_sums,
     reduce_metric_sums,
 )
+from covrl.parallel import SINGLE_PROCESS
 
 B, S = 6, 20
 
@@ -129,7 +130,7 @@ def test_loss_and_grad_match_float64_reference(name, mode, const):
     out = compute_policy_loss(
         leaf, old, adv, mask, cfg, selected=sel if use_sel else None, entropy=ent, ref_logp=ref
     )
-    count = global_loss_count([mask], mode)
+    count = global_loss_count([mask], mode, SINGLE_PROCESS)
     loss = aggregate_loss(out.token_loss, mask, mode, count, const)
     loss.backward()
 
@@ -175,7 +176,7 @@ def test_clip_cov_zeroes_selected_terms_but_keeps_them_in_denominator():
     out = compute_policy_loss(logp, old, adv, mask, cfg, selected=sel)
     assert (out.token_loss[sel] == 0).all()
     assert torch.equal(out.token_loss[~sel], base[~sel])
-    n = global_loss_count([mask], "token-mean")
+    n = global_loss_count([mask], "token-mean", SINGLE_PROCESS)
     assert aggregate_loss(out.token_loss, mask, "token-mean", n).item() == pytest.approx(
         base[mask & ~sel].sum().item() / mask.sum().item(), rel=1e-6
     )
@@ -200,12 +201,12 @@ def test_megatron_scaling_composes_to_the_minibatch_gradient():
         compute_policy_loss(logp + theta, old, adv, mask, cfg).token_loss,
         mask,
         mode,
-        global_loss_count([mask], mode),
+        global_loss_count([mask], mode, SINGLE_PROCESS),
     )
     (g_full,) = torch.autograd.grad(full, theta)
     rows = [[0, 1], [2], [3, 4, 5]]  # 3 micro-batches "on 2 ranks" (rank 0: first two)
     parts = [(logp[r], old[r], adv[r], mask[r]) for r in rows]
-    count = global_loss_count([p[3] for p in parts], mode)
+    count = global_loss_count([p[3] for p in parts], mode, SINGLE_PROCESS)
     ranks = [[0, 1], [2]]
     avg = 0.0
     for mbs in ranks:
@@ -228,7 +229,9 @@ def test_loss_terms_for_per_token_loss_path():
     for mode, const in MODES:
         num0, c0 = loss_terms(tok[:3], mask[:3], mode, const)
         num1, c1 = loss_terms(tok[3:], mask[3:], mode, const)
-        expect = aggregate_loss(tok, mask, mode, global_loss_count([mask], mode), const)
+        expect = aggregate_loss(
+            tok, mask, mode, global_loss_count([mask], mode, SINGLE_PROCESS), const
+        )
         assert ((num0 + num1) / (c0 + c1)).item() == pytest.approx(expect.item(), rel=1e-6)
 
 
@@ -240,7 +243,7 @@ def test_metric_sums_against_reference():
         policy_metric_sums(compute_policy_loss(logp[h], old[h], adv[h], mask[h], cfg), ent[h])
         for h in halves
     ]
-    got = reduce_metric_sums(sums, None)
+    got = reduce_metric_sums(sums, SINGLE_PROCESS)
     lr = (logp.double() - old.double())[mask]
     r, a = lr.exp(), adv.double()[mask]
     assert got["pg_clipfrac"] == pytest.approx(
@@ -261,13 +264,13 @@ def test_empty_mask_gives_zero_loss_and_zero_grad():
     leaf = logp.clone().requires_grad_(True)
     out = compute_policy_loss(leaf, old, adv, mask, CONFIGS["kl_cov"], selected=mask)
     for mode, const in MODES:
-        count = global_loss_count([mask], mode)
+        count = global_loss_count([mask], mode, SINGLE_PROCESS)
         assert count.item() == 0
         loss = aggregate_loss(out.token_loss, mask, mode, count, const)
         assert loss.item() == 0.0
     loss.backward()
     assert (leaf.grad == 0).all()
-    sums = reduce_metric_sums([policy_metric_sums(out)], None)
+    sums = reduce_metric_sums([policy_metric_sums(out)], SINGLE_PROCESS)
     assert all(v == 0.0 for v in sums.values())
 
 
@@ -278,7 +281,7 @@ def test_single_valid_token():
     leaf = logp.clone().requires_grad_(True)
     out = compute_policy_loss(leaf, old, adv, mask, CONFIGS["ppo"])
     aggregate_loss(
-        out.token_loss, mask, "token-mean", global_loss_count([mask], "token-mean")
+        out.token_loss, mask, "token-mean", global_loss_count([mask], "token-mean", SINGLE_PROCESS)
     ).backward()
     r = math.exp(logp[4, 2].item() - old[4, 2].item())
     a = adv[4, 2].item()
@@ -419,7 +422,8 @@ def test_non_finite_log_ratio_of_finite_inputs_is_an_error():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_padding_zeroer_matches_masked(dtype):
-    from covrl.algorithms._common import PaddingZeroer, masked
+    from covrl.algorithms._common import PaddingZeroer
+    from covrl.ops.masking import masked
 
     g = torch.Generator().manual_seed(9)
     mask = torch.rand(5, 7, generator=g) < 0.6

@@ -17,6 +17,7 @@ from covrl.algorithms import (
     SelectionBatch,
     canonical_token_ids,
     covariance_summary,
+    global_loss_count,
     kth_largest,
     prepare_selection,
     select_top_k,
@@ -24,6 +25,7 @@ from covrl.algorithms import (
 )
 from covrl.algorithms._common import selection_count
 from covrl.algorithms.metrics import float_to_ordered_int
+from covrl.parallel import SINGLE_PROCESS
 from tests.test_algorithms_tokens import (
     DATASETS,
     collate,
@@ -79,7 +81,7 @@ def test_selection_is_invariant_under_random_splits(
     samples = make_samples(ds, seed=data_seed)
     cfg = _cfg(method, ratio)
     mbs = split(samples, 1, 0, n_mb, order_seed)
-    got = _selected_ids(mbs, prepare_selection(_batches(mbs), cfg, step=step))
+    got = _selected_ids(mbs, prepare_selection(_batches(mbs), cfg, step=step, group=SINGLE_PROCESS))
     ref = reference_selection(samples, method, ratio, omega=(0.2, 5.0), seed=0, step=step)
     assert got == sorted(ref)
 
@@ -89,11 +91,15 @@ def test_old_logp_source(method):
     samples = make_samples("continuous", seed=3)
     cfg = _cfg(method, 0.05, logp_source="old")
     mbs = split(samples, 1, 0, 3, 1)
-    got = _selected_ids(mbs, prepare_selection(_batches(mbs, with_logp=False), cfg, step=2))
+    got = _selected_ids(
+        mbs, prepare_selection(_batches(mbs, with_logp=False), cfg, step=2, group=SINGLE_PROCESS)
+    )
     ref = reference_selection(samples, method, 0.05, omega=(0.2, 5.0), step=2, use_current=False)
     assert got == sorted(ref)
     with pytest.raises(ValueError, match=r"batches\[0\].logp is None"):
-        prepare_selection(_batches(mbs, with_logp=False), _cfg(method), step=2)
+        prepare_selection(
+            _batches(mbs, with_logp=False), _cfg(method), step=2, group=SINGLE_PROCESS
+        )
 
 
 # --- primitives ----------------------------------------------------------------------
@@ -112,7 +118,7 @@ def test_select_top_k_matches_sort(vals, k, as_float, id_seed, elig_seed):
     values = torch.tensor(vals, dtype=torch.float64 if as_float else torch.int64)
     ids = torch.randperm(10 * n + 1, generator=torch.Generator().manual_seed(id_seed))[:n]
     eligible = torch.rand(n, generator=torch.Generator().manual_seed(elig_seed)) < 0.8
-    got = select_top_k(values, ids, eligible, k, None)
+    got = select_top_k(values, ids, eligible, k, group=SINGLE_PROCESS)
     order = sorted((i for i in range(n) if eligible[i]), key=lambda i: (-vals[i], ids[i].item()))
     expect = torch.zeros(n, dtype=torch.bool)
     expect[order[:k]] = True
@@ -132,7 +138,9 @@ def test_kth_largest_matches_sort(vals, data):
     ranks = data.draw(st.lists(st.integers(1, len(vals)), min_size=1, max_size=5))
     # Split into uneven segments: the result must not depend on the segmentation.
     cut = data.draw(st.integers(0, len(vals)))
-    got = kth_largest([float_to_ordered_int(x[:cut]), float_to_ordered_int(x[cut:])], ranks, None)
+    got = kth_largest(
+        [float_to_ordered_int(x[:cut]), float_to_ordered_int(x[cut:])], ranks, SINGLE_PROCESS
+    )
     keys = sorted(float_to_ordered_int(x).tolist(), reverse=True)
     assert got.tolist() == [keys[r - 1] for r in ranks]
 
@@ -153,7 +161,7 @@ def test_covariance_summary_matches_brute_force():
     valid = cov[mask]
     n = valid.numel()
     fracs = (2e-4, 2e-3, 2e-2, 0.2, 0.5, 1.0)
-    got = covariance_summary([padded[:1234].view(2, 617), padded[1234:]], n, fracs, None)
+    got = covariance_summary([padded[:1234].view(2, 617), padded[1234:]], n, fracs, SINGLE_PROCESS)
     s = torch.sort(valid, descending=True).values
     assert got["cov/mean"] == pytest.approx(valid.mean().item(), rel=1e-12)
     for f in fracs:
@@ -201,12 +209,14 @@ def test_all_equal_advantages_zero_covariance():
     for s in samples:
         s["adv"] = torch.full_like(s["adv"], 0.7)
     mbs = _one(samples)
-    res = prepare_selection(_batches(mbs), _cfg("clip_cov", omega=(1.0, 5.0)), step=0)
+    res = prepare_selection(
+        _batches(mbs), _cfg("clip_cov", omega=(1.0, 5.0)), step=0, group=SINGLE_PROCESS
+    )
     assert not any(m.any() for m in res.masks)
     assert res.metrics["entropy_control/candidates"] == 0
     assert res.metrics["cov/mean"] == 0 and res.metrics["cov/top_0.02%"] == 0
     # KL-Cov still takes K tokens (all tie at 0): the smallest canonical ids.
-    res = prepare_selection(_batches(mbs), _cfg("kl_cov", 0.05), step=0)
+    res = prepare_selection(_batches(mbs), _cfg("kl_cov", 0.05), step=0, group=SINGLE_PROCESS)
     n = int(mbs[0]["mask"].sum())
     k = int(0.05 * n)
     assert _selected_ids(mbs, res) == sorted(mbs[0]["token_ids"][mbs[0]["mask"]].tolist())[:k]
@@ -214,7 +224,9 @@ def test_all_equal_advantages_zero_covariance():
 
 def test_no_candidate_in_band():
     mbs = _one(make_samples())
-    res = prepare_selection(_batches(mbs), _cfg("clip_cov", omega=(1e6, 2e6)), step=0)
+    res = prepare_selection(
+        _batches(mbs), _cfg("clip_cov", omega=(1e6, 2e6)), step=0, group=SINGLE_PROCESS
+    )
     assert not any(m.any() for m in res.masks)
     assert res.metrics["entropy_control/selected_tokens"] == 0
 
@@ -223,7 +235,7 @@ def test_fewer_candidates_than_requested_takes_all():
     samples = make_samples()
     mbs = _one(samples)
     cfg = _cfg("clip_cov", ratio=0.9, omega=(0.2, 5.0))
-    res = prepare_selection(_batches(mbs), cfg, step=0)
+    res = prepare_selection(_batches(mbs), cfg, step=0, group=SINGLE_PROCESS)
     assert (
         res.metrics["entropy_control/selected_tokens"]
         == res.metrics["entropy_control/candidates"]
@@ -233,7 +245,7 @@ def test_fewer_candidates_than_requested_takes_all():
 
 def test_kn_below_one_selects_one():
     mbs = _one(make_samples())
-    res = prepare_selection(_batches(mbs), _cfg("kl_cov", ratio=1e-4), step=0)
+    res = prepare_selection(_batches(mbs), _cfg("kl_cov", ratio=1e-4), step=0, group=SINGLE_PROCESS)
     assert sum(int(m.sum()) for m in res.masks) == 1
 
 
@@ -242,7 +254,7 @@ def test_empty_masks():
     for mb in mbs:
         mb["mask"][:] = False
     for method in ("kl_cov", "clip_cov"):
-        res = prepare_selection(_batches(mbs), _cfg(method), step=0)
+        res = prepare_selection(_batches(mbs), _cfg(method), step=0, group=SINGLE_PROCESS)
         assert not any(m.any() for m in res.masks)
         assert res.metrics["entropy_control/num_tokens"] == 0
         assert res.metrics["entropy_control/selected_fraction"] == 0
@@ -253,11 +265,11 @@ def test_single_valid_token():
     mbs[0]["mask"][:] = False
     mbs[0]["mask"][3, 1] = True
     mbs[0]["token_ids"] = canonical_token_ids(mbs[0]["sample_index"], mbs[0]["mask"])
-    res = prepare_selection(_batches(mbs), _cfg("kl_cov"), step=0)
+    res = prepare_selection(_batches(mbs), _cfg("kl_cov"), step=0, group=SINGLE_PROCESS)
     assert torch.equal(res.masks[0], mbs[0]["mask"])
     assert res.metrics["cov/mean"] == 0.0
     # Its covariance is 0: outside any band above 0.
-    res = prepare_selection(_batches(mbs), _cfg("clip_cov"), step=0)
+    res = prepare_selection(_batches(mbs), _cfg("clip_cov"), step=0, group=SINGLE_PROCESS)
     assert not res.masks[0].any()
 
 
@@ -269,7 +281,7 @@ def test_non_finite_named(field, name, value):
     mbs = _one(make_samples())
     mbs[0][field][2, 0] = value  # row 2, first token: valid under right padding
     with pytest.raises(ValueError, match=rf"non-finite.*\b{name}\b"):
-        prepare_selection(_batches(mbs), _cfg("kl_cov"), step=0)
+        prepare_selection(_batches(mbs), _cfg("kl_cov"), step=0, group=SINGLE_PROCESS)
 
 
 def test_microbatch_scope_touches_zero_covariance_microbatches():
@@ -281,9 +293,11 @@ def test_microbatch_scope_touches_zero_covariance_microbatches():
     rest = [s for s in samples if s["index"] not in (4, 5, 6, 7)]
     mbs = [collate(flat, left_pad=False), collate(rest, left_pad=True)]
     assert all((s["adv"] == s["adv"][0]).all() for s in flat)
-    local = prepare_selection(_batches(mbs), _cfg("kl_cov", 2e-3, scope="microbatch"), step=0)
+    local = prepare_selection(
+        _batches(mbs), _cfg("kl_cov", 2e-3, scope="microbatch"), step=0, group=SINGLE_PROCESS
+    )
     assert local.masks[0].sum() == 1 and local.masks[1].sum() == 1
-    glob = prepare_selection(_batches(mbs), _cfg("kl_cov", 2e-3), step=0)
+    glob = prepare_selection(_batches(mbs), _cfg("kl_cov", 2e-3), step=0, group=SINGLE_PROCESS)
     n = sum(int(mb["mask"].sum()) for mb in mbs)
     assert sum(int(m.sum()) for m in glob.masks) == max(1, int(2e-3 * n)) == 1
 
@@ -303,10 +317,10 @@ def test_block_size_does_not_change_the_selection(monkeypatch, block, method, ds
     expected = {}
     for ratio in ratios:
         cfg = _cfg(method, ratio)
-        expected[ratio] = prepare_selection(_batches(mbs), cfg, step=3)
+        expected[ratio] = prepare_selection(_batches(mbs), cfg, step=3, group=SINGLE_PROCESS)
     monkeypatch.setitem(selection._BLOCK_SLOTS, "cpu", block)
     for ratio in ratios:
-        res = prepare_selection(_batches(mbs), _cfg(method, ratio), step=3)
+        res = prepare_selection(_batches(mbs), _cfg(method, ratio), step=3, group=SINGLE_PROCESS)
         ref = reference_selection(samples, method, ratio, omega=(0.2, 5.0), step=3)
         assert _selected_ids(mbs, res) == sorted(ref)
         # Block sums add in another order: the covariance summary may move in its last bits.
@@ -316,7 +330,7 @@ def test_block_size_does_not_change_the_selection(monkeypatch, block, method, ds
         }
     for mb in mbs:
         mb["adv"] = torch.full_like(mb["adv"], 0.3)  # every covariance ties at 0
-    res = prepare_selection(_batches(mbs), _cfg("kl_cov", 0.05), step=0)
+    res = prepare_selection(_batches(mbs), _cfg("kl_cov", 0.05), step=0, group=SINGLE_PROCESS)
     ids = sorted(torch.cat([mb["token_ids"][mb["mask"]] for mb in mbs]).tolist())
     assert _selected_ids(mbs, res) == ids[: max(1, int(0.05 * len(ids)))]
 
@@ -356,13 +370,13 @@ def test_blockwise_covariance_summary_matches_sort(block, with_valid):
     blocks = list(zip(padded.split(block), mask.split(block), strict=True))
     for values, m in blocks:
         summary.add(values, m if with_valid else None)
-    got = summary.result(n, lambda i, pos: blocks[i][0].index_select(0, pos), None)
+    got = summary.result(n, lambda i, pos: blocks[i][0].index_select(0, pos), SINGLE_PROCESS)
     s = torch.sort(valid, descending=True).values
     assert got["cov/mean"] == pytest.approx(valid.mean().item(), rel=1e-12)
     for f in fracs:
         k = max(1, int(round(f * n, 9)))
         assert got[f"cov/top_{f * 100:g}%"] == pytest.approx(s[:k].mean().item(), rel=1e-12)
-    whole = covariance_summary([torch.where(mask, cov, float("-inf"))], n, fracs, None)
+    whole = covariance_summary([torch.where(mask, cov, float("-inf"))], n, fracs, SINGLE_PROCESS)
     assert got == pytest.approx(whole, rel=1e-12)
 
 
@@ -385,7 +399,9 @@ def test_covariance_summary_same_from_every_pass(monkeypatch, ds):
                 ("none", "minibatch"),
                 ("kl_cov", "microbatch"),
             ]:
-                res = prepare_selection(_batches(mbs), _cfg(method, 0.05, scope=scope), step=1)
+                res = prepare_selection(
+                    _batches(mbs), _cfg(method, 0.05, scope=scope), step=1, group=SINGLE_PROCESS
+                )
                 stats = {k: v for k, v in res.metrics.items() if k.startswith("cov/")}
                 assert len(stats) == 6
                 if reference is None:
@@ -404,3 +420,12 @@ def test_covariance_summary_same_from_every_pass(monkeypatch, ds):
         assert reference[f"cov/top_{f * 100:g}%"] == pytest.approx(
             s[:k].mean().item(), rel=1e-9, abs=1e-12
         )
+
+
+def test_a_forgotten_group_is_refused():
+    """``None`` means the whole world in torch.distributed: it must not mean "this rank"."""
+    mbs = split(make_samples("continuous", seed=3), 1, 0, 2, 0)
+    with pytest.raises(TypeError, match="group=None is ambiguous"):
+        prepare_selection(_batches(mbs), _cfg("kl_cov"), step=0, group=None)
+    with pytest.raises(TypeError, match="group=None is ambiguous"):
+        global_loss_count([mb["mask"] for mb in mbs], "token-mean", None)

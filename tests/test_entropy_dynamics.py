@@ -11,9 +11,12 @@ from covrl.ops import (
     sampled_entropy_change,
     vocab_parallel_logprob_entropy,
 )
+from covrl.parallel import SINGLE_PROCESS
 from tests.harness import launch
 
 STATES, VOCAB, PADDED = 12, 45, 48  # PADDED: a multiple of 2 * 8 (TP=2, 8-column padding)
+# One process holding all PADDED columns as real tokens (input checks only).
+WHOLE_VOCAB = dict(tp_group=SINGLE_PROCESS, vocab_size=PADDED)
 
 
 def _policy(seed: int, dtype=torch.float64):
@@ -47,7 +50,9 @@ def test_covariance_and_entropies_match_reference(dtype):
     z_old, advantages = _policy(0, dtype)
     z_new = (z_old.double() + 0.3 * advantages.double()).to(dtype)
     z_new[:, VOCAB:] = -50.0
-    d = entropy_dynamics(z_old, z_new, vocab_size=VOCAB, temperature=0.8, chunk_size=5)
+    d = entropy_dynamics(
+        z_old, z_new, tp_group=SINGLE_PROCESS, vocab_size=VOCAB, temperature=0.8, chunk_size=5
+    )
     cov, measured, h_old = _reference(z_old, z_new, 0.8)
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(d.covariance.double(), cov, atol=tol, rtol=tol)
@@ -63,7 +68,9 @@ def test_natural_gradient_step_first_order_with_quadratic_error():
     z_old, advantages = _policy(1)
     errors, predicted = [], []
     for eta in (0.04, 0.02, 0.01, 0.005):
-        d = entropy_dynamics(z_old, z_old + eta * advantages, vocab_size=VOCAB)
+        d = entropy_dynamics(
+            z_old, z_old + eta * advantages, tp_group=SINGLE_PROCESS, vocab_size=VOCAB
+        )
         # The exact change, independently of the code under test.
         _, measured, _ = _reference(z_old, z_old + eta * advantages, 1.0)
         torch.testing.assert_close(d.measured_change, measured, atol=1e-12, rtol=1e-10)
@@ -85,9 +92,13 @@ def test_natural_gradient_step_first_order_with_quadratic_error():
 def test_per_state_natural_pg_form_is_the_logit_change_covariance():
     z_old, advantages = _policy(2, torch.float32)
     eta = 0.05
-    cov_a = log_prob_covariance(z_old, advantages, vocab_size=VOCAB, temperature=1.3, chunk_size=7)
+    cov_a = log_prob_covariance(
+        z_old, advantages, tp_group=SINGLE_PROCESS, vocab_size=VOCAB, temperature=1.3, chunk_size=7
+    )
     # A logit change eta * A on raw logits is eta * A / T on the scaled ones.
-    d = entropy_dynamics(z_old, z_old + eta * advantages, vocab_size=VOCAB, temperature=1.3)
+    d = entropy_dynamics(
+        z_old, z_old + eta * advantages, tp_group=SINGLE_PROCESS, vocab_size=VOCAB, temperature=1.3
+    )
     torch.testing.assert_close(-eta * cov_a / 1.3, d.predicted_change, atol=1e-6, rtol=1e-4)
 
 
@@ -99,12 +110,17 @@ def test_sampled_token_form_estimates_the_exact_covariance():
     probs = z_old[state, :VOCAB].softmax(-1)
     actions = torch.multinomial(probs, 200_000, replacement=True, generator=gen)
     logits = z_old[state].expand(actions.numel(), PADDED)
-    logp, _ = vocab_parallel_logprob_entropy(logits, actions, vocab_size=VOCAB, chunk_size=65536)
+    logp, _ = vocab_parallel_logprob_entropy(
+        logits, actions, tp_group=SINGLE_PROCESS, vocab_size=VOCAB, chunk_size=65536
+    )
     adv = advantages[state, actions]
     eta = 0.1
-    sampled = sampled_entropy_change(logp, adv, eta)
+    sampled = sampled_entropy_change(logp, adv, eta, group=SINGLE_PROCESS)
     exact = log_prob_covariance(
-        z_old[state : state + 1], advantages[state : state + 1], vocab_size=VOCAB
+        z_old[state : state + 1],
+        advantages[state : state + 1],
+        tp_group=SINGLE_PROCESS,
+        vocab_size=VOCAB,
     )
     stderr = sampled.token_covariance.std() / actions.numel() ** 0.5
     assert abs(sampled.covariance - exact[0]) < 4 * stderr
@@ -117,7 +133,7 @@ def test_sampled_token_form_with_mask_matches_formula():
     logp = -3 * torch.rand(4, 9, generator=gen, dtype=torch.float64)
     adv = torch.randn(4, 9, generator=gen, dtype=torch.float64)
     mask = torch.rand(4, 9, generator=gen) > 0.3
-    out = sampled_entropy_change(logp, adv, 0.5, mask)
+    out = sampled_entropy_change(logp, adv, 0.5, mask, group=SINGLE_PROCESS)
     lv, av = logp[mask], adv[mask]
     cov = ((lv - lv.mean()) * (av - av.mean())).mean()
     torch.testing.assert_close(out.covariance, cov)
@@ -129,15 +145,15 @@ def test_sampled_token_form_with_mask_matches_formula():
 def test_bad_inputs():
     z_old, _ = _policy(5, torch.float32)
     with pytest.raises(ValueError, match="new_logits has shape"):
-        entropy_dynamics(z_old, z_old[:, :10])
+        entropy_dynamics(z_old, z_old[:, :10], **WHOLE_VOCAB)
     bad = z_old.clone()
     bad[2, 3] = float("nan")
     with pytest.raises(ValueError, match="new_logits has non-finite.*token 2"):
-        entropy_dynamics(z_old, bad)
+        entropy_dynamics(z_old, bad, **WHOLE_VOCAB)
     with pytest.raises(ValueError, match="old_logits has non-finite"):
-        entropy_dynamics(bad, z_old)
+        entropy_dynamics(bad, z_old, **WHOLE_VOCAB)
     with pytest.raises(ValueError, match="values has shape"):
-        log_prob_covariance(z_old, z_old[:5])
+        log_prob_covariance(z_old, z_old[:5], **WHOLE_VOCAB)
 
 
 def _tp_body(ctx):
@@ -180,10 +196,12 @@ def test_tp2_equals_tp1():
     results = launch(_tp_body, world_size=2, tp=2)
     z_old, advantages = _policy(6, torch.float32)
     z_new = z_old + 0.03 * advantages
-    d1 = entropy_dynamics(z_old, z_new, vocab_size=VOCAB, temperature=0.9, chunk_size=5)
-    cov_a1 = log_prob_covariance(z_old, advantages, vocab_size=VOCAB)
+    d1 = entropy_dynamics(
+        z_old, z_new, tp_group=SINGLE_PROCESS, vocab_size=VOCAB, temperature=0.9, chunk_size=5
+    )
+    cov_a1 = log_prob_covariance(z_old, advantages, tp_group=SINGLE_PROCESS, vocab_size=VOCAB)
     logp, adv = _token_batch()
-    sampled1 = sampled_entropy_change(logp, adv, 0.2)
+    sampled1 = sampled_entropy_change(logp, adv, 0.2, group=SINGLE_PROCESS)
     for res in results:
         for key, value in vars(d1).items():
             torch.testing.assert_close(res["dynamics"][key], value, atol=1e-6, rtol=1e-5, msg=key)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from covrl.ops import vocab_parallel_logprob_entropy
+from covrl.parallel import SINGLE_PROCESS
 from tests.harness import launch
 
 
@@ -85,7 +86,7 @@ def _rank_body(ctx, data_seed: int):
     """Runs every case on this rank's shard; returns outputs, gradients and checks."""
     from megatron.core import parallel_state
 
-    group = parallel_state.get_tensor_model_parallel_group() if ctx.tp > 1 else None
+    group = parallel_state.get_tensor_model_parallel_group() if ctx.tp > 1 else SINGLE_PROCESS
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     out = {}
     for name, case in CASES.items():
@@ -132,7 +133,9 @@ def _collective_errors(group, tp_rank: int, tp: int) -> dict:
         if tp_rank == tp - 1:
             logits[4, 7] = value
         try:
-            vocab_parallel_logprob_entropy(logits, torch.zeros(6, dtype=torch.long), tp_group=group)
+            vocab_parallel_logprob_entropy(
+                logits, torch.zeros(6, dtype=torch.long), tp_group=group, vocab_size=8 * tp
+            )
             errors[label] = None
         except ValueError as exc:
             errors[label] = str(exc)
@@ -247,7 +250,14 @@ def test_non_finite_logits_raise_on_every_rank(run):
             assert "logits" in message and "token 4" in message, message
 
 
-# Single-process checks (tp_group=None): no launch needed.
+# Single-process checks: no launch needed.
+
+
+def _single(logits, target, **kwargs):
+    """One process holding the whole vocabulary; every column is a real token unless
+    ``vocab_size`` says otherwise."""
+    options = {"tp_group": SINGLE_PROCESS, "vocab_size": logits.shape[-1], **kwargs}
+    return vocab_parallel_logprob_entropy(logits, target, **options)
 
 
 def test_float64_gradcheck_with_padding_and_temperature():
@@ -256,7 +266,7 @@ def test_float64_gradcheck_with_padding_and_temperature():
     target = torch.randint(0, 20, (9,), generator=gen)
 
     def both(z):
-        return vocab_parallel_logprob_entropy(
+        return _single(
             z, target, vocab_size=20, temperature=0.6, chunk_size=4, entropy_requires_grad=True
         )
 
@@ -266,7 +276,7 @@ def test_float64_gradcheck_with_padding_and_temperature():
 def test_metric_only_entropy_saves_nothing_for_it():
     logits = torch.randn(5, 16, requires_grad=True)
     target = torch.randint(0, 16, (5,))
-    logp, entropy = vocab_parallel_logprob_entropy(logits, target)
+    logp, entropy = _single(logits, target)
     assert entropy.grad_fn is None and not entropy.requires_grad
     # Saved: logits (a reference, not a copy), target and the per-token logsumexp.
     saved = logp.grad_fn.saved_tensors
@@ -279,11 +289,9 @@ def test_metric_only_entropy_saves_nothing_for_it():
 def test_leading_dimensions_are_flattened():
     logits = torch.randn(3, 4, 10, requires_grad=True)
     target = torch.randint(0, 10, (3, 4))
-    logp, entropy = vocab_parallel_logprob_entropy(logits, target, entropy_requires_grad=True)
+    logp, entropy = _single(logits, target, entropy_requires_grad=True)
     assert logp.shape == entropy.shape == (3, 4)
-    flat_logp, flat_entropy = vocab_parallel_logprob_entropy(
-        logits.reshape(12, 10), target.flatten()
-    )
+    flat_logp, flat_entropy = _single(logits.reshape(12, 10), target.flatten())
     assert torch.equal(logp.flatten(), flat_logp) and torch.equal(entropy.flatten(), flat_entropy)
     (logp.sum() + entropy.sum()).backward()
     assert logits.grad.shape == logits.shape
@@ -291,7 +299,7 @@ def test_leading_dimensions_are_flattened():
 
 def test_inplace_backward_twice_is_refused():
     logits = torch.randn(4, 8, requires_grad=True)
-    logp, _ = vocab_parallel_logprob_entropy(logits, torch.zeros(4, dtype=torch.long), inplace=True)
+    logp, _ = _single(logits, torch.zeros(4, dtype=torch.long), inplace=True)
     logp.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace"):
         logp.sum().backward()
@@ -333,7 +341,7 @@ def test_inplace_backward_twice_is_refused():
 )
 def test_bad_inputs_raise_clear_errors(logits, target, kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
-        vocab_parallel_logprob_entropy(logits, target, **kwargs)
+        _single(logits, target, **kwargs)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
@@ -341,8 +349,22 @@ def test_non_finite_logits_named(value):
     logits = torch.randn(6, 8)
     logits[3, 2] = value
     with pytest.raises(ValueError, match=r"logits .*non-finite.*token 3"):
-        vocab_parallel_logprob_entropy(logits, torch.zeros(6, dtype=torch.long))
+        _single(logits, torch.zeros(6, dtype=torch.long))
     # A non-finite value in a padded column is never read.
     logits = torch.randn(6, 8)
     logits[3, 7] = value
-    vocab_parallel_logprob_entropy(logits, torch.zeros(6, dtype=torch.long), vocab_size=7)
+    _single(logits, torch.zeros(6, dtype=torch.long), vocab_size=7)
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"tp_group": None, "vocab_size": 8}, "tp_group=None is ambiguous"),
+        ({"tp_group": SINGLE_PROCESS, "vocab_size": None}, "vocab_size is required"),
+    ],
+)
+def test_no_silent_defaults(kwargs, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        vocab_parallel_logprob_entropy(
+            torch.randn(4, 8), torch.zeros(4, dtype=torch.long), **kwargs
+        )

@@ -53,13 +53,7 @@ from covrl.algorithms.config import (
     KLCovConfig,
     PolicyLossConfig,
 )
-from covrl.algorithms.covariance import (
-    CovarianceMeans,
-    SelectionBatch,
-    canonical_token_ids,
-    covariance_means,
-    token_covariance,
-)
+from covrl.algorithms.covariance import SelectionBatch, canonical_token_ids
 from covrl.algorithms.metrics import (
     covariance_summary,
     kth_largest,
@@ -76,14 +70,12 @@ from covrl.algorithms.selection import (
     SelectionResult,
     prepare_selection,
     select_top_k,
-    top_k_threshold,
     uniform_keys,
 )
 
 __all__ = [
     "AdvantageConfig",
     "ClipCovConfig",
-    "CovarianceMeans",
     "DynamicSamplingResult",
     "EntropyControlConfig",
     "KLCovConfig",
@@ -96,7 +88,6 @@ __all__ = [
     "canonical_token_ids",
     "compute_advantages",
     "compute_policy_loss",
-    "covariance_means",
     "covariance_summary",
     "dynamic_sampling_filter",
     "global_loss_count",
@@ -113,7 +104,5 @@ __all__ = [
     "reinforce_pp_baseline_advantages",
     "rloo_advantages",
     "select_top_k",
-    "token_covariance",
-    "top_k_threshold",
     "uniform_keys",
 ]

@@ -1,53 +1,12 @@
-"""Small shared helpers: masks, input validation, reductions over an explicit group."""
+"""Helpers shared by the selection and the metrics: padding zeroing, selection counts."""
 
 from __future__ import annotations
 
 from fractions import Fraction
 
 import torch
-import torch.distributed as dist
 
-ProcessGroup = dist.ProcessGroup
-
-
-def as_bool_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A response mask as bool (any nonzero entry is a valid token)."""
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
-def check_same_shape(reference_name: str, reference: torch.Tensor, **tensors) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.shape != reference.shape:
-            raise ValueError(
-                f"{name} has shape {tuple(t.shape)}, expected {tuple(reference.shape)} "
-                f"(the shape of {reference_name})"
-            )
-
-
-def check_finite(mask: torch.Tensor, **tensors: torch.Tensor | None) -> None:
-    """Raise ValueError naming every tensor with NaN/inf at a valid (mask) position.
-
-    Padding positions may hold anything: they never count. One host sync in all.
-    """
-    names = [n for n, t in tensors.items() if t is not None]
-    if not names:
-        return
-    bad = torch.stack([(~torch.isfinite(tensors[n].detach()) & mask).sum() for n in names]).tolist()
-    offenders = [
-        f"{n} ({c} of {int(mask.sum())} valid entries)"
-        for n, c in zip(names, bad, strict=True)
-        if c
-    ]
-    if offenders:
-        raise ValueError(
-            "non-finite values (NaN/inf) at valid positions in " + ", ".join(offenders)
-        )
-
-
-def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``x`` with padding replaced by 0, so garbage there never reaches values or grads."""
-    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
+from covrl.ops.masking import masked
 
 _SAME_SIZE_INT = {
     torch.float64: torch.int64,
@@ -79,17 +38,6 @@ class PaddingZeroer:
         if words is None:
             words = self._words[int_dtype] = self.mask.to(int_dtype).neg_()
         return (x.detach().view(int_dtype) & words).view(x.dtype)
-
-
-def all_reduce_sum(t: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-    """In-place SUM over ``group``; ``None`` means a single process (no-op)."""
-    if group is not None:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
-
-
-def group_size(group: ProcessGroup | None) -> int:
-    return 1 if group is None else dist.get_world_size(group)
 
 
 def selection_count(ratio: float, num_tokens: int) -> int:

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from covrl.algorithms._common import ProcessGroup, all_reduce_sum, as_bool_mask
 from covrl.algorithms.config import AdvantageConfig
+from covrl.ops.masking import as_bool_mask
+from covrl.parallel.groups import SINGLE_PROCESS, Group, all_reduce
 
 
 @dataclass
@@ -94,13 +95,13 @@ def reinforce_pp_baseline_advantages(
     mask: torch.Tensor,
     *,
     eps: float = 1e-8,
-    group: ProcessGroup | None = None,
+    process_group: Group = SINGLE_PROCESS,
 ) -> torch.Tensor:
     """REINFORCE++ with a group baseline: ``r - mean_g`` per token, then batch whitening.
 
     Whitening is over every valid token of the batch (tokens, not sequences, weigh in):
     ``(x - mean) / sqrt(var + eps)``, unbiased variance. If the batch is spread over
-    ranks, pass their ``group`` (groups of responses must not straddle ranks).
+    ranks, pass their ``process_group`` (prompt groups must not straddle ranks).
 
     Returns ``[n, s]``, 0 at padding.
     """
@@ -109,10 +110,10 @@ def reinforce_pp_baseline_advantages(
     m = as_bool_mask(mask)
     x = broadcast_to_tokens(scores, m)
     stats = torch.stack([x.sum(), m.sum().double()])
-    all_reduce_sum(stats, group)
+    all_reduce(stats, process_group)
     mean = stats[0] / stats[1].clamp(min=1)
     sq = torch.where(m, (x - mean).square(), 0.0).sum().view(1)
-    all_reduce_sum(sq, group)
+    all_reduce(sq, process_group)
     var = sq[0] / (stats[1] - 1).clamp(min=1)
     return torch.where(m, (x - mean) / torch.sqrt(var + eps), 0.0).to(rewards.dtype)
 
@@ -122,16 +123,21 @@ def compute_advantages(
     group_index: torch.Tensor,
     mask: torch.Tensor,
     config: AdvantageConfig,
-    group: ProcessGroup | None = None,
+    process_group: Group = SINGLE_PROCESS,
 ) -> torch.Tensor:
-    """Per-token ``[n, s]`` advantages with the estimator of ``config``."""
+    """Per-token ``[n, s]`` advantages with the estimator of ``config``.
+
+    ``group_index`` ``[n]`` names each response's prompt group; ``process_group``
+    holds the rest of the batch (REINFORCE++ whitening only; the default is a batch
+    held whole by this process).
+    """
     if config.estimator == "grpo":
         adv = grpo_advantages(rewards, group_index, norm_by_std=config.norm_by_std, eps=config.eps)
     elif config.estimator == "rloo":
         adv = rloo_advantages(rewards, group_index)
     else:
         return reinforce_pp_baseline_advantages(
-            rewards, group_index, mask, eps=config.eps, group=group
+            rewards, group_index, mask, eps=config.eps, process_group=process_group
         )
     return broadcast_to_tokens(adv, mask)
 

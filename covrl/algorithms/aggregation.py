@@ -29,8 +29,9 @@ from collections.abc import Sequence
 
 import torch
 
-from covrl.algorithms._common import ProcessGroup, all_reduce_sum, as_bool_mask
 from covrl.algorithms.config import LOSS_AGG_MODES
+from covrl.ops.masking import as_bool_mask
+from covrl.parallel.groups import Group, all_reduce
 
 
 def _check_mode(mode: str) -> None:
@@ -47,19 +48,19 @@ def local_loss_count(mask: torch.Tensor, mode: str) -> torch.Tensor:
     return m.any(dim=-1).sum()
 
 
-def global_loss_count(
-    masks: Sequence[torch.Tensor], mode: str, group: ProcessGroup | None = None
-) -> torch.Tensor:
+def global_loss_count(masks: Sequence[torch.Tensor], mode: str, group: Group) -> torch.Tensor:
     """The normaliser of the mini-batch: summed over ``masks`` and all-reduced over ``group``.
 
     Call once per mini-batch with the masks of all its local micro-batches (one
-    collective), before the gradient micro-batches. Returns an int64 scalar.
+    collective), before the gradient micro-batches. ``group`` is the data-parallel
+    group (``covrl.parallel.SINGLE_PROCESS`` when this process holds the whole
+    mini-batch; ``None`` is refused). Returns an int64 scalar.
     """
     device = masks[0].device if len(masks) else torch.device("cpu")
     total = torch.zeros((), dtype=torch.int64, device=device)
     for mask in masks:
         total += local_loss_count(mask, mode)
-    return all_reduce_sum(total, group)
+    return all_reduce(total, group)
 
 
 def loss_terms(

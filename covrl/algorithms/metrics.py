@@ -23,8 +23,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from covrl.algorithms._common import ProcessGroup, all_reduce_sum, masked, selection_count
+from covrl.algorithms._common import selection_count
 from covrl.algorithms.policy_loss import PolicyLossOutput
+from covrl.ops.masking import masked
+from covrl.parallel.groups import Group, all_reduce
 
 _LOW63 = 0x7FFFFFFFFFFFFFFF
 
@@ -99,7 +101,7 @@ def _radix_refine(
     cands: list[torch.Tensor],
     prefix: torch.Tensor,
     remaining: torch.Tensor,
-    group: ProcessGroup | None,
+    group: Group,
 ) -> torch.Tensor:
     """The three lower radix rounds, after the top digit is chosen.
 
@@ -116,16 +118,14 @@ def _radix_refine(
         hist = torch.stack(
             [torch.bincount((c >> shift) & (_NUM_BINS - 1), minlength=_NUM_BINS) for c in cands]
         )
-        all_reduce_sum(hist, group)
+        all_reduce(hist, group)
         digit, remaining = _choose_digits(hist, remaining)
         prefix = (prefix << _DIGIT_BITS) | digit
         cands = [c[(c >> shift) == prefix[j]] for j, c in enumerate(cands)]
     return prefix
 
 
-def _radix_select(
-    keys: torch.Tensor, ranks: Sequence[int], group: ProcessGroup | None
-) -> torch.Tensor:
+def _radix_select(keys: torch.Tensor, ranks: Sequence[int], group: Group) -> torch.Tensor:
     """Exact ``r``-th largest of a scope's int64 keys (``keys`` ``[n]``: this rank's).
 
     Four rounds of 16-bit digits, most significant first; each round one all-reduce of
@@ -138,7 +138,7 @@ def _radix_select(
     m = len(ranks)
     remaining = torch.tensor(list(ranks), dtype=torch.int64, device=keys.device)
     top = _top_digits_(keys.clone())
-    hist = all_reduce_sum(torch.bincount(top, minlength=_NUM_BINS).unsqueeze(0), group)
+    hist = all_reduce(torch.bincount(top, minlength=_NUM_BINS).unsqueeze(0), group)
     digit, remaining = _choose_digits(hist.expand(m, _NUM_BINS), remaining)
     # One pass over all keys pools every query's bucket (a lookup table of the chosen
     # digits); split the pool per query.
@@ -148,15 +148,13 @@ def _radix_select(
     return _radix_refine(_split_bucket(keys[chosen[top]], prefix), prefix, remaining, group)
 
 
-def kth_largest(
-    keys: Sequence[torch.Tensor], ranks: Sequence[int], group: ProcessGroup | None
-) -> torch.Tensor:
+def kth_largest(keys: Sequence[torch.Tensor], ranks: Sequence[int], group: Group) -> torch.Tensor:
     """Exact ``r``-th largest int64 key of a scope, for each rank ``r``.
 
     Args:
         keys: this rank's segments of int64 keys (any shapes).
         ranks: 1-based ranks, each ``1 <= r <= total count over the group``.
-        group: the ranks holding the rest of the scope (None: this process only).
+        group: the ranks holding the rest of the scope (``SINGLE_PROCESS``: this process only).
 
     Returns:
         ``[len(ranks)]`` int64 keys, identical on every rank.
@@ -218,7 +216,7 @@ class CovarianceSummary:
         self,
         num_tokens: int,
         values_at: Callable[[int, torch.Tensor], torch.Tensor],
-        group: ProcessGroup | None,
+        group: Group,
     ) -> dict[str, float]:
         """``cov/mean`` and ``cov/top_<pct>`` over the scope, identical on every rank.
 
@@ -229,14 +227,14 @@ class CovarianceSummary:
             num_tokens: the scope's valid-token count (the same on every rank).
             values_at: ``values_at(i, pos)`` gives block ``i``'s values (as fed to
                 :meth:`add`) at its ``[p]`` int64 positions ``pos``, all in the scope.
-            group: the ranks holding the rest of the scope (None: this process only).
+            group: the ranks holding the rest of the scope (``SINGLE_PROCESS``: this process only).
         """
         names = ["cov/mean"] + [f"cov/top_{_pct_label(f)}" for f in self.fractions]
         if num_tokens == 0:
             return dict.fromkeys(names, 0.0)
         ks = [selection_count(f, num_tokens) for f in self.fractions]
         m, device = len(ks), self.hist.device
-        hist = all_reduce_sum(self.hist, group)
+        hist = all_reduce(self.hist, group)
         hist[:, : _PAD_DIGIT + 1] = 0  # padding (ranks stay <= N, so never chosen)
         ranks = torch.tensor(ks, dtype=torch.int64, device=device)
         digit, remaining = _choose_digits(hist[0].long().expand(m, _NUM_BINS), ranks)
@@ -255,7 +253,7 @@ class CovarianceSummary:
             b = b[b > kth[j]]
             inside[j] = ordered_int_to_float(b).sum()
             inside[m + j] = b.numel()
-        all_reduce_sum(inside, group)
+        all_reduce(inside, group)
         above = inside[:m] + _sum_above(hist[1], digit)
         count = inside[m:] + _sum_above(hist[0], digit)
         k_t = ranks.double()
@@ -268,7 +266,7 @@ def covariance_summary(
     cov: Sequence[torch.Tensor],
     num_tokens: int,
     fractions: Sequence[float],
-    group: ProcessGroup | None,
+    group: Group,
 ) -> dict[str, float]:
     """``cov/mean`` and ``cov/top_<pct>`` over the scope (see :class:`CovarianceSummary`).
 
@@ -278,7 +276,7 @@ def covariance_summary(
         num_tokens: the scope's valid-token count (the same on every rank).
         fractions: top fractions, e.g. ``(2e-4, 2e-3, 2e-2, 0.2, 0.5)``;
             ``K = max(1, floor(f * N))``.
-        group: the ranks holding the rest of the scope (None: this process only).
+        group: the ranks holding the rest of the scope (``SINGLE_PROCESS``: this process only).
     """
     flat = [c.reshape(-1) for c in cov]
     device = flat[0].device if flat else torch.device("cpu")
@@ -313,7 +311,7 @@ def policy_metric_sums(
 
 
 def reduce_metric_sums(
-    per_microbatch: Sequence[dict[str, torch.Tensor]], group: ProcessGroup | None
+    per_microbatch: Sequence[dict[str, torch.Tensor]], group: Group
 ) -> dict[str, float]:
     """Sum ``[sum, count]`` pairs over micro-batches and ``group``; return the means.
 
@@ -328,5 +326,5 @@ def reduce_metric_sums(
         for i, k in enumerate(names):
             if k in d:
                 total[i] += d[k].to(torch.float64)
-    all_reduce_sum(total, group)
+    all_reduce(total, group)
     return {k: (s / c if c > 0 else 0.0) for k, (s, c) in zip(names, total.tolist(), strict=True)}

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from covrl.algorithms._common import as_bool_mask, check_finite, check_same_shape, masked
 from covrl.algorithms.config import PolicyLossConfig
+from covrl.ops.masking import as_bool_mask, check_finite, check_same_shape, masked
 
 
 @dataclass

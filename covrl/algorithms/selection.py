@@ -53,22 +53,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from covrl.algorithms._common import (
-    PaddingZeroer,
-    ProcessGroup,
-    all_reduce_sum,
-    as_bool_mask,
-    group_size,
-    selection_count,
-)
+from covrl.algorithms._common import PaddingZeroer, selection_count
 from covrl.algorithms.config import PolicyLossConfig
-from covrl.algorithms.covariance import (
-    CovarianceMeans,
-    SelectionBatch,
-    check_scope_sums,
-)
+from covrl.algorithms.covariance import SelectionBatch
 from covrl.algorithms.metrics import CovarianceSummary
 from covrl.algorithms.policy_loss import ppo_surrogate
+from covrl.ops.masking import as_bool_mask
+from covrl.ops.token_covariance import CovarianceMeans, check_scope_sums
+from covrl.parallel.groups import SINGLE_PROCESS, Group, all_reduce, check_group, rank_and_size
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -134,13 +126,13 @@ def lowest(dtype: torch.dtype) -> float | int:
     return float("-inf") if dtype.is_floating_point else torch.iinfo(dtype).min
 
 
-def _all_gather_padded(t: torch.Tensor, size: int, fill, group: ProcessGroup | None):
+def _all_gather_padded(t: torch.Tensor, size: int, fill, group: Group):
     """Concatenation over ``group`` of ``t`` padded with ``fill`` to ``size``."""
-    if group_size(group) == 1:
+    if rank_and_size(group)[1] == 1:
         return t
     padded = torch.full((size,), fill, dtype=t.dtype, device=t.device)
     padded[: t.numel()] = t
-    out = [torch.empty_like(padded) for _ in range(group_size(group))]
+    out = [torch.empty_like(padded) for _ in range(rank_and_size(group)[1])]
     dist.all_gather(out, padded, group=group)
     return torch.cat(out)
 
@@ -151,7 +143,8 @@ class TopK:
 
     Attributes:
         value, id: the ``k``-th greatest ``(value, id)`` of the scope (scalar tensors,
-            identical on every rank): the threshold of :func:`at_or_above`.
+            identical on every rank): the selection is every entry ordered at or
+            above it.
         positions: ``[m]`` int64 positions (into this rank's flat values) of the local
             entries at or above the threshold, i.e. this rank's share of the top ``k``.
     """
@@ -161,9 +154,7 @@ class TopK:
     positions: torch.Tensor
 
 
-def top_k(
-    values: torch.Tensor, ids: torch.Tensor, k: int, group: ProcessGroup | None
-) -> TopK | None:
+def top_k(values: torch.Tensor, ids: torch.Tensor, k: int, group: Group) -> TopK | None:
     """The ``k`` greatest entries of a scope under (value desc, id asc).
 
     Args:
@@ -172,7 +163,7 @@ def top_k(
             above it.
         ids: ``[n]`` int64 ids, unique over the scope.
         k: how many to select over the scope (the same on every rank).
-        group: the ranks holding the rest of the scope (None: this process only).
+        group: the ranks holding the rest of the scope (``SINGLE_PROCESS``: this process only).
 
     Returns:
         See :class:`TopK`. With fewer than ``k`` eligible entries in the scope, all of
@@ -220,7 +211,7 @@ def _top_k_of_local(
     local: _Candidates,
     at_least: Callable[[torch.Tensor], _Candidates],
     k: int,
-    group: ProcessGroup | None,
+    group: Group,
 ) -> TopK | None:
     """:func:`top_k` from this rank's ``k + 1`` largest entries (all if it has fewer).
 
@@ -256,52 +247,17 @@ def _top_k_of_local(
     return TopK(v, i, local.positions[keep])
 
 
-def top_k_threshold(
-    values: Sequence[torch.Tensor],
-    ids: Sequence[torch.Tensor],
-    k: int,
-    group: ProcessGroup | None,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The ``k``-th greatest ``(value, id)`` of a scope, under (value desc, id asc).
-
-    Args:
-        values: this rank's segments (e.g. one per micro-batch, any shape) of float64 or
-            int64 keys, as in :func:`top_k`.
-        ids: int64 ids shaped like ``values``, unique over the scope.
-        k, group: as in :func:`top_k`.
-
-    Returns:
-        ``(v*, id*)`` scalar tensors, identical on every rank; the selection is
-        :func:`at_or_above` them. With fewer than ``k`` eligible entries in the
-        scope, the smallest of them. None if there are none or ``k == 0``.
-    """
-    if not values:
-        return None
-    flat_v = torch.cat([t.reshape(-1) for t in values])
-    result = top_k(flat_v, torch.cat([t.reshape(-1) for t in ids]), k, group)
-    return None if result is None else (result.value, result.id)
-
-
-def at_or_above(
-    values: torch.Tensor,
-    ids: torch.Tensor,
-    threshold: tuple[torch.Tensor, torch.Tensor] | None,
-) -> torch.Tensor:
-    """Bool, shaped like ``values``: ordered at or above ``threshold`` (None: nothing)."""
-    if threshold is None:
-        return torch.zeros_like(values, dtype=torch.bool)
-    v, i = threshold
-    return (values > v) | ((values == v) & (ids <= i))
-
-
 def select_top_k(
     values: torch.Tensor,
     ids: torch.Tensor,
     eligible: torch.Tensor,
     k: int,
-    group: ProcessGroup | None = None,
+    *,
+    group: Group,
 ) -> torch.Tensor:
-    """Bool, shaped like ``values``: the eligible entries among the scope's top ``k``."""
+    """Bool, shaped like ``values``: the eligible entries among the scope's top ``k``
+    over ``group`` (:data:`covrl.parallel.SINGLE_PROCESS`: this process's entries)."""
+    check_group(group)
     values = torch.where(eligible, values, lowest(values.dtype))
     return _positions_mask(top_k(values.reshape(-1), ids.reshape(-1), k, group), values)
 
@@ -481,7 +437,7 @@ def _covariance_summary(
     tokens: _LocalTokens,
     means: CovarianceMeans,
     summary: CovarianceSummary,
-    group: ProcessGroup | None,
+    group: Group,
 ) -> dict[str, float]:
     """:meth:`CovarianceSummary.result` of a scope whose blocks were fed in order."""
     blocks = list(tokens.blocks())
@@ -600,7 +556,7 @@ def _select_in_scope(
     means: CovarianceMeans,
     config: PolicyLossConfig,
     step: int,
-    group: ProcessGroup | None,
+    group: Group,
     summary: CovarianceSummary | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[n]`` bool selection of one scope's local tokens, and the local candidate
@@ -653,7 +609,7 @@ def prepare_selection(
     config: PolicyLossConfig,
     *,
     step: int,
-    group: ProcessGroup | None = None,
+    group: Group,
 ) -> SelectionResult:
     """Select the Clip-Cov / KL-Cov tokens of one optimizer mini-batch.
 
@@ -661,7 +617,9 @@ def prepare_selection(
     micro-batch of the mini-batch (same tensors/layout the loss will see) on every rank
     of ``group``. ``group`` is the group across which the mini-batch's tokens are
     partitioned: the data-parallel group (with context parallelism, DP x CP); run on
-    the ranks that hold log-probs (the last pipeline stage). None: single process.
+    the ranks that hold log-probs (the last pipeline stage); ``SINGLE_PROCESS`` when this
+    process holds the whole mini-batch. ``None`` is refused (TypeError): a forgotten
+    group must not turn a data-parallel job's selection into a per-rank one.
 
     With ``entropy_control.logp_source == "current"`` each batch's ``logp`` must be the
     current parameters' log-probs, from a no-grad forward of the mini-batch (one extra
@@ -683,6 +641,7 @@ def prepare_selection(
     Collectives: every rank of ``group`` must call this with the same config and step.
     Host syncs: a handful of scalars per call; no per-token data leaves the device.
     """
+    check_group(group)
     ec = config.entropy_control
     use_current = ec.logp_source == "current"
     if not batches:
@@ -697,7 +656,7 @@ def prepare_selection(
     tokens = _LocalTokens(batches, use_current)
 
     # One float64 all-reduce of the scope sums: means, count, and the input check.
-    sums = all_reduce_sum(_scope_sums(tokens, check_old=use_current), group)
+    sums = all_reduce(_scope_sums(tokens, check_old=use_current), group)
     values = sums.tolist()
     if config.check_finite:
         local = {
@@ -730,12 +689,12 @@ def prepare_selection(
                 mb = _LocalTokens([b], use_current)
                 mb_sums = _scope_sums(mb, check_old=False)
                 mb_means = CovarianceMeans.from_sums(mb_sums, mb_sums.tolist())
-                sel, nc = _select_in_scope(mb, mb_means, config, step, None)
+                sel, nc = _select_in_scope(mb, mb_means, config, step, SINGLE_PROCESS)
                 parts.append(sel)
                 cands.append(nc)
             selected, n_cand = torch.cat(parts), torch.stack(cands).sum()
         counts = torch.stack([selected.sum(), n_cand])
-        all_reduce_sum(counts, group)
+        all_reduce(counts, group)
         n_sel, n_cand = counts.tolist()
         out_masks = tokens.split(selected)
         metrics["entropy_control/selected_tokens"] = float(n_sel)

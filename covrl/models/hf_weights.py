@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from covrl.models.hf_config import PolicyModelConfig
+from covrl.parallel import rank_and_size
 from covrl.utils import checksums
 from covrl.utils.atomic_io import (
     describe_write_error,
@@ -413,11 +414,12 @@ def load_hf_weights(
 
 
 def _tp_rank_size(tp_group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(rank, size) in ``tp_group``; None: megatron's tensor-parallel group."""
     if tp_group is None:
         from megatron.core import parallel_state
 
         tp_group = parallel_state.get_tensor_model_parallel_group()
-    return dist.get_rank(tp_group), dist.get_world_size(tp_group)
+    return rank_and_size(tp_group, "tp_group")
 
 
 # ---------------------------------------------------------------------------- export

@@ -22,12 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
-from torch.distributed import ProcessGroup
 
-from covrl.algorithms.covariance import covariance_means, token_covariance
+from covrl.ops.token_covariance import covariance_means, token_covariance
 from covrl.ops.vocab_parallel import VocabShard, load_scaled, softmax_stats, vocab_shard
+from covrl.parallel.groups import Group, all_reduce
 
 __all__ = [
     "EntropyDynamics",
@@ -115,8 +114,7 @@ def _covariance_with_logp(
             # pi = exp((log pi + H) - H)
             c.sub_(ent_rows).exp_()
             cov[rows] = c.mul_(w).sum(-1)
-    if shard.group is not None:
-        dist.all_reduce(cov, op=dist.ReduceOp.SUM, group=shard.group)
+    all_reduce(cov, shard.group)
     return cov
 
 
@@ -134,8 +132,8 @@ def log_prob_covariance(
     logits: Tensor,
     values: Tensor,
     *,
-    tp_group: ProcessGroup | None = None,
-    vocab_size: int | None = None,
+    tp_group: Group,
+    vocab_size: int,
     temperature: float = 1.0,
     chunk_size: int | None = None,
 ) -> Tensor:
@@ -173,8 +171,8 @@ def entropy_dynamics(
     old_logits: Tensor,
     new_logits: Tensor,
     *,
-    tp_group: ProcessGroup | None = None,
-    vocab_size: int | None = None,
+    tp_group: Group,
+    vocab_size: int,
     temperature: float = 1.0,
     chunk_size: int | None = None,
 ) -> EntropyDynamics:
@@ -244,7 +242,7 @@ def sampled_entropy_change(
     eta: float,
     mask: Tensor | None = None,
     *,
-    group: ProcessGroup | None = None,
+    group: Group,
 ) -> SampledEntropyChange:
     """``-eta * Cov(logp, A)`` over the batch of sampled tokens.
 
@@ -257,15 +255,15 @@ def sampled_entropy_change(
         advantages: same shape, the tokens' advantages.
         eta: the natural-PG step size (logit change ``eta * A``).
         mask: same shape, nonzero at valid tokens (default: all valid).
-        group: ranks holding the rest of the batch (None: this process holds it all).
+        group: ranks holding the rest of the batch (e.g. the data-parallel group), or
+            :data:`covrl.parallel.SINGLE_PROCESS` when this process holds it all.
     """
     if mask is None:
         mask = torch.ones_like(logp, dtype=torch.bool)
     means = covariance_means([logp], [advantages], [mask], group)
     cov_tokens = token_covariance(logp, advantages, mask, means)
     total = cov_tokens.sum()
-    if group is not None:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    all_reduce(total, group)
     covariance = total / means.num_tokens.clamp(min=1.0)
     return SampledEntropyChange(
         token_covariance=cov_tokens,

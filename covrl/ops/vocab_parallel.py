@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed import ProcessGroup
+
+from covrl.parallel.groups import Group, all_reduce, rank_and_size
 
 __all__ = [
     "VocabShard",
@@ -54,13 +55,6 @@ _DEFAULT_BUFFER_ELEMENTS_ACCELERATOR = 1 << 24
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _group_rank_and_size(group: ProcessGroup | None) -> tuple[int, int]:
-    """(rank, size) in the TP group; a missing group means a single rank."""
-    if group is None:
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half-precision logits are processed in float32; float64 stays float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -71,7 +65,7 @@ class VocabShard:
     """This rank's place in the vocab-parallel layout and how its shard is processed.
 
     Attributes:
-        group: TP group the vocabulary is split over (None: one rank).
+        group: TP group the vocabulary is split over (or ``SINGLE_PROCESS``).
         vocab_size: the true vocabulary size (global ids ``>= vocab_size`` are padding).
         vocab_start: global id of the local shard's first column, ``rank * vocab/tp``.
         num_valid: leading local columns that are real tokens (the rest is padding).
@@ -79,7 +73,7 @@ class VocabShard:
         chunk_size: tokens per working-buffer chunk.
     """
 
-    group: ProcessGroup | None
+    group: Group
     vocab_size: int
     vocab_start: int
     num_valid: int
@@ -115,8 +109,8 @@ class VocabShard:
 def vocab_shard(
     logits: Tensor,
     *,
-    tp_group: ProcessGroup | None,
-    vocab_size: int | None,
+    tp_group: Group,
+    vocab_size: int,
     temperature: float,
     chunk_size: int | None,
     name: str = "logits",
@@ -132,10 +126,17 @@ def vocab_shard(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    rank, tp_size = _group_rank_and_size(tp_group)
+    rank, tp_size = rank_and_size(tp_group, "tp_group")
     local_vocab = logits.shape[-1]
     padded_vocab = local_vocab * tp_size
-    vocab_size = padded_vocab if vocab_size is None else int(vocab_size)
+    if vocab_size is None:
+        # No silent default: Megatron-padded logits read as unpadded give log-probs
+        # off by the padding columns' mass.
+        raise TypeError(
+            f"vocab_size is required: the true vocabulary size (<= {padded_vocab}; "
+            f"{padded_vocab} when {name} carries no padding columns)"
+        )
+    vocab_size = int(vocab_size)
     if not 1 <= vocab_size <= padded_vocab:
         raise ValueError(
             f"vocab_size={vocab_size} must be in [1, vocab/tp * tp = {local_vocab} * {tp_size} "
@@ -237,8 +238,7 @@ def softmax_stats(
     m, s, ent, tgt, bad = _local_stats(logits, target, shard)
     group = shard.group
     global_max = m.clone()
-    if group is not None:
-        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    all_reduce(global_max, group, dist.ReduceOp.MAX)
     # Re-base each rank's sums from its own max to the global max:
     # sum e^(x-M) = a s and -sum e^(x-M)(x-M) = a (ent - (m-M) s), with a = e^(m-M).
     shift = m - global_max
@@ -247,8 +247,7 @@ def softmax_stats(
     ent = torch.where(s > 0, rescale * (ent - shift * s), 0.0)
     s = rescale * s
     packed = torch.stack([s, ent, tgt, bad])
-    if group is not None:
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    all_reduce(packed, group)
     s, ent, tgt, bad = packed.unbind(0)
     # After the all-reduce every rank sees the same flags, so all ranks raise together.
     if check_finite and bool(bad.any()):
@@ -378,8 +377,8 @@ def vocab_parallel_logprob_entropy(
     logits: Tensor,
     target: Tensor,
     *,
-    tp_group: ProcessGroup | None = None,
-    vocab_size: int | None = None,
+    tp_group: Group,
+    vocab_size: int,
     temperature: float = 1.0,
     chunk_size: int | None = None,
     entropy_requires_grad: bool = False,
@@ -401,10 +400,11 @@ def vocab_parallel_logprob_entropy(
             ``inplace``.
         target: ``[tokens]`` (matching the leading shape) global vocabulary ids in
             ``[0, vocab_size)``, identical on all ranks of ``tp_group``.
-        tp_group: tensor-parallel group the vocabulary is split over; ``None`` means
-            a single rank holding the whole vocabulary.
-        vocab_size: the true vocabulary size; columns with a global id ``>= vocab_size``
-            are padding and get probability 0 (and gradient 0). Default: no padding.
+        tp_group: tensor-parallel group the vocabulary is split over, or
+            :data:`covrl.parallel.SINGLE_PROCESS` for logits holding the whole
+            vocabulary (``None`` is refused).
+        vocab_size: the true vocabulary size (required); columns with a global id
+            ``>= vocab_size`` are padding and get probability 0 (and gradient 0).
         temperature: the policy is ``softmax(logits / temperature)``; applied chunk by
             chunk inside the working buffer.
         chunk_size: tokens per chunk; the working buffer is ``[chunk_size, vocab/tp]``

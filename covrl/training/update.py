@@ -27,7 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 import torch
-import torch.distributed as dist
 
 from covrl.algorithms import (
     PolicyLossConfig,
@@ -41,6 +40,7 @@ from covrl.algorithms import (
     prepare_selection,
 )
 from covrl.models.engine import PolicyEngine, TokenOutputs
+from covrl.parallel import Group, rank_and_size
 
 # Loss statistics are reported as token means: summed per micro-batch and over DP as
 # (sum, count) pairs; this is the count's name in the engine's summed metrics.
@@ -142,15 +142,10 @@ class UpdateResult:
 
 
 def _check_engine(engine: PolicyEngine, config: PolicyLossConfig, dp_group) -> None:
-    if dp_group is None:
+    _, dp_size = rank_and_size(dp_group, "dp_group")
+    if dp_size != engine.dp_size:
         raise ValueError(
-            "ppo_update needs dp_group, the data-parallel group the mini-batch is split "
-            "over (a one-rank group when there is no data parallelism)"
-        )
-    if dist.get_world_size(dp_group) != engine.dp_size:
-        raise ValueError(
-            f"dp_group has {dist.get_world_size(dp_group)} ranks but the engine's "
-            f"data-parallel size is {engine.dp_size}"
+            f"dp_group has {dp_size} ranks but the engine's data-parallel size is {engine.dp_size}"
         )
     if config.entropy_coeff != 0.0 and not engine.config.entropy_requires_grad:
         raise ValueError(
@@ -204,7 +199,7 @@ def ppo_update(
     config: PolicyLossConfig,
     *,
     step: int,
-    dp_group: dist.ProcessGroup,
+    dp_group: Group,
 ) -> UpdateResult:
     """One optimizer step of the policy loss over one mini-batch.
 
