@@ -130,9 +130,9 @@ def _world1_body(ctx, checkpoint):
     out["vllm_stale"] = engine.prompt_logprobs(seqs)
 
     # 3. Sync with buckets of one tensor, then of the whole model: same result.
-    out["sync_small"] = engine.sync_weights(chunks, config, bucket_mb=1e-6)
+    out["sync_small"] = engine.sync_weights(chunks, config, bucket_mb=1e-6, measure_memory=True)
     out["vllm_small"] = engine.prompt_logprobs(seqs)
-    out["sync_whole"] = engine.sync_weights(chunks, config, bucket_mb=1024)
+    out["sync_whole"] = engine.sync_weights(chunks, config, bucket_mb=1024, measure_memory=True)
     out["vllm_whole"] = engine.prompt_logprobs(seqs)
     out["sync_default"] = engine.sync_weights(chunks, config)
     out["state"] = {n: t.clone() for n, t in export_hf_weights(chunks, config)}
@@ -227,6 +227,39 @@ def test_bucket_size_does_not_change_the_weights(world1):
     # One tensor per bucket: never more than the largest tensor held at once.
     assert small["peak_bucket_bytes"] == small["largest_tensor_bytes"]
     assert whole["peak_bucket_bytes"] == whole["bytes"]
+
+
+def vllm_layer_bytes(config) -> int:
+    """Bytes of vLLM's largest layer (fused QKV or gate-up, or a vocabulary matrix):
+    its in-place reload buffers and re-processes one layer at a time."""
+    shapes = config.hf_weight_shapes()
+    groups: dict[str, int] = {}
+    for name, shape in shapes.items():
+        key = (
+            name.rsplit(".", 2)[0]
+            if any(p in name for p in ("_proj", "embed", "lm_head"))
+            else name
+        )
+        if any(p in name for p in ("q_proj", "k_proj", "v_proj")):
+            key = name.split("self_attn")[0] + "qkv"
+        if "gate_proj" in name or "up_proj" in name:
+            key = name.split("mlp")[0] + "gate_up"
+        groups[key] = groups.get(key, 0) + 4 * int(torch.Size(shape).numel())
+    return max(groups.values())
+
+
+def test_sync_extra_memory_is_bounded(world1, checkpoint):
+    """Measured peak of extra tensor memory during a sync (torch's profiler):
+    the bucket, plus the largest tensor, plus vLLM's per-layer reload buffers
+    (a fresh copy of the layer and its CPU packed copy), with a factor 2 of slack."""
+    from covrl.models import PolicyModelConfig
+
+    layer = vllm_layer_bytes(PolicyModelConfig.from_hf(checkpoint))
+    for key in ("sync_small", "sync_whole"):
+        m = world1[key]
+        bound = m["peak_bucket_bytes"] + m["largest_tensor_bytes"] + 2 * layer
+        print(key, {k: m[k] for k in ("peak_extra_bytes", "peak_bucket_bytes", "bytes")}, bound)
+        assert 0 < m["peak_extra_bytes"] <= 2 * bound, (key, m["peak_extra_bytes"], bound)
 
 
 def test_greedy_matches_transformers(world1, checkpoint):

@@ -46,6 +46,7 @@ from covrl.rollout.generations import (
     make_generations,
     split_evenly,
 )
+from covrl.rollout.memory import peak_extra_memory
 from covrl.rollout.weight_sync import BucketedWeightStream, shape_errors
 
 
@@ -368,6 +369,7 @@ class RolloutEngine:
         tp_group: dist.ProcessGroup | None = None,
         pp_group: dist.ProcessGroup | None = None,
         bucket_mb: float | None = None,
+        measure_memory: bool = False,
     ) -> dict[str, float]:
         """Load the megatron model's current weights into vLLM (every rank).
 
@@ -376,7 +378,10 @@ class RolloutEngine:
         :class:`BucketedWeightStream` into one in-place ``reload_weights`` of this
         rank's vLLM worker, then drops vLLM's prefix cache (its KV was computed with
         the old weights). Returns this rank's ``time_s``, ``bytes``, ``tensors``,
-        ``buckets``, ``peak_bucket_bytes``, ``largest_tensor_bytes``, ``gb_per_s``.
+        ``buckets``, ``peak_bucket_bytes``, ``largest_tensor_bytes``, ``gb_per_s``, and
+        with ``measure_memory`` ``peak_extra_bytes``: the peak of tensor memory
+        allocated during the load beyond what was allocated before it (slower on CPU:
+        runs under torch's profiler).
         Raises on every rank, before anything is loaded, when ``model_config``'s
         tensors differ from the checkpoint's vLLM was started with.
         """
@@ -398,11 +403,18 @@ class RolloutEngine:
             dtype=self.dtype,
             device=self.device,
         )
-        with torch.no_grad():
-            self.llm.collective_rpc(
-                "reload_weights",
-                kwargs={"weights_iterator": iter(stream), "is_checkpoint_format": True},
-            )
+
+        def load() -> None:
+            with torch.no_grad():
+                self.llm.collective_rpc(
+                    "reload_weights",
+                    kwargs={"weights_iterator": iter(stream), "is_checkpoint_format": True},
+                )
+
+        if measure_memory:
+            _, peak = peak_extra_memory(load, self.device)
+        else:
+            load()
         if self.model_config.tie_word_embeddings:
             self.llm.collective_rpc(_reprocess_shared_weight_layers)
         self.llm.reset_prefix_cache()
@@ -411,6 +423,8 @@ class RolloutEngine:
         metrics["time_s"] = time.perf_counter() - start
         metrics["gb_per_s"] = metrics["bytes"] / 1e9 / metrics["time_s"]
         del metrics["seconds"]
+        if measure_memory:
+            metrics["peak_extra_bytes"] = float(peak)
         return metrics
 
     # ------------------------------------------------------------------ memory
