@@ -79,6 +79,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from covrl.models.hf_config import PolicyModelConfig
 from covrl.models.hf_weights import unwrap_model
@@ -554,10 +555,19 @@ def _writer_processes_die_with_rank() -> Iterator[None]:
         _fork_guard_active = False
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The first rank's own exception inside torch.distributed.checkpoint's
+    ``CheckpointException`` (a ``BaseException`` holding every failing rank's error)."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        cause = next(iter(exc.failures.values()))
+        return cause[0] if isinstance(cause, tuple) else cause
+    return exc
+
+
 def _save_failed(final: Path, where: Path, exc: BaseException) -> CheckpointError:
     """A failure inside megatron-core's collective writer: peers may be blocked in it,
     so with more than one rank the job is ended everywhere with this message."""
-    message = f"saving checkpoint {final} failed: {describe_write_error(exc, where)}"
+    message = f"saving checkpoint {final} failed: {describe_write_error(_root_cause(exc), where)}"
     if dist.get_world_size() > 1:
         from covrl.parallel import liveness
 
@@ -704,7 +714,7 @@ def save_checkpoint(
             _save_rng(tmp)
         with _writer_processes_die_with_rank():
             dist_checkpointing.save(state, os.fspath(tmp))  # ends with a barrier
-    except Exception as exc:  # noqa: BLE001 - see _save_failed
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - see _save_failed
         if dist.get_rank() == 0:
             _remove_quietly(tmp)
         raise _save_failed(final, root, exc) from exc
@@ -805,8 +815,9 @@ def load_checkpoint(
         loaded, _, absent = dist_checkpointing.load(
             state, os.fspath(path), strict=StrictHandling.RETURN_UNEXPECTED
         )
-    except Exception as exc:  # noqa: BLE001 - one line naming the checkpoint
-        message = " ".join(f"{type(exc).__name__}: {exc}".split())
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - one line, naming it
+        cause = _root_cause(exc)
+        message = " ".join(f"{type(cause).__name__}: {cause}".split())
         raise CheckpointError(f"{path}: cannot read the checkpoint ({message})") from exc
     if absent:
         raise CheckpointError(

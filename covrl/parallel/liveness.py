@@ -18,11 +18,18 @@ connection, independent of the process groups, so it works the same on gloo and 
   ``join_timeout_s`` after start: the rank never joined) makes the watcher publish
   ``abort`` with the reason;
 - it polls ``abort``: once set, every rank prints the reason and exits;
-- a store that cannot be reached within ``dead_after_s`` (the store's host died) is
-  fatal as well.
+- a store that does not answer for ``dead_after_s`` (its host died or froze; a
+  watchdog thread times the heartbeat's requests, which have no timeout of their own)
+  is fatal as well.
+
+When the store is lost under torchrun, the worker also SIGKILLs its agent: the agent's
+own store requests have no reply timeout either, and with a frozen store host it would
+stay blocked after its workers exited (measured: > 100 s, ``read_timeout`` or not).
 
 Store traffic is three small requests per rank per interval, independent of the world
-size. Exiting means: one line on stderr naming this rank and the cause, every child
+size. The heartbeat is a Python thread: a rank whose main thread holds the GIL for
+``dead_after_s`` (a long C call that does not release it) looks dead to its watcher;
+raise ``dead_after_s`` for such code. Exiting means: one line on stderr naming this rank and the cause, every child
 process of this rank killed (checkpoint writers, vLLM workers), then
 ``os._exit(PEER_LOST_EXIT_CODE)`` from the heartbeat thread, which works while the main
 thread is blocked inside a collective (collectives and store waits release the GIL).
@@ -94,9 +101,27 @@ def _kill_descendants() -> None:
             pass
 
 
-def exit_now(message: str, code: int = PEER_LOST_EXIT_CODE) -> None:
-    """Print ``message`` as one line on stderr, kill this rank's child processes and
-    exit at once with ``code`` (no cleanup handlers: the main thread may be blocked)."""
+def _kill_torchrun_agent() -> None:
+    """SIGKILL this worker's torchrun agent (its parent). Used when the rendezvous store
+    is lost: the agent's own store requests have no reply timeout either, so with a
+    frozen store host it would block for good after its workers exit."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    try:
+        import psutil
+
+        parent = psutil.Process(os.getppid())
+        cmdline = " ".join(parent.cmdline())
+        if "torch.distributed.run" in cmdline or "torchrun" in cmdline:
+            parent.kill()
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
+
+
+def exit_now(message: str, code: int = PEER_LOST_EXIT_CODE, *, store_lost: bool = False) -> None:
+    """Print ``message`` as one line on stderr, kill this rank's child processes (and,
+    with ``store_lost``, its torchrun agent) and exit at once with ``code`` (no cleanup
+    handlers: the main thread may be blocked)."""
     rank = os.environ.get("RANK", "0")
     try:
         sys.stderr.write(f"covrl: [rank {rank}] {' '.join(message.split())}; exiting ({code})\n")
@@ -104,6 +129,8 @@ def exit_now(message: str, code: int = PEER_LOST_EXIT_CODE) -> None:
     except Exception:  # noqa: BLE001 - a closed stderr must not keep us alive
         pass
     _kill_descendants()
+    if store_lost:
+        _kill_torchrun_agent()
     os._exit(code)
 
 
@@ -135,27 +162,35 @@ class LivenessMonitor:
         self._thread = threading.Thread(
             target=self._run, name=f"covrl-liveness-{rank}", daemon=True
         )
+        # Store requests have no reply timeout of their own (a frozen host would block
+        # the heartbeat forever): a second thread watches the heartbeat's progress.
+        self._progress = time.monotonic()
+        self._watchdog = threading.Thread(
+            target=self._watch, name=f"covrl-liveness-watchdog-{rank}", daemon=True
+        )
 
     # ------------------------------------------------------------------ public
     def start(self) -> None:
         self._thread.start()
+        self._watchdog.start()
 
     def stop(self) -> None:
-        """This rank finished normally: mark it done and end the thread."""
+        """This rank finished normally: the heartbeat thread marks it done and ends."""
         if self._stop.is_set():
             return
         self._stop.set()
-        self._thread.join(timeout=2 * self.config.interval_s + 1)
-        if self._store is None:
-            return
+        # Bounded: with a frozen store the thread stays blocked (a daemon, it dies with us).
+        self._thread.join(timeout=self.config.dead_after_s + 2 * self.config.interval_s)
+
+    def _mark_done(self, store: dist.Store) -> None:
         try:
-            self._store.set(f"done/{self.rank}", "1")
+            store.set(f"done/{self.rank}", "1")
             if self.rank == 0 and _rank0_hosts_store():
                 # Keep the store up until the others are done too (or dead_after_s):
                 # their heartbeat would read its disappearance as this node's death.
                 others = [f"done/{r}" for r in range(1, self.world_size)]
                 deadline = time.monotonic() + self.config.dead_after_s
-                while not self._store.check(others) and time.monotonic() < deadline:
+                while not store.check(others) and time.monotonic() < deadline:
                     time.sleep(0.05)
         except Exception:  # noqa: BLE001 - the peers may be gone already
             pass
@@ -200,6 +235,7 @@ class LivenessMonitor:
         cfg = self.config
         store = self._connect()
         self._store = store
+        self._progress = time.monotonic()
         self._connected.set()
         # Without torchrun's agent, rank 0 hosts the store: once it has finished, losing
         # the store is the end of the job, not a failure.
@@ -218,6 +254,7 @@ class LivenessMonitor:
                     exit_now(f"job aborted by {reason}")
                 peer = self._next_watched(store, watched)
                 if peer is None:  # everyone else finished
+                    self._progress = time.monotonic()
                     self._stop.wait(cfg.interval_s)
                     continue
                 if peer != watched:
@@ -241,9 +278,30 @@ class LivenessMonitor:
                     return
                 exit_now(
                     f"lost the rendezvous store at {self.host}:{self.port} "
-                    f"({type(exc).__name__}: {exc})"
+                    f"({type(exc).__name__}: {exc})",
+                    store_lost=True,
                 )
+            self._progress = time.monotonic()
             self._stop.wait(cfg.interval_s)
+        self._mark_done(store)
+
+    def _watch(self) -> None:
+        cfg = self.config
+        tick = time.monotonic()
+        while not self._stop.wait(cfg.interval_s):
+            now = time.monotonic()
+            starved, tick = now - tick > 2 * cfg.interval_s, now
+            if starved:  # this thread did not run either (the GIL was held): not the store
+                self._progress = max(self._progress, now - cfg.interval_s)
+            if not self._connected.is_set():
+                continue  # connecting: bounded by the store's own connect timeout
+            stalled = now - self._progress
+            if stalled > cfg.dead_after_s and not self._stop.is_set():
+                exit_now(
+                    f"lost the rendezvous store at {self.host}:{self.port} (no reply for "
+                    f"{stalled:.0f} s)",
+                    store_lost=True,
+                )
 
     def _declare_dead(self, store: dist.Store, reason: str) -> None:
         try:
