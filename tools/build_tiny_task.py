@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from covrl.tasks.tiny import DEFAULT_ROOT, build_tiny_task
+from covrl.tasks.tiny import DEFAULT_ROOT, STAGES, build_tiny_task
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild every stage")
     args = parser.parse_args(argv)
     try:
-        manifest = build_tiny_task(args.root, force=args.force, log=lambda m: print(m, flush=True))
+        manifest = build_tiny_task(
+            args.root, stages=STAGES, force=args.force, log=lambda m: print(m, flush=True)
+        )
     except (ValueError, OSError) as exc:
         print(f"build_tiny_task: {exc}", file=sys.stderr)
         return 1

@@ -20,15 +20,19 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from covrl.tasks import two_sum
+from covrl.tasks.warm_start import BaseModelSettings, WarmStartSettings
 
 DEFAULT_ROOT = "cache/tiny_task"
 MANIFEST = "build.json"
-STAGES = ("data", "tokenizer")
+STAGES = ("data", "tokenizer", "model")
+# The stages that need no training (seconds): what tests and data tools usually want.
+ASSET_STAGES = ("data", "tokenizer")
+Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -44,11 +48,18 @@ class TinyTaskSettings:
 
     task: two_sum.TwoSumConfig = field(default_factory=two_sum.TwoSumConfig)
     tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
+    model: BaseModelSettings = field(default_factory=BaseModelSettings)
+    warm_start: WarmStartSettings = field(default_factory=WarmStartSettings)
 
     def stage_settings(self, stage: str) -> dict:
         """The settings ``stage`` depends on (its own and the earlier stages')."""
         parts = {"data": {"task": asdict(self.task)}}
         parts["tokenizer"] = {**parts["data"], "tokenizer": _jsonable(asdict(self.tokenizer))}
+        parts["model"] = {
+            **parts["tokenizer"],
+            "model": asdict(self.model),
+            "warm_start": asdict(self.warm_start),
+        }
         return parts[stage]
 
 
@@ -82,6 +93,10 @@ class TinyTaskPaths:
             "tokenizer": [
                 self.model_dir / name
                 for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
+            ],
+            "model": [
+                self.model_dir / name
+                for name in ("config.json", "model.safetensors", "generation_config.json")
             ],
         }[stage]
 
@@ -117,13 +132,13 @@ def _jsonable(value):
     return json.loads(json.dumps(value))
 
 
-def build_data(paths: TinyTaskPaths, settings: TinyTaskSettings) -> dict:
+def build_data(paths: TinyTaskPaths, settings: TinyTaskSettings, log: Log) -> dict:
     files = two_sum.write_dataset(settings.task, paths.data_dir)
     sums = two_sum.split_sums(settings.task)
     return {"files": files, "rows": {k: len(v) for k, v in sums.items()}}
 
 
-def build_tokenizer(paths: TinyTaskPaths, settings: TinyTaskSettings) -> dict:
+def build_tokenizer(paths: TinyTaskPaths, settings: TinyTaskSettings, log: Log) -> dict:
     from covrl.tasks.tokenizer import train_tokenizer
 
     tok = settings.tokenizer
@@ -137,9 +152,30 @@ def build_tokenizer(paths: TinyTaskPaths, settings: TinyTaskSettings) -> dict:
     return {"vocab_size": len(tokenizer), "dir": str(paths.model_dir)}
 
 
-BUILDERS: dict[str, Callable[[TinyTaskPaths, TinyTaskSettings], dict]] = {
+def build_base_model(paths: TinyTaskPaths, settings: TinyTaskSettings, log: Log) -> dict:
+    """Warm-start the base model (one process, TP = 1, unless the caller already
+    initialised a parallel layout) and export it into the model directory."""
+    import torch.distributed as dist
+
+    from covrl.parallel import ParallelConfig, destroy, initialize
+    from covrl.tasks.warm_start import warm_start
+
+    owns_state = not dist.is_initialized()
+    if owns_state:
+        initialize(ParallelConfig(), seed=settings.warm_start.seed)
+    try:
+        return warm_start(
+            paths.model_dir, settings.task, settings.model, settings.warm_start, log=log
+        )
+    finally:
+        if owns_state:
+            destroy()
+
+
+BUILDERS: dict[str, Callable[[TinyTaskPaths, TinyTaskSettings, Log], dict]] = {
     "data": build_data,
     "tokenizer": build_tokenizer,
+    "model": build_base_model,
 }
 
 
@@ -147,26 +183,32 @@ def build_tiny_task(
     root: str | os.PathLike = DEFAULT_ROOT,
     settings: TinyTaskSettings | None = None,
     *,
+    stages: Sequence[str] = ASSET_STAGES,
     force: bool = False,
-    log: Callable[[str], None] = print,
+    log: Log = print,
 ) -> dict:
-    """Build (or reuse) every stage into ``root``; returns the manifest.
+    """Build (or reuse) ``stages`` (a prefix of :data:`STAGES`) into ``root``; returns
+    the manifest. The default builds the data and the tokenizer; pass
+    ``stages=STAGES`` for the warm-started base model too (minutes). One process: the
+    model stage initialises its own single-rank process group unless one exists.
 
     A stage is rebuilt when ``force``, when it is not current (see
     :func:`stage_is_current`), or when an earlier stage was rebuilt.
     """
+    if tuple(stages) != STAGES[: len(stages)]:
+        raise ValueError(f"stages={list(stages)}: expected a prefix of {list(STAGES)}")
     settings = settings or TinyTaskSettings()
     paths = TinyTaskPaths(Path(root))
     manifest = read_manifest(paths)
     rebuilt = False
-    for stage in STAGES:
+    for stage in stages:
         if not (force or rebuilt) and stage_is_current(paths, settings, stage):
             record = manifest["stages"][stage]
             log(f"[{stage}] up to date (built in {record['seconds']:.1f} s), skipping")
             continue
         log(f"[{stage}] building ...")
         start = time.perf_counter()
-        result = BUILDERS[stage](paths, settings)
+        result = BUILDERS[stage](paths, settings, log)
         seconds = time.perf_counter() - start
         manifest["stages"][stage] = {
             "settings": settings.stage_settings(stage),
@@ -175,5 +217,6 @@ def build_tiny_task(
         }
         _write_manifest(paths, manifest)
         rebuilt = True
-        log(f"[{stage}] done in {seconds:.1f} s: {json.dumps(result)}")
+        summary = {k: v for k, v in result.items() if k != "history"}
+        log(f"[{stage}] done in {seconds:.1f} s: {json.dumps(summary)}")
     return manifest
