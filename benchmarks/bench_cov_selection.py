@@ -90,7 +90,8 @@ def public_step(mbs, cfg: PolicyLossConfig, count: torch.Tensor) -> None:
         log_ratio = (logp - old).clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
         ratio = torch.exp(log_ratio)
         pg1 = -adv * ratio
-        pg2 = -adv * ratio.clamp(1 - cfg.clip_ratio_low, 1 + cfg.clip_ratio_high)
+        low, high = cfg.clip_range
+        pg2 = -adv * ratio.clamp(1 - low, 1 + high)
         n = mask.sum()
         mean_a = torch.where(mask, adv, 0.0).sum() / n
         mean_l = torch.where(mask, logp.detach(), 0.0).sum() / n
@@ -124,7 +125,13 @@ def public_step(mbs, cfg: PolicyLossConfig, count: torch.Tensor) -> None:
 def covrl_step(mbs, cfg: PolicyLossConfig, count: torch.Tensor) -> None:
     sel = prepare_selection(
         [
-            SelectionBatch(mb["adv"], mb["old_logp"], mb["mask"], mb["token_ids"], mb["logp"])
+            SelectionBatch(
+                advantages=mb["adv"],
+                old_logp=mb["old_logp"],
+                mask=mb["mask"],
+                token_ids=mb["token_ids"],
+                logp=mb["logp"],
+            )
             for mb in mbs
         ],
         cfg,
@@ -134,7 +141,12 @@ def covrl_step(mbs, cfg: PolicyLossConfig, count: torch.Tensor) -> None:
     for i, mb in enumerate(mbs):
         logp = mb["logp"].clone().requires_grad_(True)
         out = compute_policy_loss(
-            logp, mb["old_logp"], mb["adv"], mb["mask"], cfg, selected=sel.masks[i]
+            logp,
+            old_logp=mb["old_logp"],
+            advantages=mb["adv"],
+            mask=mb["mask"],
+            config=cfg,
+            selected=sel.masks[i],
         )
         aggregate_loss(out.token_loss, mb["mask"], cfg.loss_agg_mode, count).backward()
 

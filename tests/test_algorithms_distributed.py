@@ -81,7 +81,13 @@ def _run_step(mbs, cfg, group, dp):
 
     sel = prepare_selection(
         [
-            SelectionBatch(mb["adv"], mb["old_logp"], mb["mask"], mb["token_ids"], mb["logp"])
+            SelectionBatch(
+                advantages=mb["adv"],
+                old_logp=mb["old_logp"],
+                mask=mb["mask"],
+                token_ids=mb["token_ids"],
+                logp=mb["logp"],
+            )
             for mb in mbs
         ],
         cfg,
@@ -96,10 +102,10 @@ def _run_step(mbs, cfg, group, dp):
         leaf = mb["logp"].clone().requires_grad_(True)
         out = compute_policy_loss(
             leaf + theta,
-            mb["old_logp"],
-            mb["adv"],
-            mb["mask"],
-            cfg,
+            old_logp=mb["old_logp"],
+            advantages=mb["adv"],
+            mask=mb["mask"],
+            config=cfg,
             selected=None if sel.masks is None else sel.masks[i],
             entropy=mb["entropy"],
             ref_logp=mb["ref_logp"],
@@ -165,7 +171,13 @@ def _nan_on_last_rank(rank, dp, group):
     if rank == dp - 1:
         mbs[1]["adv"][0, mbs[1]["mask"][0].nonzero()[0]] = float("nan")
     batches = [
-        SelectionBatch(mb["adv"], mb["old_logp"], mb["mask"], mb["token_ids"], mb["logp"])
+        SelectionBatch(
+            advantages=mb["adv"],
+            old_logp=mb["old_logp"],
+            mask=mb["mask"],
+            token_ids=mb["token_ids"],
+            logp=mb["logp"],
+        )
         for mb in mbs
     ]
     try:
@@ -262,7 +274,7 @@ def test_selection_matches_brute_force_reference(runs, ds, case):
         ec.method,
         ec.selection_ratio,
         omega=(ec.clip_cov.omega_low, ec.clip_cov.omega_high),
-        clip=(cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c),
+        clip=(*cfg.clip_range, cfg.clip_ratio_c),
         seed=SEED,
         step=STEP,
     )

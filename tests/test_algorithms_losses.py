@@ -49,7 +49,7 @@ def _data(seed=0):
 
 def _ref_token_loss(lp, old, adv, sel, ent, ref, cfg: PolicyLossConfig):
     """float64 reference of the per-token loss, written piecewise."""
-    low, high, c = cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c
+    (low, high), c = cfg.clip_range, cfg.clip_ratio_c
     r = torch.exp(lp - old)
     ec = cfg.entropy_control
     if ec.method == "kl_cov" and not ec.kl_cov.ppo_clip:
@@ -94,10 +94,11 @@ CONFIGS = {
     "ppo": PolicyLossConfig(),
     "clip_higher_no_dual": PolicyLossConfig(clip_ratio_high=0.28, clip_ratio_c=None),
     "dual_clip_2": PolicyLossConfig(clip_ratio_c=2.0),
-    "clip_cov": PolicyLossConfig(entropy_control=_ec("clip_cov")),
-    "clip_cov_range_1": PolicyLossConfig(
-        clip_ratio_low=1.0, clip_ratio_high=1.0, entropy_control=_ec("clip_cov")
+    # Clip-Cov under the PPO clip range of "ppo", and with the paper's range of 1.
+    "clip_cov": PolicyLossConfig(
+        clip_ratio_low=0.2, clip_ratio_high=0.2, entropy_control=_ec("clip_cov")
     ),
+    "clip_cov_range_1": PolicyLossConfig(entropy_control=_ec("clip_cov")),
     "kl_cov": PolicyLossConfig(entropy_control=_ec("kl_cov")),
     "kl_cov_beta_half_clip": PolicyLossConfig(
         entropy_control=_ec("kl_cov", kl_cov=KLCovConfig(beta=0.5, ppo_clip=True))
@@ -128,7 +129,14 @@ def test_loss_and_grad_match_float64_reference(name, mode, const):
 
     leaf = logp.clone().requires_grad_(True)
     out = compute_policy_loss(
-        leaf, old, adv, mask, cfg, selected=sel if use_sel else None, entropy=ent, ref_logp=ref
+        leaf,
+        old_logp=old,
+        advantages=adv,
+        mask=mask,
+        config=cfg,
+        selected=sel if use_sel else None,
+        entropy=ent,
+        ref_logp=ref,
     )
     count = global_loss_count([mask], mode, SINGLE_PROCESS)
     loss = aggregate_loss(out.token_loss, mask, mode, count, const)
@@ -155,7 +163,7 @@ def test_ppo_analytic_gradient_and_clip_flags():
     cfg = CONFIGS["ppo"]
     logp, old, adv, _, _, mask, _ = _data(1)
     leaf = logp.clone().requires_grad_(True)
-    out = compute_policy_loss(leaf, old, adv, mask, cfg)
+    out = compute_policy_loss(leaf, old_logp=old, advantages=adv, mask=mask, config=cfg)
     out.token_loss.sum().backward()
     r = torch.exp(logp.double() - old.double())
     a = adv.double()
@@ -172,8 +180,12 @@ def test_ppo_analytic_gradient_and_clip_flags():
 def test_clip_cov_zeroes_selected_terms_but_keeps_them_in_denominator():
     logp, old, adv, _, _, mask, sel = _data(2)
     cfg = CONFIGS["clip_cov"]
-    base = compute_policy_loss(logp, old, adv, mask, CONFIGS["ppo"]).token_loss
-    out = compute_policy_loss(logp, old, adv, mask, cfg, selected=sel)
+    base = compute_policy_loss(
+        logp, old_logp=old, advantages=adv, mask=mask, config=CONFIGS["ppo"]
+    ).token_loss
+    out = compute_policy_loss(
+        logp, old_logp=old, advantages=adv, mask=mask, config=cfg, selected=sel
+    )
     assert (out.token_loss[sel] == 0).all()
     assert torch.equal(out.token_loss[~sel], base[~sel])
     n = global_loss_count([mask], "token-mean", SINGLE_PROCESS)
@@ -186,7 +198,9 @@ def test_kl_cov_is_inert_on_policy():
     # One update per rollout batch: logp == logp_old, the penalty and its gradient vanish.
     _, old, adv, _, _, mask, sel = _data(3)
     leaf = old.clone().requires_grad_(True)
-    out = compute_policy_loss(leaf, old, adv, mask, CONFIGS["kl_cov"], selected=sel)
+    out = compute_policy_loss(
+        leaf, old_logp=old, advantages=adv, mask=mask, config=CONFIGS["kl_cov"], selected=sel
+    )
     out.token_loss.sum().backward()
     torch.testing.assert_close(leaf.grad, torch.where(mask, -adv, 0.0))
 
@@ -198,7 +212,9 @@ def test_megatron_scaling_composes_to_the_minibatch_gradient():
     mode = "seq-mean-token-mean"
     theta = torch.zeros((), requires_grad=True)
     full = aggregate_loss(
-        compute_policy_loss(logp + theta, old, adv, mask, cfg).token_loss,
+        compute_policy_loss(
+            logp + theta, old_logp=old, advantages=adv, mask=mask, config=cfg
+        ).token_loss,
         mask,
         mode,
         global_loss_count([mask], mode, SINGLE_PROCESS),
@@ -214,7 +230,12 @@ def test_megatron_scaling_composes_to_the_minibatch_gradient():
         for j in mbs:
             lp, o, a, m = parts[j]
             loss = aggregate_loss(
-                compute_policy_loss(lp + theta, o, a, m, cfg).token_loss, m, mode, count
+                compute_policy_loss(
+                    lp + theta, old_logp=o, advantages=a, mask=m, config=cfg
+                ).token_loss,
+                m,
+                mode,
+                count,
             )
             (gj,) = torch.autograd.grad(loss * megatron_loss_scale(len(mbs), 2) / len(mbs), theta)
             g += gj.item()
@@ -225,7 +246,9 @@ def test_megatron_scaling_composes_to_the_minibatch_gradient():
 def test_loss_terms_for_per_token_loss_path():
     # Megatron's calculate_per_token_loss=True: sum of numerators / sum of counts.
     logp, old, adv, _, _, mask, _ = _data(5)
-    tok = compute_policy_loss(logp, old, adv, mask, CONFIGS["ppo"]).token_loss
+    tok = compute_policy_loss(
+        logp, old_logp=old, advantages=adv, mask=mask, config=CONFIGS["ppo"]
+    ).token_loss
     for mode, const in MODES:
         num0, c0 = loss_terms(tok[:3], mask[:3], mode, const)
         num1, c1 = loss_terms(tok[3:], mask[3:], mode, const)
@@ -240,7 +263,12 @@ def test_metric_sums_against_reference():
     cfg = CONFIGS["dual_clip_2"]
     halves = [slice(0, 3), slice(3, 6)]
     sums = [
-        policy_metric_sums(compute_policy_loss(logp[h], old[h], adv[h], mask[h], cfg), ent[h])
+        policy_metric_sums(
+            compute_policy_loss(
+                logp[h], old_logp=old[h], advantages=adv[h], mask=mask[h], config=cfg
+            ),
+            ent[h],
+        )
         for h in halves
     ]
     got = reduce_metric_sums(sums, SINGLE_PROCESS)
@@ -262,7 +290,9 @@ def test_empty_mask_gives_zero_loss_and_zero_grad():
     logp, old, adv, _, _, _, _ = _data()
     mask = torch.zeros(B, S, dtype=torch.bool)
     leaf = logp.clone().requires_grad_(True)
-    out = compute_policy_loss(leaf, old, adv, mask, CONFIGS["kl_cov"], selected=mask)
+    out = compute_policy_loss(
+        leaf, old_logp=old, advantages=adv, mask=mask, config=CONFIGS["kl_cov"], selected=mask
+    )
     for mode, const in MODES:
         count = global_loss_count([mask], mode, SINGLE_PROCESS)
         assert count.item() == 0
@@ -279,7 +309,7 @@ def test_single_valid_token():
     mask = torch.zeros(B, S, dtype=torch.bool)
     mask[4, 2] = True
     leaf = logp.clone().requires_grad_(True)
-    out = compute_policy_loss(leaf, old, adv, mask, CONFIGS["ppo"])
+    out = compute_policy_loss(leaf, old_logp=old, advantages=adv, mask=mask, config=CONFIGS["ppo"])
     aggregate_loss(
         out.token_loss, mask, "token-mean", global_loss_count([mask], "token-mean", SINGLE_PROCESS)
     ).backward()
@@ -301,10 +331,10 @@ def test_non_finite_inputs_are_named(bad, value):
     with pytest.raises(ValueError, match=rf"non-finite.*\b{bad}\b \(1 of"):
         compute_policy_loss(
             t["logp"],
-            t["old_logp"],
-            t["advantages"],
-            mask,
-            cfg,
+            old_logp=t["old_logp"],
+            advantages=t["advantages"],
+            mask=mask,
+            config=cfg,
             entropy=t["entropy"],
             ref_logp=t["ref_logp"],
         )
@@ -313,15 +343,25 @@ def test_non_finite_inputs_are_named(bad, value):
 def test_argument_errors():
     logp, old, adv, _, _, mask, sel = _data()
     with pytest.raises(ValueError, match="needs the selection mask"):
-        compute_policy_loss(logp, old, adv, mask, CONFIGS["clip_cov"])
+        compute_policy_loss(
+            logp, old_logp=old, advantages=adv, mask=mask, config=CONFIGS["clip_cov"]
+        )
     with pytest.raises(ValueError, match="method is 'none'"):
-        compute_policy_loss(logp, old, adv, mask, CONFIGS["ppo"], selected=sel)
+        compute_policy_loss(
+            logp, old_logp=old, advantages=adv, mask=mask, config=CONFIGS["ppo"], selected=sel
+        )
     with pytest.raises(ValueError, match="needs the entropy"):
-        compute_policy_loss(logp, old, adv, mask, CONFIGS["entropy_bonus"])
+        compute_policy_loss(
+            logp, old_logp=old, advantages=adv, mask=mask, config=CONFIGS["entropy_bonus"]
+        )
     with pytest.raises(ValueError, match="needs ref_logp"):
-        compute_policy_loss(logp, old, adv, mask, CONFIGS["ref_kl_k3"])
+        compute_policy_loss(
+            logp, old_logp=old, advantages=adv, mask=mask, config=CONFIGS["ref_kl_k3"]
+        )
     with pytest.raises(ValueError, match=r"old_logp has shape \(6, 19\)"):
-        compute_policy_loss(logp, old[:, 1:], adv, mask, CONFIGS["ppo"])
+        compute_policy_loss(
+            logp, old_logp=old[:, 1:], advantages=adv, mask=mask, config=CONFIGS["ppo"]
+        )
     with pytest.raises(ValueError, match="loss_agg_mode"):
         aggregate_loss(logp, mask, "token-sum", 3)
 
@@ -343,6 +383,16 @@ def test_argument_errors():
 def test_config_validation(make):
     with pytest.raises(ValueError):
         make()
+
+
+def test_clip_cov_alone_is_the_papers_recipe():
+    def clip_range(method, **kwargs):
+        ec = EntropyControlConfig(method=method)
+        return PolicyLossConfig(entropy_control=ec, **kwargs).clip_range
+
+    assert clip_range("clip_cov") == (1.0, 1.0)  # Cui et al. 2025, Clip-Cov runs
+    assert clip_range("kl_cov") == clip_range("none") == (0.2, 0.2)
+    assert clip_range("clip_cov", clip_ratio_low=0.2, clip_ratio_high=0.28) == (0.2, 0.28)
 
 
 def test_paper_defaults():
@@ -407,7 +457,7 @@ def test_finite_check_clears_a_float32_overflow_false_alarm():
     logp, old, adv, _, _, mask, _ = _data(7)
     old = torch.where(mask, torch.full_like(old, -3e38), old)
     logp = torch.where(mask, torch.full_like(logp, -1e38), logp)
-    out = compute_policy_loss(logp, old, adv, mask, CONFIGS["ppo"])
+    out = compute_policy_loss(logp, old_logp=old, advantages=adv, mask=mask, config=CONFIGS["ppo"])
     assert torch.isfinite(out.token_loss).all()
     assert not math.isfinite(out.log_ratio.sum().item())
 
@@ -417,7 +467,7 @@ def test_non_finite_log_ratio_of_finite_inputs_is_an_error():
     logp, old = logp.clone(), old.clone()
     logp[1, 5], old[1, 5] = 3e38, -3e38  # finite inputs, log-ratio overflows to inf
     with pytest.raises(ValueError, match="non-finite policy loss terms"):
-        compute_policy_loss(logp, old, adv, mask, CONFIGS["ppo"])
+        compute_policy_loss(logp, old_logp=old, advantages=adv, mask=mask, config=CONFIGS["ppo"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])

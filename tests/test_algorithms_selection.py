@@ -36,24 +36,27 @@ from tests.test_algorithms_tokens import (
 
 
 def _cfg(method, ratio=0.05, omega=(0.2, 5.0), **ec):
+    # The PPO clip range of reference_selection's "not clipped" filter.
     return PolicyLossConfig(
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.2,
         entropy_control=EntropyControlConfig(
             method=method,
             kl_cov=KLCovConfig(ratio=ratio),
             clip_cov=ClipCovConfig(ratio=ratio, omega_low=omega[0], omega_high=omega[1]),
             **ec,
-        )
+        ),
     )
 
 
 def _batches(mbs, with_logp=True):
     return [
         SelectionBatch(
-            mb["adv"],
-            mb["old_logp"],
-            mb["mask"],
-            mb["token_ids"],
-            mb["logp"] if with_logp else None,
+            advantages=mb["adv"],
+            old_logp=mb["old_logp"],
+            mask=mb["mask"],
+            token_ids=mb["token_ids"],
+            logp=mb["logp"] if with_logp else None,
         )
         for mb in mbs
     ]

@@ -46,14 +46,17 @@ def _config(method: str):
         PolicyLossConfig,
     )
 
-    # Ratios and band sized for ~70 tokens, so several tokens are selected.
+    # Ratios and band sized for ~70 tokens, so several tokens are selected; PPO clip
+    # 0.2 so that Clip-Cov's "not clipped" filter has tokens to exclude.
     return PolicyLossConfig(
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.2,
         entropy_control=EntropyControlConfig(
             method=method,
             seed=5,
             clip_cov=ClipCovConfig(ratio=0.1, omega_low=0.05, omega_high=5.0),
             kl_cov=KLCovConfig(ratio=0.1, beta=1.0),
-        )
+        ),
     )
 
 

@@ -7,7 +7,8 @@ these pieces to the megatron policy::
     from covrl.algorithms import EntropyControlConfig, PolicyLossConfig
     from covrl.training import PolicyBatch, ppo_update
 
-    cfg = PolicyLossConfig(entropy_control=EntropyControlConfig(method="kl_cov"))
+    # Clip-Cov as in the paper (r = 2e-4, omega = (1, 5), PPO clip range 1 / 1).
+    cfg = PolicyLossConfig(entropy_control=EntropyControlConfig(method="clip_cov"))
     batch = PolicyBatch(input_ids=ids, attention_mask=attn, response_mask=response,
                         sample_index=rows, old_logp=old_logp, advantages=adv)
     result = ppo_update(engine, batch, cfg, step=step, dp_group=dp_group)
@@ -17,12 +18,13 @@ Inside it, per mini-batch (``current`` from a no-grad forward when
 
     token_ids = canonical_token_ids(sample_index, response_mask)
     sel = prepare_selection(
-        [SelectionBatch(adv[m], old_logp[m], response_mask[m], token_ids[m],
-                        logp=current[m]) for m in mbs],
+        [SelectionBatch(advantages=adv[m], old_logp=old_logp[m], mask=response_mask[m],
+                        token_ids=token_ids[m], logp=current[m]) for m in mbs],
         cfg, step=step, group=dp_group)
     count = global_loss_count([response_mask], cfg.loss_agg_mode, dp_group)
     # per gradient micro-batch, in the engine's loss function:
-    out = compute_policy_loss(logp, old_logp, adv, mask, cfg, selected=selected)
+    out = compute_policy_loss(logp, old_logp=old_logp, advantages=adv, mask=mask,
+                              config=cfg, selected=selected)
     loss = aggregate_loss(out.token_loss, mask, cfg.loss_agg_mode, count,
                           cfg.loss_norm_constant)
 

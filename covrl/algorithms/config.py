@@ -11,6 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# Selection counts: ``floor(ratio * N)`` is taken on the decimal value of ``ratio``
+# (exactly, so ``0.29 * 100`` is 29). The public implementation's ``int(ratio * N)``
+# rounds the binary product and is one token short for some N (28 there). Both methods'
+# counts and the covariance summary's top fractions use this rule.
+
 EntropyControlMethod = Literal["none", "clip_cov", "kl_cov"]
 SelectionScope = Literal["minibatch", "microbatch"]
 CovLogprobSource = Literal["current", "old"]
@@ -34,7 +39,8 @@ class ClipCovConfig:
     ``max(1, floor(ratio * N))`` tokens are drawn uniformly without replacement from the
     scope's valid, not PPO-clipped tokens with ``omega_low < cov < omega_high``
     (N = valid tokens of the scope). The paper's runs pair Clip-Cov with a PPO clip
-    range of 1 on both sides (``PolicyLossConfig.clip_ratio_low/high = 1.0``).
+    range of 1 on both sides, which is what ``PolicyLossConfig`` uses for Clip-Cov
+    unless ``clip_ratio_low/high`` are set.
     """
 
     ratio: float = 2e-4
@@ -128,7 +134,9 @@ class PolicyLossConfig:
     """Token-level policy loss and its aggregation.
 
     ``clip_ratio_low/high``: PPO ratio clip range ``[1 - low, 1 + high]``; a larger
-        ``high`` is "clip-higher" (DAPO uses 0.2 / 0.28).
+        ``high`` is "clip-higher" (DAPO uses 0.2 / 0.28). None (default): the method's
+        recipe, :attr:`clip_range`: 1 / 1 for Clip-Cov (the paper's setting), 0.2 / 0.2
+        otherwise. So ``method="clip_cov"`` alone is the paper's Clip-Cov.
     ``clip_ratio_c``: dual-clip bound (> 1) for negative advantages; None disables it.
     ``entropy_coeff``: entropy bonus; ``coeff * entropy`` is subtracted per token.
     ``kl_coeff``/``kl_estimator``: penalty toward a reference policy, added per token.
@@ -136,8 +144,8 @@ class PolicyLossConfig:
     ``check_finite``: reject NaN/inf at valid positions (one host sync per call).
     """
 
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2
+    clip_ratio_low: float | None = None
+    clip_ratio_high: float | None = None
     clip_ratio_c: float | None = 3.0
     entropy_coeff: float = 0.0
     kl_coeff: float = 0.0
@@ -150,11 +158,10 @@ class PolicyLossConfig:
     check_finite: bool = True
 
     def __post_init__(self) -> None:
-        if self.clip_ratio_low < 0 or self.clip_ratio_high < 0:
-            raise ValueError(
-                f"clip_ratio_low={self.clip_ratio_low} and clip_ratio_high="
-                f"{self.clip_ratio_high} must be >= 0"
-            )
+        for name in ("clip_ratio_low", "clip_ratio_high"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name}={value} must be >= 0 (or None: the method's recipe)")
         if self.clip_ratio_c is not None and self.clip_ratio_c <= 1.0:
             raise ValueError(f"clip_ratio_c={self.clip_ratio_c} must be > 1 (or None)")
         _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
@@ -163,6 +170,14 @@ class PolicyLossConfig:
             raise ValueError(f"loss_norm_constant={self.loss_norm_constant} must be > 0")
         if self.log_ratio_clamp <= 0:
             raise ValueError(f"log_ratio_clamp={self.log_ratio_clamp} must be > 0")
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        """``(low, high)`` of the PPO ratio clip in effect: the set values, else the
+        method's recipe (1 / 1 for Clip-Cov as in the paper, 0.2 / 0.2 otherwise)."""
+        default = 1.0 if self.entropy_control.method == "clip_cov" else 0.2
+        low, high = self.clip_ratio_low, self.clip_ratio_high
+        return (default if low is None else low, default if high is None else high)
 
 
 @dataclass

@@ -46,9 +46,11 @@ def canonical_token_ids(sample_index: torch.Tensor, mask: torch.Tensor) -> torch
     return torch.where(mask, ids, torch.full_like(ids, -1))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SelectionBatch:
     """One micro-batch of a selection scope; every tensor is ``[b, s]`` in one layout.
+
+    Built with keyword arguments only (same-shaped tensors must not be swapped).
 
     Attributes:
         advantages: per-token advantages (float).

@@ -109,9 +109,10 @@ class SurrogateParams:
     @classmethod
     def from_config(cls, config: PolicyLossConfig) -> SurrogateParams:
         ec = config.entropy_control
+        low, high = config.clip_range
         return cls(
-            clip_ratio_low=config.clip_ratio_low,
-            clip_ratio_high=config.clip_ratio_high,
+            clip_ratio_low=low,
+            clip_ratio_high=high,
             clip_ratio_c=config.clip_ratio_c,
             ppo_clip=not (ec.method == "kl_cov" and not ec.kl_cov.ppo_clip),
             log_ratio_clamp=config.log_ratio_clamp,
@@ -212,17 +213,20 @@ def kl_penalty(
 
 def compute_policy_loss(
     logp: torch.Tensor,
+    *,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     config: PolicyLossConfig,
-    *,
     selected: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     rollout_weights: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """Per-token policy loss of one micro-batch.
+
+    Every argument after ``logp`` is keyword-only: the per-token inputs are
+    same-shaped float tensors, and a positional swap would pass unnoticed.
 
     Args:
         logp: ``[b, s]`` log-probs of the sampled tokens under the current parameters

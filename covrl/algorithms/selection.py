@@ -521,8 +521,7 @@ class _Band:
         _, clipped, dual = ppo_surrogate(
             torch.exp(log_ratio),
             self.advantages,
-            config.clip_ratio_low,
-            config.clip_ratio_high,
+            *config.clip_range,
             config.clip_ratio_c,
         )
         keep = torch.nonzero(~(clipped | dual)).squeeze(1)

@@ -177,10 +177,10 @@ def _select(
     result = prepare_selection(
         [
             SelectionBatch(
-                batch.advantages[m],
-                batch.old_logp[m],
-                batch.response_mask[m],
-                token_ids[m],
+                advantages=batch.advantages[m],
+                old_logp=batch.old_logp[m],
+                mask=batch.response_mask[m],
+                token_ids=token_ids[m],
                 logp=None if current is None else current[m],
             )
             for m in parts
@@ -226,10 +226,10 @@ def ppo_update(
     def loss_fn(out: TokenOutputs, micro: dict[str, torch.Tensor]):
         result = compute_policy_loss(
             out.logp,
-            micro["old_logp"],
-            micro["advantages"],
-            micro["response_mask"],
-            config,
+            old_logp=micro["old_logp"],
+            advantages=micro["advantages"],
+            mask=micro["response_mask"],
+            config=config,
             selected=micro.get("selected"),
             entropy=out.entropy,
             ref_logp=micro.get("ref_logp"),
