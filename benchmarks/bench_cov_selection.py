@@ -206,8 +206,8 @@ def main() -> None:
         mbs, n_tokens = make_minibatch(args.tokens, args.width, mb_seqs, device)
         count = global_loss_count([mb["mask"] for mb in mbs], "token-mean", SINGLE_PROCESS)
         for name, ec in methods.items():
-            cfg = PolicyLossConfig(entropy_control=replace(ec, compute_cov_stats=False))
-            stats_cfg = PolicyLossConfig(entropy_control=replace(ec, compute_cov_stats=True))
+            cfg = PolicyLossConfig(entropy_control=replace(ec, covariance_summary=False))
+            stats_cfg = PolicyLossConfig(entropy_control=replace(ec, covariance_summary=True))
             t = _time_interleaved(
                 {
                     "public": partial(public_step, mbs, cfg, count),

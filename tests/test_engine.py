@@ -45,7 +45,7 @@ def _engine_body(ctx, checkpoint, vpp_micro_batches=False):
     from megatron.core import parallel_state as ps
 
     from covrl.models import PolicyModelConfig, build_model, load_hf_weights
-    from covrl.models.engine import EngineConfig, OptimizerSettings, PolicyEngine
+    from covrl.models.engine import EngineConfig, OptimizerConfig, PolicyEngine
 
     config = PolicyModelConfig.from_hf(checkpoint)
     chunks = build_model(config)
@@ -67,7 +67,7 @@ def _engine_body(ctx, checkpoint, vpp_micro_batches=False):
     engine = PolicyEngine(
         chunks,
         config.vocab_size,
-        OptimizerSettings(lr=3e-3, weight_decay=0.0, clip_grad=1.0),
+        OptimizerConfig(lr=3e-3, weight_decay=0.0, clip_grad=1.0),
         EngineConfig(micro_batch_size=1),
     )
     steps = []
@@ -157,7 +157,7 @@ def _bf16_body(ctx, checkpoint):
     from megatron.core import parallel_state as ps
 
     from covrl.models import PolicyModelConfig, build_model, load_hf_weights
-    from covrl.models.engine import EngineConfig, OptimizerSettings, PolicyEngine
+    from covrl.models.engine import EngineConfig, OptimizerConfig, PolicyEngine
 
     config = PolicyModelConfig.from_hf(checkpoint, params_dtype=torch.bfloat16)
     chunks = build_model(config)
@@ -166,7 +166,7 @@ def _bf16_body(ctx, checkpoint):
     engine = PolicyEngine(
         chunks,
         config.vocab_size,
-        OptimizerSettings(lr=3e-3, weight_decay=0.0, clip_grad=1.0),
+        OptimizerConfig(lr=3e-3, weight_decay=0.0, clip_grad=1.0),
         EngineConfig(micro_batch_size=2, temperature=TEMPERATURE),
     )
     out = engine.forward_logprobs(ids, mask)

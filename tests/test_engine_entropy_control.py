@@ -65,7 +65,7 @@ def _body(ctx, checkpoint, micro_batch_size):
 
     from covrl.algorithms import canonical_token_ids
     from covrl.models import PolicyModelConfig, build_model, load_hf_weights
-    from covrl.models.engine import EngineConfig, OptimizerSettings, PolicyEngine
+    from covrl.models.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.training import PolicyBatch, ppo_update
 
     model_config = PolicyModelConfig.from_hf(checkpoint)
@@ -85,7 +85,7 @@ def _body(ctx, checkpoint, micro_batch_size):
         engine = PolicyEngine(
             chunks,
             model_config.vocab_size,
-            OptimizerSettings(lr=5e-5, weight_decay=0.0, clip_grad=10.0),
+            OptimizerConfig(lr=5e-5, weight_decay=0.0, clip_grad=10.0),
             EngineConfig(micro_batch_size=micro_batch_size),
         )
         old_logp = engine.forward_logprobs(ids, mask).logp

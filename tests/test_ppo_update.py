@@ -92,7 +92,7 @@ def _body(ctx, checkpoint, inputs, micro_batch_size):
 
     from covrl.algorithms import PolicyLossConfig
     from covrl.models import PolicyModelConfig, build_model, load_hf_weights
-    from covrl.models.engine import EngineConfig, OptimizerSettings, PolicyEngine
+    from covrl.models.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.training import PolicyBatch, ppo_update
 
     model_config = PolicyModelConfig.from_hf(checkpoint)
@@ -101,7 +101,7 @@ def _body(ctx, checkpoint, inputs, micro_batch_size):
     engine = PolicyEngine(
         chunks,
         model_config.vocab_size,
-        OptimizerSettings(lr=1e-4, weight_decay=0.0, clip_grad=100.0),
+        OptimizerConfig(lr=1e-4, weight_decay=0.0, clip_grad=100.0),
         EngineConfig(micro_batch_size=micro_batch_size),
     )
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()

@@ -9,7 +9,7 @@ paper's value).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 # Selection counts: ``floor(ratio * N)`` is taken on the decimal value of ``ratio``
 # (exactly, so ``0.29 * 100`` is 29). The public implementation's ``int(ratio * N)``
@@ -23,8 +23,8 @@ LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 KLEstimator = Literal["k1", "abs", "k2", "k3"]
 AdvantageEstimator = Literal["grpo", "rloo", "reinforce_pp_baseline"]
 
-LOSS_AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-KL_ESTIMATORS: tuple[str, ...] = ("k1", "abs", "k2", "k3")
+LOSS_AGG_MODES: tuple[str, ...] = get_args(LossAggMode)
+KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -97,8 +97,9 @@ class EntropyControlConfig:
         ``"old"``: the rollout-time log-probs, no extra forward. Clip-Cov's
         "not PPO-clipped" filter then sees ratio = 1 and excludes nothing.
     ``seed``: with the optimizer step, fixes Clip-Cov's random draw.
-    ``compute_cov_stats``: also compute the Table-1 covariance summary (mean and
-        top-fraction means) in the selection pass (eight small all-reduces).
+    ``covariance_summary``: also compute the covariance summary (the paper's Table 1:
+        mean and top-fraction means, ``cov/*`` metrics) in the selection pass (eight
+        small all-reduces).
     """
 
     method: EntropyControlMethod = "none"
@@ -107,14 +108,14 @@ class EntropyControlConfig:
     seed: int = 0
     clip_cov: ClipCovConfig = field(default_factory=ClipCovConfig)
     kl_cov: KLCovConfig = field(default_factory=KLCovConfig)
-    compute_cov_stats: bool = True
+    covariance_summary: bool = True
     # Fractions of the scope's tokens whose mean covariance is reported (paper, Table 1).
     cov_top_fractions: tuple[float, ...] = (2e-4, 2e-3, 2e-2, 2e-1, 5e-1)
 
     def __post_init__(self) -> None:
-        _check_choice("entropy_control.method", self.method, ("none", "clip_cov", "kl_cov"))
-        _check_choice("entropy_control.scope", self.scope, ("minibatch", "microbatch"))
-        _check_choice("entropy_control.logp_source", self.logp_source, ("current", "old"))
+        _check_choice("entropy_control.method", self.method, get_args(EntropyControlMethod))
+        _check_choice("entropy_control.scope", self.scope, get_args(SelectionScope))
+        _check_choice("entropy_control.logp_source", self.logp_source, get_args(CovLogprobSource))
         for f in self.cov_top_fractions:
             if not 0.0 < f <= 1.0:
                 raise ValueError(f"entropy_control.cov_top_fractions entry {f} not in (0, 1]")
@@ -192,6 +193,6 @@ class AdvantageConfig:
     dynamic_sampling: bool = True
 
     def __post_init__(self) -> None:
-        _check_choice("estimator", self.estimator, ("grpo", "rloo", "reinforce_pp_baseline"))
+        _check_choice("estimator", self.estimator, get_args(AdvantageEstimator))
         if self.eps < 0:
             raise ValueError(f"eps={self.eps} must be >= 0")

@@ -284,7 +284,7 @@ class SelectionResult:
         metrics: scalars, identical on every rank of the group:
             ``entropy_control/num_tokens``, ``.../selected_tokens``,
             ``.../selected_fraction``, ``.../candidates`` (Clip-Cov), and with
-            ``compute_cov_stats`` ``cov/mean`` and ``cov/top_<pct>`` (mean covariance
+            ``covariance_summary`` ``cov/mean`` and ``cov/top_<pct>`` (mean covariance
             of the top fraction of tokens, over the mini-batch scope).
     """
 
@@ -603,6 +603,23 @@ def _select_in_scope(
     return selected, torch.tensor(pos.numel(), dtype=torch.int64, device=tokens.device)
 
 
+def _select_per_microbatch(
+    batches: Sequence[SelectionBatch], config: PolicyLossConfig, step: int, use_current: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scope="microbatch"``: each local micro-batch selects alone, with its own means
+    and count (the public implementation's behaviour). Same outputs as
+    :func:`_select_in_scope` over the concatenated micro-batches."""
+    parts, candidates = [], []
+    for b in batches:
+        tokens = _LocalTokens([b], use_current)
+        sums = _scope_sums(tokens, check_old=False)
+        means = CovarianceMeans.from_sums(sums, sums.tolist())
+        selected, n_candidates = _select_in_scope(tokens, means, config, step, SINGLE_PROCESS)
+        parts.append(selected)
+        candidates.append(n_candidates)
+    return torch.cat(parts), torch.stack(candidates).sum()
+
+
 def prepare_selection(
     batches: Sequence[SelectionBatch],
     config: PolicyLossConfig,
@@ -672,26 +689,17 @@ def prepare_selection(
 
     metrics: dict[str, float] = {"entropy_control/num_tokens": float(num_tokens)}
     out_masks: list[torch.Tensor] | None = None
-    # The covariance summary takes each block's covariance from the mini-batch-scope
-    # selection pass, or from a pass of its own.
-    summary = CovarianceSummary(ec.cov_top_fractions, tokens.device)
-    fed = not ec.compute_cov_stats
+    summary = (
+        CovarianceSummary(ec.cov_top_fractions, tokens.device) if ec.covariance_summary else None
+    )
+    # The summary reads each block's covariance from the mini-batch-scope selection
+    # pass when there is one, else from a pass of its own (below).
+    summary_from_selection = ec.method != "none" and ec.scope == "minibatch"
     if ec.method != "none":
         if ec.scope == "minibatch":
-            selected, n_cand = _select_in_scope(
-                tokens, means, config, step, group, None if fed else summary
-            )
-            fed = True
+            selected, n_cand = _select_in_scope(tokens, means, config, step, group, summary)
         else:
-            parts, cands = [], []
-            for b in batches:
-                mb = _LocalTokens([b], use_current)
-                mb_sums = _scope_sums(mb, check_old=False)
-                mb_means = CovarianceMeans.from_sums(mb_sums, mb_sums.tolist())
-                sel, nc = _select_in_scope(mb, mb_means, config, step, SINGLE_PROCESS)
-                parts.append(sel)
-                cands.append(nc)
-            selected, n_cand = torch.cat(parts), torch.stack(cands).sum()
+            selected, n_cand = _select_per_microbatch(batches, config, step, use_current)
         counts = torch.stack([selected.sum(), n_cand])
         all_reduce(counts, group)
         n_sel, n_cand = counts.tolist()
@@ -701,8 +709,8 @@ def prepare_selection(
         if ec.method == "clip_cov":
             metrics["entropy_control/candidates"] = float(n_cand)
 
-    if ec.compute_cov_stats:
-        if not fed:
+    if summary is not None:
+        if not summary_from_selection:
             for block in tokens.blocks():
                 summary.add(_block_covariance(block, means, fill=True))
         metrics.update(_covariance_summary(tokens, means, summary, group))

@@ -1,10 +1,18 @@
 """Policy models: megatron-core ``GPTModel`` built from Hugging Face Llama / Qwen2
-checkpoints, with streamed weight loading and export."""
+checkpoints (:mod:`~covrl.models.hf_config` the architecture,
+:mod:`~covrl.models.model` the model chunks, :mod:`~covrl.models.hf_weights` streamed
+weight loading and export) and the :class:`PolicyEngine` that runs them."""
 
+from covrl.models.engine import (
+    EngineConfig,
+    OptimizerConfig,
+    OptimizerSettings,
+    PolicyEngine,
+    StepResult,
+    TokenOutputs,
+)
 from covrl.models.hf_config import (
     PolicyModelConfig,
-    build_model,
-    layer_spec,
     validate_parallel_layout,
     vocab_size_with_padding,
 )
@@ -19,8 +27,15 @@ from covrl.models.hf_weights import (
     verify_hf_checkpoint,
     weight_entries,
 )
+from covrl.models.model import build_model, layer_spec, use_transformer_engine
 
 __all__ = [
+    "EngineConfig",
+    "OptimizerConfig",
+    "OptimizerSettings",
+    "PolicyEngine",
+    "StepResult",
+    "TokenOutputs",
     "HFCheckpointReader",
     "LoadStats",
     "PolicyModelConfig",
@@ -31,6 +46,7 @@ __all__ = [
     "load_hf_weights",
     "save_hf_checkpoint",
     "unwrap_model",
+    "use_transformer_engine",
     "validate_parallel_layout",
     "verify_hf_checkpoint",
     "vocab_size_with_padding",

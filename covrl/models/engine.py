@@ -42,7 +42,7 @@ LossFn = Callable[["TokenOutputs", dict[str, torch.Tensor]], tuple[torch.Tensor,
 
 
 @dataclass
-class OptimizerSettings:
+class OptimizerConfig:
     """Megatron optimizer and schedule. Defaults follow the paper's RL runs."""
 
     lr: float = 1e-6
@@ -55,6 +55,10 @@ class OptimizerSettings:
     lr_warmup_steps: int = 0
     lr_decay_steps: int = 1  # only used by non-constant styles
     lr_decay_style: str = "constant"  # constant | linear | cosine | inverse-square-root
+
+
+# The earlier name of OptimizerConfig, kept for existing imports.
+OptimizerSettings = OptimizerConfig
 
 
 @dataclass
@@ -102,7 +106,7 @@ class PolicyEngine:
         self,
         model: list[torch.nn.Module],
         vocab_size: int,
-        optimizer: OptimizerSettings | None = None,
+        optimizer: OptimizerConfig | None = None,
         config: EngineConfig | None = None,
     ) -> None:
         from megatron.core import parallel_state as ps
@@ -136,13 +140,14 @@ class PolicyEngine:
             self._setup_training(optimizer)
 
     # ------------------------------------------------------------------ set-up
-    def _setup_training(self, settings: OptimizerSettings) -> None:
+    def _setup_training(self, settings: OptimizerConfig) -> None:
         from megatron.core.distributed import (
             DistributedDataParallel,
             DistributedDataParallelConfig,
             finalize_model_grads,
         )
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+        from megatron.core.optimizer import get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         cfg = self.model_config
@@ -158,7 +163,7 @@ class PolicyEngine:
         no_sync = [m.no_sync for m in self.model]
         cfg.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
+            MegatronOptimizerConfig(
                 optimizer="adam",
                 lr=settings.lr,
                 min_lr=settings.min_lr if settings.min_lr is not None else settings.lr,

@@ -164,7 +164,7 @@ def _select(
     """The entropy-control selection of the mini-batch (None for method ``none``) and
     the selection pass's metrics."""
     ec = config.entropy_control
-    if ec.method == "none" and not ec.compute_cov_stats:
+    if ec.method == "none" and not ec.covariance_summary:
         return None, {}
     current = None
     if ec.logp_source == "current":

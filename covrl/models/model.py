@@ -1,0 +1,129 @@
+"""The policy model: megatron-core ``GPTModel`` chunks of this rank.
+
+:func:`build_model` turns a :class:`~covrl.models.hf_config.PolicyModelConfig` into one
+``GPTModel`` per virtual pipeline stage of this rank, with the layer spec of
+:func:`layer_spec`.
+
+Layer specs: on CUDA with Transformer Engine importable, megatron's Transformer Engine
+spec (fused attention / linear / norm kernels); otherwise megatron's local modules with
+torch RMSNorm, the path every CPU test runs. The two specs hold the same parameters
+under different module names, which :mod:`covrl.models.hf_weights` maps; the
+Transformer Engine path is the one never executed on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from covrl.models.hf_config import PolicyModelConfig, validate_parallel_layout
+
+if TYPE_CHECKING:
+    from megatron.core.models.gpt import GPTModel
+
+    from covrl.parallel import ParallelConfig
+
+
+def use_transformer_engine() -> bool:
+    """Whether the Transformer Engine layer spec can be used (TE importable and CUDA)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def layer_spec(transformer_engine: bool | None = None):
+    """The GPT layer spec: Transformer Engine when available, else megatron's local
+    modules with torch RMSNorm."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if transformer_engine is None:
+        transformer_engine = use_transformer_engine()
+    if transformer_engine:
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_model(
+    config: PolicyModelConfig,
+    parallel: ParallelConfig | None = None,
+    *,
+    transformer_engine: bool | None = None,
+    **transformer_overrides: Any,
+) -> list[GPTModel]:
+    """Build this rank's model chunks: one ``GPTModel`` per virtual pipeline stage.
+
+    Megatron-core's parallel state must be initialised with the same layout
+    (``covrl.parallel.initialize(parallel)``); ``parallel`` defaults to it. Chunk ``v``
+    of pipeline rank ``p`` holds the layers megatron assigns to ``(p, v)``; it has the
+    embedding when ``p == 0 and v == 0`` (``pre_process``) and the final norm and
+    output layer when ``p`` and ``v`` are the last (``post_process``). With tied
+    embeddings and PP > 1 the last stage keeps its own copy of the word embeddings as
+    ``output_layer.weight``. Parameters are randomly initialised; load weights with
+    :func:`covrl.models.load_hf_weights`. The output layer returns vocab-parallel
+    logits ``[b, s, padded_vocab / tp]``. With a bf16/fp16 ``params_dtype`` the local
+    spec's norms are still created in float32: wrap the chunks in megatron's
+    ``Float16Module`` (as Megatron-LM's ``get_model`` does) to cast them.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from covrl.parallel import ParallelConfig
+
+    if parallel is None:
+        parallel = ParallelConfig(
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+        )
+    world = dist.get_world_size() if dist.is_initialized() else None
+    validate_parallel_layout(config, parallel, world)
+    tp = parallel.tensor_model_parallel_size
+    wanted = (
+        tp,
+        parallel.pipeline_model_parallel_size,
+        parallel.virtual_pipeline_model_parallel_size,
+    )
+    state = (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+    )
+    if state != wanted:
+        raise ValueError(
+            f"parallel layout (tp, pp, vpp) = {wanted} does not match the initialised "
+            f"parallel state {state}"
+        )
+    tf_config = config.transformer_config(parallel, **transformer_overrides)
+    spec = layer_spec(transformer_engine)
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        vp = vp_stage if vpp is not None else None
+        model = GPTModel(
+            config=tf_config,
+            transformer_layer_spec=spec,
+            vocab_size=config.padded_vocab_size(tp),
+            max_sequence_length=config.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            parallel_output=True,
+            share_embeddings_and_output_weights=config.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=config.rotary_base,
+            vp_stage=vp,
+        )
+        if torch.cuda.is_available():
+            # As Megatron-LM's get_model: layers built outside megatron's tensor-parallel
+            # modules (norms, buffers) are created on the host.
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks
