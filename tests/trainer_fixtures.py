@@ -100,3 +100,8 @@ def nan_reward(data_source, solution_str, ground_truth, extra_info=None):
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def nan_for_seven(data_source, solution_str, ground_truth, extra_info=None):
+    """NaN for a response containing "7" (a broken user reward), else 0."""
+    return float("nan") if "7" in solution_str else 0.0

@@ -15,12 +15,14 @@ the sample), never a silent 0.
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import signal
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
-from covrl.rewards.registry import RewardError, call_scorer, resolve_scorer
+from covrl.rewards.registry import RewardError
 
 __all__ = ["RewardExecutor", "ScoreRequest", "ScoreResult"]
 
@@ -46,37 +48,6 @@ class _Timeout(Exception):
     pass
 
 
-def _worker_main(conn) -> None:
-    """Worker loop: receive requests, answer ``("ok", reward, acc)`` or ``("error", msg)``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer handles Ctrl-C
-    while True:
-        try:
-            request = conn.recv()
-        except EOFError:
-            return
-        if request is None:
-            return
-        if isinstance(request, list):  # warm-up: import these scorers
-            try:
-                for spec in request:
-                    resolve_scorer(spec)
-                conn.send(("ok",))
-            except Exception as exc:  # noqa: BLE001 - reported to the trainer
-                conn.send(("error", str(exc)))
-            continue
-        try:
-            value = call_scorer(
-                request.spec,
-                request.data_source,
-                request.solution_str,
-                request.ground_truth,
-                request.extra_info,
-            )
-            conn.send(("ok", value.reward, value.acc))
-        except Exception as exc:  # noqa: BLE001 - reported to the trainer
-            conn.send(("error", str(exc)))
-
-
 class RewardExecutor:
     """Scores :class:`ScoreRequest` lists; see the module docstring.
 
@@ -88,31 +59,44 @@ class RewardExecutor:
         if timeout_s <= 0:
             raise ValueError(f"reward.timeout_s={timeout_s} must be > 0")
         self.timeout_s = timeout_s
-        self._proc = None
-        self._conn = None
+        self._proc: subprocess.Popen | None = None
+        self._conn: Connection | None = None  # answers from the worker
+        self._send_conn: Connection | None = None  # requests to the worker
         self._warm: set[str] = set()
 
     # ------------------------------------------------------------------ process mode
     def _start(self) -> None:
-        # spawn: the trainer process holds threads (gloo, vLLM) that fork would copy
-        # in an undefined state.
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
-        self._proc.start()
-        child.close()
-        self._conn = parent
+        # A fresh interpreter: the trainer holds threads (gloo, vLLM) that a fork would
+        # copy in an undefined state, and multiprocessing's spawn would re-import the
+        # trainer's main module (the whole training stack) in the worker.
+        from_parent, to_child = os.pipe()  # (read end, write end)
+        from_child, to_parent = os.pipe()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "covrl.rewards.worker", str(from_parent), str(to_parent)],
+            pass_fds=(from_parent, to_parent),
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        os.close(from_parent)
+        os.close(to_parent)
+        self._send_conn = Connection(to_child, readable=False)
+        self._conn = Connection(from_child, writable=False)
         self._warm = set()
+
+    def _alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     def _warm_up(self, specs: set[str]) -> None:
         """Import scorers in the worker outside any sample's time limit."""
-        if self._proc is None or not self._proc.is_alive():
+        if not self._alive():
             self._kill()
             self._start()
         todo = sorted(specs - self._warm)
         if not todo:
             return
-        self._conn.send(todo)
+        self._send_conn.send(todo)
         try:
             reply = self._conn.recv()
         except EOFError:
@@ -125,21 +109,22 @@ class RewardExecutor:
     def _kill(self) -> None:
         if self._proc is not None:
             self._proc.kill()
-            self._proc.join()
-        if self._conn is not None:
-            self._conn.close()
-        self._proc = self._conn = None
+            self._proc.wait()
+        for conn in (self._conn, self._send_conn):
+            if conn is not None:
+                conn.close()
+        self._proc = self._conn = self._send_conn = None
 
     def _score_in_worker(self, request: ScoreRequest) -> ScoreResult:
         self._warm_up({request.spec})
-        self._conn.send(request)
+        self._send_conn.send(request)
         if not self._conn.poll(self.timeout_s):
             self._kill()
             return ScoreResult(0.0, 0.0, timed_out=True)
         try:
             reply = self._conn.recv()
         except EOFError:
-            code = self._proc.exitcode if self._proc is not None else None
+            code = self._proc.poll() if self._proc is not None else None
             self._kill()
             raise RewardError(
                 f"reward worker died (exit code {code}) scoring data_source="
@@ -165,13 +150,16 @@ class RewardExecutor:
         return out
 
     def close(self) -> None:
-        if self._conn is not None:
+        if self._send_conn is not None:
             try:
-                self._conn.send(None)
+                self._send_conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
         if self._proc is not None:
-            self._proc.join(timeout=5)
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
         self._kill()
 
     def __enter__(self) -> RewardExecutor:

@@ -1,0 +1,123 @@
+"""The run config: YAML + dotted overrides -> typed dataclasses, errors naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from covrl.algorithms import PolicyLossConfig
+from covrl.config import ConfigError, RunConfig, load_config, save_config
+from covrl.training.cli import main
+
+REQUIRED = ["policy.model_path=/m", "data.train_files=[a.parquet]", "trainer.run_dir=/r"]
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_then_overrides_typed(tmp_path):
+    path = _write(
+        tmp_path,
+        """
+policy:
+  model_path: /models/x
+  tp: 2
+  loss:
+    clip_ratio_high: 0.28
+    entropy_control:
+      method: kl_cov
+      cov_top_fractions: [0.01, 0.1]
+data:
+  train_files: [a.parquet, b.parquet]
+trainer:
+  run_dir: runs/x
+""",
+    )
+    c = load_config(
+        path, ["policy.tp=4", "sampling.n=8", "policy.loss.entropy_control.kl_cov.beta=5"]
+    )
+    assert isinstance(c, RunConfig) and isinstance(c.policy.loss, PolicyLossConfig)
+    assert c.policy.tp == 4  # the override wins over the file
+    assert c.policy.parallel().tensor_model_parallel_size == 4
+    assert c.policy.loss.clip_ratio_high == 0.28
+    assert c.policy.loss.entropy_control.kl_cov.beta == 5.0
+    assert c.policy.loss.entropy_control.cov_top_fractions == (0.01, 0.1)  # tuple again
+    assert c.data.train_files == ["a.parquet", "b.parquet"]
+    assert c.sampling.n == 8
+
+
+def test_saved_config_loads_back_identical(tmp_path):
+    c = load_config(
+        None, [*REQUIRED, "policy.loss.entropy_control.method=clip_cov", "reward.sources={a: m:f}"]
+    )
+    path = save_config(c, tmp_path)
+    assert load_config(path) == c
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["trainer.bogus=1"], "unknown key trainer.bogus"),
+        (["policy.loss.no_such=1"], "unknown key policy.loss.no_such"),
+        (["policy.tp=two"], "policy.tp"),
+        (["policy.loss.entropy_control.method=kl"], "policy.loss.entropy_control.method"),
+        (["policy.loss.entropy_control.clip_cov.ratio=2"], "clip_cov.ratio=2.0"),
+        (["policy.dtype=fp8"], "policy: dtype='fp8'"),
+        (["sampling.n=0"], "sampling.n=0"),
+        (["algorithm.ppo_epochs=0"], "algorithm: ppo_mini_batch_size=32 and ppo_epochs=0"),
+        (["policy.tp"], "expected key.sub=value"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*REQUIRED, *overrides])
+    message = str(info.value)
+    assert needle in message and "\n" not in message
+
+
+def test_required_keys_and_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="policy.model_path is required"):
+        load_config(None, ["data.train_files=[a]", "trainer.run_dir=/r"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="cannot parse YAML"):
+        load_config(_write(tmp_path, "policy: [unclosed\n"))
+    with pytest.raises(ConfigError, match="unknown key polciy"):
+        load_config(_write(tmp_path, "polciy:\n  tp: 2\n"))
+
+
+def test_layout_checks_and_warnings():
+    c = load_config(None, [*REQUIRED, "data.train_batch_size=8", "algorithm.ppo_mini_batch_size=3"])
+    with pytest.raises(ConfigError, match="multiple of algorithm.ppo_mini_batch_size=3"):
+        c.check_layout(1)
+    c = load_config(
+        None,
+        [
+            *REQUIRED,
+            "data.train_batch_size=2",
+            "algorithm.ppo_mini_batch_size=1",
+            "sampling.n=3",
+            "policy.engine.micro_batch_size=2",
+        ],
+    )
+    with pytest.raises(ConfigError, match="split evenly"):
+        c.check_layout(1)
+    c = load_config(None, [*REQUIRED, "policy.tp=2"])
+    with pytest.raises(ConfigError, match="not divisible"):
+        c.check_layout(3)
+    assert c.check_layout(4) == 2
+    on_policy = load_config(
+        None,
+        [*REQUIRED, "policy.loss.entropy_control.method=kl_cov", "data.train_batch_size=32"],
+    )
+    assert any("fully on-policy" in w for w in on_policy.warnings())
+    off_policy = load_config(None, [*REQUIRED, "policy.loss.entropy_control.method=kl_cov"])
+    assert off_policy.warnings() == []
+
+
+def test_cli_reports_config_errors_in_one_line(capsys):
+    assert main(["--resume", "none", *REQUIRED, "trainer.bogus=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown key trainer.bogus" in err[0]
