@@ -20,6 +20,24 @@ import os
 import sys
 import time
 
+# Set in the environment of every process of one faulted job, so that the tests can
+# find whatever of it is still running (children inherit it).
+TAG_VAR = "COVRL_FAULT_TAG"
+
+
+def tagged_processes(tag: str) -> list:
+    """Live (not zombie) processes whose environment has ``COVRL_FAULT_TAG=tag``."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(TAG_VAR) == tag and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
 
 def liveness() -> None:
     import torch

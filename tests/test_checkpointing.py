@@ -63,6 +63,30 @@ def _steps(engine, steps: range) -> list[dict[str, float]]:
     return out
 
 
+def _draws() -> list[float]:
+    """The next draw of every generator a checkpoint restores (and advances them)."""
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    with get_cuda_rng_tracker().fork():  # the TP-rank stream (dropout in TP regions)
+        tracker = torch.rand(1).item()
+    return [random.random(), float(np.random.rand()), torch.rand(1).item(), tracker]
+
+
+def _reseed(rank: int) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    random.seed(100 + rank)
+    np.random.seed(100 + rank)
+    tensor_parallel.model_parallel_cuda_manual_seed(777)
+    torch.manual_seed(100 + rank)
+
+
 def _expect_error(fn, *args, **kwargs) -> str:
     """The CheckpointError message of the call (returned, not raised, so that a launch
     goes on and the tests assert on it)."""
@@ -110,12 +134,16 @@ def _save_body(ctx, hf: dict[str, Path], root: Path):
         optimizer=engine.optimizer,
         scheduler=engine.scheduler,  # label 1
     )
+    out["draws_after_save"] = _draws()
     out["continued"] = _steps(engine, RESUMED)
     # Same layout, fresh model and optimizer: must be the same to the bit.
     resumed = _engine(config, build_model(config))
+    _reseed(ctx.rank)  # a restarted process: other seeds than the run's
+    out["draws_fresh_process"] = _draws()
     ck.load_checkpoint(
         train, resumed.model, config, optimizer=resumed.optimizer, scheduler=resumed.scheduler
     )
+    out["draws_after_load"] = _draws()
     out["resumed_same_layout"] = _steps(resumed, RESUMED)
 
     # 4. Saves that fail midway (rank 0's commit raises), into the "train" root.
@@ -215,7 +243,8 @@ def megatron_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def saved(hf, megatron_root):
     results = launch(_save_body, hf=hf, root=megatron_root, timeout=300, **TOPOLOGIES["tp2pp2"])
-    return results[0]
+    draws = ("draws_after_save", "draws_fresh_process", "draws_after_load")
+    return {**results[0], "ranks": [{k: r[k] for k in draws} for r in results]}
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +319,17 @@ def test_resumed_training_matches_uninterrupted(saved, loaded, topo):
                 assert g["loss"] == pytest.approx(r["loss"], abs=1e-6, rel=1e-6)
                 assert g["grad_norm"] == pytest.approx(r["grad_norm"], abs=1e-6, rel=1e-6)
                 assert g["lr"] == r["lr"]
+
+
+def test_resume_restores_every_rank_rng_state(saved):
+    """At the saved layout every rank draws, after loading, exactly what it drew right
+    after saving (Python, NumPy, torch CPU, megatron's tracker); the control shows the
+    reseeded process draws something else."""
+    assert len({tuple(r["draws_after_save"]) for r in saved["ranks"]}) > 1  # per-rank states
+    for rank_out in saved["ranks"]:
+        assert rank_out["draws_after_load"] == rank_out["draws_after_save"]
+        diff = zip(rank_out["draws_fresh_process"], rank_out["draws_after_save"], strict=True)
+        assert all(a != b for a, b in diff)
 
 
 def test_resume_needs_the_optimizer_state(saved, loaded):
@@ -388,9 +428,17 @@ def test_cli_roundtrip(hf, tmp_path):
     shutil.copytree(hf["llama_mqa"], src)
     (src / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')
     megatron, back = tmp_path / "megatron", tmp_path / "back"
-    _cli("hf-to-megatron", "--hf", str(src), "--out", str(megatron), "--tp", "1", "--pp", "1")
+    proc = _cli(
+        "hf-to-megatron", "--hf", str(src), "--out", str(megatron), "--tp", "1", "--pp", "1",
+        "--verify",
+    )  # fmt: skip
+    assert "verified" in proc.stdout
     assert (megatron / "latest_checkpointed_iteration.txt").read_text() == "0\n"
-    _cli("megatron-to-hf", "--ckpt", str(megatron), "--out", str(back), "--tp", "1", "--pp", "1")
+    proc = _cli(
+        "megatron-to-hf", "--ckpt", str(megatron), "--out", str(back), "--tp", "1", "--pp", "1",
+        "--verify",
+    )  # fmt: skip
+    assert "verified" in proc.stdout
     _assert_same_checkpoint(src, back)
     # Tokenizer files come from the source recorded in the checkpoint.
     assert (back / "tokenizer_config.json").read_text() == '{"model_max_length": 128}\n'

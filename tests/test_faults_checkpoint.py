@@ -20,14 +20,20 @@ from __future__ import annotations
 import builtins
 import io
 import os
+import random
 import shutil
 import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
+from covrl.utils import checksums
+from tests.fault_programs import TAG_VAR, tagged_processes
 from tests.harness import launch
 from tests.hf_fixtures import make_checkpoint
 
@@ -390,3 +396,141 @@ def test_full_disk_is_named_and_leaves_nothing(hf, small_disk):
     assert "no space left on the device" in out["hf"]
     assert out["disk_entries"] == ["ballast", "ckpt"]
     assert out["after"]["tracker"] == 2
+
+
+# ---------------------------------------------------------------------------- the CLI
+def _cli(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run(
+        [*launcher, str(REPO / "tools" / "convert_checkpoint.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def _error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("convert_checkpoint.py ")]
+
+
+def test_cli_malformed_config_names_the_file(hf, tmp_path):
+    src = tmp_path / "hf"
+    shutil.copytree(hf, src)
+    (src / "config.json").write_text('{"model_type": "qwen2", "hidden_size": 64,')
+    proc = _cli("hf-to-megatron", "--hf", str(src), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 1
+    [line] = _error_lines(proc)
+    assert line.startswith(f"convert_checkpoint.py hf-to-megatron: error: {src / 'config.json'}: ")
+
+
+def test_cli_verify_names_the_corrupted_file(damaged):
+    root, _ = damaged
+    proc = _cli("verify", str(root / "hf_flipped"))
+    assert proc.returncode == 1
+    [line] = _error_lines(proc)
+    assert f"{root / 'hf_flipped' / 'model.safetensors'}: sha256 mismatch" in line
+    good = _cli("verify", str(root / "good"))
+    assert good.returncode == 0 and "files match checksums.json" in good.stdout, good.stderr
+
+
+def test_cli_missing_shard_is_one_line_on_every_rank(damaged, tmp_path):
+    root, _ = damaged
+    ckpt = root / "missing" / "iter_0000000"
+    proc = _cli(
+        "megatron-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "o"), "--tp", "2", nproc=2
+    )
+    assert proc.returncode != 0
+    lines = _error_lines(proc)
+    assert sorted(line.split("] ")[0] for line in lines) == [
+        "convert_checkpoint.py megatron-to-hf: error: [rank 0",
+        "convert_checkpoint.py megatron-to-hf: error: [rank 1",
+    ], proc.stderr[-3000:]
+    for line in lines:
+        assert f"{ckpt}/__" in line and ".distcp: missing (listed in checksums.json)" in line
+
+
+# ---------------------------------------------------------------------------- real SIGKILL
+
+
+def _start_saver(tmp: Path, hf: Path, name: str, torchrun: bool):
+    tag = f"{name}-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update({TAG_VAR: tag, "OMP_NUM_THREADS": "1"})
+    launcher = [sys.executable]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    log = tmp / f"{name}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [*launcher, str(REPO / "tests" / "fault_programs.py"), "saver", str(tmp / name), str(hf)],
+            env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    return proc, tag, log
+
+
+def _saving_rank0(proc: subprocess.Popen) -> psutil.Process:
+    """The rank-0 process (the saver itself, or its torchrun worker)."""
+    top = psutil.Process(proc.pid)
+    for p in [top, *top.children(recursive=True)]:
+        env = p.environ()
+        if env.get("RANK", "0") == "0" and "fault_programs.py" in " ".join(p.cmdline()):
+            if "TORCHELASTIC_RUN_ID" in env or p.pid == proc.pid:
+                return p
+    raise AssertionError("no rank-0 saver process")
+
+
+@pytest.fixture(scope="module")
+def killed_savers(hf, tmp_path_factory):
+    """A plain-python saver and a 2-rank torchrun saver, each SIGKILLed (rank 0) in the
+    middle of its third save or later; returns what was left and when."""
+    from covrl import checkpointing as ck
+
+    tmp = tmp_path_factory.mktemp("savers")
+    runs = {name: _start_saver(tmp, hf, name, name == "torchrun") for name in ("plain", "torchrun")}
+    out = {}
+    try:
+        deadline = time.monotonic() + 300
+        pending = set(runs)
+        while pending and time.monotonic() < deadline:
+            for name in list(pending):
+                proc, tag, log = runs[name]
+                assert proc.poll() is None, log.read_text()[-3000:]
+                if "saved 2" in log.read_text():
+                    victim = _saving_rank0(proc)
+                    time.sleep(0.05 + 0.3 * random.random())  # somewhere inside a save
+                    victim.kill()
+                    killed = time.monotonic()
+                    while tagged_processes(tag) and time.monotonic() - killed < 60:
+                        time.sleep(0.2)
+                    left = [" ".join(p.cmdline())[:200] for p in tagged_processes(tag)]
+                    proc.wait(timeout=60)
+                    out[name] = dict(
+                        left=left,
+                        gone_after_s=time.monotonic() - killed,
+                        rc=proc.returncode,
+                        resolved=ck.resolve_checkpoint(tmp / name).name,
+                        verified=checksums.verify_directory(ck.resolve_checkpoint(tmp / name)),
+                    )
+                    pending.discard(name)
+            time.sleep(0.1)
+        assert not pending, {n: runs[n][2].read_text()[-2000:] for n in pending}
+        return out
+    finally:
+        for proc, tag, _ in runs.values():
+            for p in tagged_processes(tag):
+                p.kill()
+            proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("name", ["plain", "torchrun"])
+def test_sigkill_during_save_leaves_no_process_and_a_loadable_checkpoint(killed_savers, name):
+    run = killed_savers[name]
+    print(f"{name}: every process gone {run['gone_after_s']:.1f} s after the SIGKILL")
+    assert run["left"] == []
+    assert run["gone_after_s"] < 30
+    assert run["rc"] != 0
+    assert run["resolved"] == "iter_0000001" and run["verified"] > 0

@@ -34,11 +34,11 @@ import psutil
 import pytest
 
 from covrl.parallel import PEER_LOST_EXIT_CODE, DistributedTimeouts, free_port
+from tests.fault_programs import TAG_VAR, tagged_processes
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT_S = 60.0
 AGENT_READ_TIMEOUT_S = 15
-TAG_VAR = "COVRL_FAULT_TAG"
 
 
 @dataclass
@@ -65,18 +65,6 @@ class Job:
 
     def node_of_rank(self, rank: int) -> Node:
         return next(n for n in self.nodes if n.rank == rank)
-
-
-def _tagged(tag: str) -> list[psutil.Process]:
-    """Live processes whose environment carries ``tag`` (every process of one job)."""
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get(TAG_VAR) == tag and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
 
 
 def _start(tmp: Path, name: str, **env: str) -> Job:
@@ -180,14 +168,14 @@ def jobs(tmp_path_factory):
                 job.node_of_rank(rank).proc.wait(timeout=30)
         time.sleep(2.0)
         for job in started:
-            job.left = [p.cmdline() for p in _tagged(job.tag)]
+            job.left = [p.cmdline() for p in tagged_processes(job.tag)]
         yield started
     finally:
         for job in started:
             for node in job.nodes:
                 _signal_node(node, signal.SIGKILL)
                 node.proc.wait(timeout=30)
-            for p in _tagged(job.tag):  # e.g. a worker reparented to init
+            for p in tagged_processes(job.tag):  # e.g. a worker reparented to init
                 p.kill()
 
 
