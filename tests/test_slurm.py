@@ -19,32 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import SlurmCluster, unavailable_reason
+from tests.slurm_cluster import cluster_fixture, start_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def start_cluster():
-    """Start the local cluster, or skip with the reason; under CI a missing cluster fails."""
-    reason = unavailable_reason()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"local Slurm cluster required under CI: {reason}")
-        pytest.skip(reason)
-    return SlurmCluster.start()
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = start_cluster()
-    print(
-        f"\nlocal Slurm: installed in {c.install_seconds:.1f} s, started in {c.start_seconds:.2f} s"
-    )
-    yield c
-    t0 = time.monotonic()
-    c.stop()
-    print(f"local Slurm: stopped in {time.monotonic() - t0:.2f} s")
+cluster = pytest.fixture(cluster_fixture, scope="module", name="cluster")
 
 
 def job_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -160,7 +141,7 @@ def test_dead_rank_ends_the_job_within_60s(cluster, tmp_path):
 
 def test_stop_leaves_nothing_running():
     """A separate cluster: after stop() no daemon of it is alive and its folder is gone."""
-    c = start_cluster()
+    c = start_or_skip()
     pids = [p.pid for p in c._procs.values()]
     root = c.root
     c.stop()
