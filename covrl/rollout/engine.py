@@ -221,20 +221,17 @@ class RolloutEngine:
         hf_model_dir: Hugging Face checkpoint vLLM starts from (config + weights; no
             tokenizer is needed: prompts are token ids).
         config: engine settings.
-        group: the world the replicas span (default: the default group).
+
+    The replicas span the whole ``torch.distributed`` world (vLLM's external launcher
+    builds its groups over the world), so every collective here is on the default
+    group.
     """
 
-    def __init__(
-        self,
-        hf_model_dir: str | os.PathLike,
-        config: RolloutConfig | None = None,
-        *,
-        group: dist.ProcessGroup | None = None,
-    ) -> None:
+    def __init__(self, hf_model_dir: str | os.PathLike, config: RolloutConfig | None = None):
         self.config = config = config or RolloutConfig()
-        self.group = group
-        self.world_size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
+        self.group = None  # the default group: the world
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
         self.device = get_device()
         self.hf_model_dir = str(Path(hf_model_dir).absolute())
         error = None
@@ -243,7 +240,7 @@ class RolloutEngine:
             error = check_model(self.hf_model_dir, config)
         except ValueError as exc:
             error = str(exc)
-        raise_if_any(error, "starting the vLLM rollout engine", group)
+        raise_if_any(error, "starting the vLLM rollout engine")
 
         self.model_config = PolicyModelConfig.from_hf(self.hf_model_dir)
         self.dtype = _vllm_dtype(config, self.model_config)
@@ -285,7 +282,8 @@ class RolloutEngine:
         with preserved_rng_state():
             self.llm = LLM(**kwargs)
         if on_cpu:
-            _unlink_cpu_shm_names(group)
+            _unlink_cpu_shm_names(self.group)
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -300,6 +298,7 @@ class RolloutEngine:
         from vllm import SamplingParams
 
         sampling.validate()
+        self._check_prompts(prompt_ids, "prompt_ids")
         self._wake(("weights", "kv_cache"))
         mine = split_evenly(len(prompt_ids), self.num_replicas)[self.replica]
         prompts, params = [], []
@@ -320,17 +319,23 @@ class RolloutEngine:
                     )
                 )
         ids, values, codes = [], [], []
-        if prompts:
-            with preserved_rng_state():
-                outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            for out in outputs:
-                c = out.outputs[0]
-                tokens = list(c.token_ids)
-                ids.append(tokens)
-                values.append([c.logprobs[t][tok].logprob for t, tok in enumerate(tokens)])
-                if c.finish_reason not in FINISH_REASONS:
-                    raise RuntimeError(f"vLLM finished a request with reason {c.finish_reason!r}")
-                codes.append(FINISH_REASONS.index(c.finish_reason))
+        error = None
+        try:
+            if prompts:
+                with preserved_rng_state():
+                    outputs = self.llm.generate(prompts, params, use_tqdm=False)
+                for out in outputs:
+                    c = out.outputs[0]
+                    tokens = list(c.token_ids)
+                    ids.append(tokens)
+                    values.append([c.logprobs[t][tok].logprob for t, tok in enumerate(tokens)])
+                    if c.finish_reason not in FINISH_REASONS:
+                        raise RuntimeError(f"vLLM ended a request with reason {c.finish_reason!r}")
+                    codes.append(FINISH_REASONS.index(c.finish_reason))
+        except Exception as exc:  # noqa: BLE001 - raised on every rank below
+            error = f"{type(exc).__name__}: {exc}"
+        # One replica failing must not leave the others waiting in the gather.
+        raise_if_any(error, "rollout generation", self.group)
         rows = gather_replica_rows(
             ids, values, codes, self.replica_size, self._comm_device(), self.group
         )
@@ -342,6 +347,7 @@ class RolloutEngine:
         rank. A check of vLLM's weights against another implementation."""
         from vllm import SamplingParams
 
+        self._check_prompts(sequences, "sequences")
         self._wake(("weights", "kv_cache"))
         mine = split_evenly(len(sequences), self.num_replicas)[self.replica]
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
@@ -359,6 +365,19 @@ class RolloutEngine:
             ids, values, [0] * len(ids), self.replica_size, self._comm_device(), self.group
         )
         return values
+
+    def _check_prompts(self, prompts: Sequence[Sequence[int]], name: str) -> None:
+        """Every rank holds every prompt, so each rank finds the same error (no rank
+        is left waiting for a replica that vLLM would fail)."""
+        vocab = self.model_config.vocab_size
+        for i, p in enumerate(prompts):
+            if not 0 < len(p) < self.max_model_len:
+                raise ValueError(
+                    f"{name}[{i}] has {len(p)} tokens: expected 1 to {self.max_model_len - 1} "
+                    f"(rollout.max_model_len={self.max_model_len})"
+                )
+            if min(p) < 0 or max(p) >= vocab:
+                raise ValueError(f"{name}[{i}] has token ids outside [0, vocab_size={vocab})")
 
     # ------------------------------------------------------------------ weights
     def sync_weights(
@@ -379,9 +398,8 @@ class RolloutEngine:
         rank's vLLM worker, then drops vLLM's prefix cache (its KV was computed with
         the old weights). Returns this rank's ``time_s``, ``bytes``, ``tensors``,
         ``buckets``, ``peak_bucket_bytes``, ``largest_tensor_bytes``, ``gb_per_s``, and
-        with ``measure_memory`` ``peak_extra_bytes``: the peak of tensor memory
-        allocated during the load beyond what was allocated before it (slower on CPU:
-        runs under torch's profiler).
+        with ``measure_memory`` ``peak_extra_bytes``: the peak memory of the load beyond
+        what was in use before it (:func:`covrl.rollout.memory.peak_extra_memory`).
         Raises on every rank, before anything is loaded, when ``model_config``'s
         tensors differ from the checkpoint's vLLM was started with.
         """

@@ -1,4 +1,4 @@
-"""Peak extra tensor memory of a piece of work (to check the weight sync's bound)."""
+"""Peak extra memory of a piece of work (to check the weight sync's bound)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,23 @@ import torch
 T = TypeVar("T")
 
 
-def peak_extra_memory(fn: Callable[[], T], device: torch.device) -> tuple[T, int]:
-    """Run ``fn``; return its result and the peak of tensor bytes allocated during it
-    beyond those allocated at its start (freed memory counts down).
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
-    CUDA: the caching allocator's peak statistic. CPU: the allocations and frees that
-    torch's profiler records (``profile_memory``), summed in time order; allocations
-    are placed at the start of the op that made them, so the peak is exact up to
-    frees inside that op; frees of blocks allocated before ``fn`` are not recorded,
-    which can only raise the result. Counts every tensor allocation, vLLM's included.
+
+def peak_extra_memory(fn: Callable[[], T], device: torch.device) -> tuple[T, int]:
+    """Run ``fn``; return its result and the peak memory it used beyond what was in
+    use at its start, in bytes.
+
+    CUDA: the caching allocator's peak of allocated tensor memory. CPU (Linux): the
+    process's resident-set high-water mark, reset just before ``fn`` (writing 5 to
+    ``/proc/self/clear_refs``) and read after it, minus the resident set before: every
+    page the process touched, torch's tensors, oneDNN's packed weights and the
+    allocator's caches included.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -28,17 +36,8 @@ def peak_extra_memory(fn: Callable[[], T], device: torch.device) -> tuple[T, int
         torch.cuda.synchronize(device)
         return result, torch.cuda.max_memory_allocated(device) - base
 
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    changes = sorted(
-        (e.time_range.start, e.self_cpu_memory_usage)
-        for e in prof.events()
-        if e.self_cpu_memory_usage
-    )
-    live = peak = 0
-    for _, delta in changes:
-        live += delta
-        peak = max(peak, live)
-    return result, peak
+    base = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    result = fn()
+    return result, 1024 * max(0, _status_kib("VmHWM") - base)

@@ -49,6 +49,18 @@ class SyncStats:
         return out
 
 
+def sync_memory_bound(model_config, stats: dict[str, float], itemsize: int) -> int:
+    """The bound on a sync's extra memory, in bytes: the largest bucket, plus twice the
+    largest tensor (under TP the gathered shards and their concatenation), plus twice
+    vLLM's largest layer (the fresh copy its layer-wise reload loads into and, on
+    CPU, the packed copy its GEMM uses). ``stats`` are ``sync_weights``'s metrics;
+    ``itemsize`` is bytes per element of vLLM's weights."""
+    c = model_config
+    qkv = (c.num_attention_heads + 2 * c.num_query_groups) * c.head_dim * c.hidden_size
+    layer = itemsize * max(qkv, 2 * c.ffn_hidden_size * c.hidden_size, c.vocab_size * c.hidden_size)
+    return int(stats["peak_bucket_bytes"] + 2 * stats["largest_tensor_bytes"] + 2 * layer)
+
+
 def shape_errors(
     expected: dict[str, tuple[int, ...]], actual: dict[str, tuple[int, ...]], source: str
 ) -> str | None:
