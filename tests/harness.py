@@ -18,7 +18,10 @@ a dict of results and assert on it in several tests through a module-scoped fixt
 
 Failures: an exception on any rank fails the launch with every failing rank's
 traceback; a group that does not finish within ``timeout`` seconds is killed and the
-launch fails naming the ranks that were still running.
+launch fails naming the ranks that were still running. A body running many checks
+passes them through :func:`run_checks`: a check that raises is recorded under its name
+and the others still run; reading its result in the test raises an AssertionError that
+names it and carries its traceback.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import os
 import queue as queue_mod
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +73,49 @@ class RankContext:
 
 class DistributedTestError(AssertionError):
     """A rank raised, or the group hung."""
+
+
+@dataclass
+class CheckFailure:
+    """A check of :func:`run_checks` that raised on this rank."""
+
+    name: str
+    traceback: str
+
+
+class CheckResults(dict):
+    """Results of named checks; reading a failed check raises an AssertionError naming
+    it (with its traceback), so one bad check fails only the tests that read it."""
+
+    def __getitem__(self, name):
+        value = super().__getitem__(name)
+        if isinstance(value, CheckFailure):
+            raise AssertionError(f"check {value.name!r} raised on a rank:\n{value.traceback}")
+        return value
+
+
+def first_failure(per_rank: list[Mapping], name: str) -> CheckFailure | None:
+    """The failure of check ``name`` on the first rank where it raised, if any."""
+    for results in per_rank:
+        value = dict.get(results, name) if isinstance(results, dict) else None
+        if isinstance(value, CheckFailure):
+            return value
+    return None
+
+
+def run_checks(checks: Mapping[str, Callable[[], Any]]) -> CheckResults:
+    """Run each named check in order, recording an exception instead of stopping.
+
+    For checks that fail alike on every rank (a wrong value, a rejected input); a check
+    that raises on one rank inside a collective still leaves its peers waiting.
+    """
+    results = CheckResults()
+    for name, check in checks.items():
+        try:
+            results[name] = check()
+        except Exception:  # noqa: BLE001 - reported by name to the test that reads it
+            results[name] = CheckFailure(name, traceback.format_exc())
+    return results
 
 
 def _worker(fn, rank, world_size, port, tp, pp, vpp, seed, device_lint, kwargs, queue):
@@ -114,7 +161,7 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return type(obj)((k, _to_cpu(v)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj

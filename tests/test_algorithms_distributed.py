@@ -16,11 +16,20 @@ The ``microbatch`` scope (the public implementation's behaviour) must not.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
-from tests.harness import launch
-from tests.test_algorithms_tokens import DATASETS, make_samples, reference_selection, split
+from tests.harness import CheckResults, first_failure, launch, run_checks
+from tests.token_fixtures import (
+    DATASETS,
+    collate,
+    make_samples,
+    reference_selection,
+    selection_batches,
+    split,
+)
 
 STEP = 7
 SEED = 11
@@ -69,7 +78,6 @@ def make_config(case: str, scope: str = "minibatch"):
 
 def _run_step(mbs, cfg, group, dp):
     from covrl.algorithms import (
-        SelectionBatch,
         aggregate_loss,
         compute_policy_loss,
         global_loss_count,
@@ -80,16 +88,7 @@ def _run_step(mbs, cfg, group, dp):
     )
 
     sel = prepare_selection(
-        [
-            SelectionBatch(
-                advantages=mb["adv"],
-                old_logp=mb["old_logp"],
-                mask=mb["mask"],
-                token_ids=mb["token_ids"],
-                logp=mb["logp"],
-            )
-            for mb in mbs
-        ],
+        selection_batches(mbs),
         cfg,
         step=STEP,
         group=group,
@@ -144,42 +143,32 @@ def _body(ctx, n_mb, order_seed):
 
     group = ps.get_data_parallel_group()
     rank = ps.get_data_parallel_rank()
-    out = {}
+    checks = {}
     for ds in DATASETS:
         samples = make_samples(ds)
         if order_seed is None:
-            from tests.test_algorithms_tokens import collate
-
             mbs = [collate(samples, left_pad=False, extra=0)]
         else:
             mbs = split(samples, ctx.dp, rank, n_mb, order_seed)
         for case in CASES:
-            out[f"{ds}/{case}/minibatch"] = _run_step(mbs, make_config(case), group, ctx.dp)
+            cfg = make_config(case)
+            checks[f"{ds}/{case}/minibatch"] = partial(_run_step, mbs, cfg, group, ctx.dp)
         for case in MICROBATCH_SCOPE_CASES:
             cfg = make_config(case, "microbatch")
-            out[f"{ds}/{case}/microbatch"] = _run_step(mbs, cfg, group, ctx.dp)
-    out["rpp"] = _reinforce_pp(rank, ctx.dp, group)
-    out["nan"] = _nan_on_last_rank(rank, ctx.dp, group)
-    return out
+            checks[f"{ds}/{case}/microbatch"] = partial(_run_step, mbs, cfg, group, ctx.dp)
+    checks["rpp"] = partial(_reinforce_pp, rank, ctx.dp, group)
+    checks["nan"] = partial(_nan_on_last_rank, rank, ctx.dp, group)
+    return run_checks(checks)
 
 
 def _nan_on_last_rank(rank, dp, group):
     """NaN in one rank's advantages: every rank must raise (none may hang)."""
-    from covrl.algorithms import SelectionBatch, prepare_selection
+    from covrl.algorithms import prepare_selection
 
     mbs = split(make_samples(), dp, rank, 2, order_seed=1)
     if rank == dp - 1:
         mbs[1]["adv"][0, mbs[1]["mask"][0].nonzero()[0]] = float("nan")
-    batches = [
-        SelectionBatch(
-            advantages=mb["adv"],
-            old_logp=mb["old_logp"],
-            mask=mb["mask"],
-            token_ids=mb["token_ids"],
-            logp=mb["logp"],
-        )
-        for mb in mbs
-    ]
+    batches = selection_batches(mbs)
     try:
         prepare_selection(batches, make_config("kl_cov"), step=0, group=group)
     except ValueError as e:
@@ -204,12 +193,18 @@ def _reinforce_pp(rank, dp, group):
 
 
 def _merge(per_rank: list[dict]) -> dict:
-    """Concatenate ranks, reorder tokens canonically, sum losses."""
-    merged = {k: [r[k] for r in per_rank] for k in ("rpp", "nan")}
+    """Concatenate ranks, reorder tokens canonically, sum losses (a check that failed
+    on any rank stays a failure, raised by the tests that read it)."""
+    merged = CheckResults()
     for key in per_rank[0]:
-        if key in merged:
+        failure = first_failure(per_rank, key)
+        if failure is not None:
+            merged[key] = failure
             continue
         rs = [r[key] for r in per_rank]
+        if key in ("rpp", "nan"):
+            merged[key] = rs
+            continue
         ids = torch.cat([r["ids"] for r in rs])
         order = torch.argsort(ids)
         merged[key] = dict(

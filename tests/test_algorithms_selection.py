@@ -14,7 +14,6 @@ from covrl.algorithms import (
     EntropyControlConfig,
     KLCovConfig,
     PolicyLossConfig,
-    SelectionBatch,
     canonical_token_ids,
     covariance_summary,
     global_loss_count,
@@ -26,11 +25,12 @@ from covrl.algorithms import (
 from covrl.algorithms._common import selection_count
 from covrl.algorithms.metrics import float_to_ordered_int
 from covrl.parallel import SINGLE_PROCESS
-from tests.test_algorithms_tokens import (
+from tests.token_fixtures import (
     DATASETS,
     collate,
     make_samples,
     reference_selection,
+    selection_batches,
     split,
 )
 
@@ -47,19 +47,6 @@ def _cfg(method, ratio=0.05, omega=(0.2, 5.0), **ec):
             **ec,
         ),
     )
-
-
-def _batches(mbs, with_logp=True):
-    return [
-        SelectionBatch(
-            advantages=mb["adv"],
-            old_logp=mb["old_logp"],
-            mask=mb["mask"],
-            token_ids=mb["token_ids"],
-            logp=mb["logp"] if with_logp else None,
-        )
-        for mb in mbs
-    ]
 
 
 def _selected_ids(mbs, result):
@@ -84,7 +71,9 @@ def test_selection_is_invariant_under_random_splits(
     samples = make_samples(ds, seed=data_seed)
     cfg = _cfg(method, ratio)
     mbs = split(samples, 1, 0, n_mb, order_seed)
-    got = _selected_ids(mbs, prepare_selection(_batches(mbs), cfg, step=step, group=SINGLE_PROCESS))
+    got = _selected_ids(
+        mbs, prepare_selection(selection_batches(mbs), cfg, step=step, group=SINGLE_PROCESS)
+    )
     ref = reference_selection(samples, method, ratio, omega=(0.2, 5.0), seed=0, step=step)
     assert got == sorted(ref)
 
@@ -95,13 +84,16 @@ def test_old_logp_source(method):
     cfg = _cfg(method, 0.05, logp_source="old")
     mbs = split(samples, 1, 0, 3, 1)
     got = _selected_ids(
-        mbs, prepare_selection(_batches(mbs, with_logp=False), cfg, step=2, group=SINGLE_PROCESS)
+        mbs,
+        prepare_selection(
+            selection_batches(mbs, with_logp=False), cfg, step=2, group=SINGLE_PROCESS
+        ),
     )
     ref = reference_selection(samples, method, 0.05, omega=(0.2, 5.0), step=2, use_current=False)
     assert got == sorted(ref)
     with pytest.raises(ValueError, match=r"batches\[0\].logp is None"):
         prepare_selection(
-            _batches(mbs, with_logp=False), _cfg(method), step=2, group=SINGLE_PROCESS
+            selection_batches(mbs, with_logp=False), _cfg(method), step=2, group=SINGLE_PROCESS
         )
 
 
@@ -213,13 +205,15 @@ def test_all_equal_advantages_zero_covariance():
         s["adv"] = torch.full_like(s["adv"], 0.7)
     mbs = _one(samples)
     res = prepare_selection(
-        _batches(mbs), _cfg("clip_cov", omega=(1.0, 5.0)), step=0, group=SINGLE_PROCESS
+        selection_batches(mbs), _cfg("clip_cov", omega=(1.0, 5.0)), step=0, group=SINGLE_PROCESS
     )
     assert not any(m.any() for m in res.masks)
     assert res.metrics["entropy_control/candidates"] == 0
     assert res.metrics["cov/mean"] == 0 and res.metrics["cov/top_0.02%"] == 0
     # KL-Cov still takes K tokens (all tie at 0): the smallest canonical ids.
-    res = prepare_selection(_batches(mbs), _cfg("kl_cov", 0.05), step=0, group=SINGLE_PROCESS)
+    res = prepare_selection(
+        selection_batches(mbs), _cfg("kl_cov", 0.05), step=0, group=SINGLE_PROCESS
+    )
     n = int(mbs[0]["mask"].sum())
     k = int(0.05 * n)
     assert _selected_ids(mbs, res) == sorted(mbs[0]["token_ids"][mbs[0]["mask"]].tolist())[:k]
@@ -228,7 +222,7 @@ def test_all_equal_advantages_zero_covariance():
 def test_no_candidate_in_band():
     mbs = _one(make_samples())
     res = prepare_selection(
-        _batches(mbs), _cfg("clip_cov", omega=(1e6, 2e6)), step=0, group=SINGLE_PROCESS
+        selection_batches(mbs), _cfg("clip_cov", omega=(1e6, 2e6)), step=0, group=SINGLE_PROCESS
     )
     assert not any(m.any() for m in res.masks)
     assert res.metrics["entropy_control/selected_tokens"] == 0
@@ -238,7 +232,7 @@ def test_fewer_candidates_than_requested_takes_all():
     samples = make_samples()
     mbs = _one(samples)
     cfg = _cfg("clip_cov", ratio=0.9, omega=(0.2, 5.0))
-    res = prepare_selection(_batches(mbs), cfg, step=0, group=SINGLE_PROCESS)
+    res = prepare_selection(selection_batches(mbs), cfg, step=0, group=SINGLE_PROCESS)
     assert (
         res.metrics["entropy_control/selected_tokens"]
         == res.metrics["entropy_control/candidates"]
@@ -248,7 +242,9 @@ def test_fewer_candidates_than_requested_takes_all():
 
 def test_kn_below_one_selects_one():
     mbs = _one(make_samples())
-    res = prepare_selection(_batches(mbs), _cfg("kl_cov", ratio=1e-4), step=0, group=SINGLE_PROCESS)
+    res = prepare_selection(
+        selection_batches(mbs), _cfg("kl_cov", ratio=1e-4), step=0, group=SINGLE_PROCESS
+    )
     assert sum(int(m.sum()) for m in res.masks) == 1
 
 
@@ -257,7 +253,7 @@ def test_empty_masks():
     for mb in mbs:
         mb["mask"][:] = False
     for method in ("kl_cov", "clip_cov"):
-        res = prepare_selection(_batches(mbs), _cfg(method), step=0, group=SINGLE_PROCESS)
+        res = prepare_selection(selection_batches(mbs), _cfg(method), step=0, group=SINGLE_PROCESS)
         assert not any(m.any() for m in res.masks)
         assert res.metrics["entropy_control/num_tokens"] == 0
         assert res.metrics["entropy_control/selected_fraction"] == 0
@@ -268,11 +264,11 @@ def test_single_valid_token():
     mbs[0]["mask"][:] = False
     mbs[0]["mask"][3, 1] = True
     mbs[0]["token_ids"] = canonical_token_ids(mbs[0]["sample_index"], mbs[0]["mask"])
-    res = prepare_selection(_batches(mbs), _cfg("kl_cov"), step=0, group=SINGLE_PROCESS)
+    res = prepare_selection(selection_batches(mbs), _cfg("kl_cov"), step=0, group=SINGLE_PROCESS)
     assert torch.equal(res.masks[0], mbs[0]["mask"])
     assert res.metrics["cov/mean"] == 0.0
     # Its covariance is 0: outside any band above 0.
-    res = prepare_selection(_batches(mbs), _cfg("clip_cov"), step=0, group=SINGLE_PROCESS)
+    res = prepare_selection(selection_batches(mbs), _cfg("clip_cov"), step=0, group=SINGLE_PROCESS)
     assert not res.masks[0].any()
 
 
@@ -284,7 +280,7 @@ def test_non_finite_named(field, name, value):
     mbs = _one(make_samples())
     mbs[0][field][2, 0] = value  # row 2, first token: valid under right padding
     with pytest.raises(ValueError, match=rf"non-finite.*\b{name}\b"):
-        prepare_selection(_batches(mbs), _cfg("kl_cov"), step=0, group=SINGLE_PROCESS)
+        prepare_selection(selection_batches(mbs), _cfg("kl_cov"), step=0, group=SINGLE_PROCESS)
 
 
 def test_microbatch_scope_touches_zero_covariance_microbatches():
@@ -297,10 +293,15 @@ def test_microbatch_scope_touches_zero_covariance_microbatches():
     mbs = [collate(flat, left_pad=False), collate(rest, left_pad=True)]
     assert all((s["adv"] == s["adv"][0]).all() for s in flat)
     local = prepare_selection(
-        _batches(mbs), _cfg("kl_cov", 2e-3, scope="microbatch"), step=0, group=SINGLE_PROCESS
+        selection_batches(mbs),
+        _cfg("kl_cov", 2e-3, scope="microbatch"),
+        step=0,
+        group=SINGLE_PROCESS,
     )
     assert local.masks[0].sum() == 1 and local.masks[1].sum() == 1
-    glob = prepare_selection(_batches(mbs), _cfg("kl_cov", 2e-3), step=0, group=SINGLE_PROCESS)
+    glob = prepare_selection(
+        selection_batches(mbs), _cfg("kl_cov", 2e-3), step=0, group=SINGLE_PROCESS
+    )
     n = sum(int(mb["mask"].sum()) for mb in mbs)
     assert sum(int(m.sum()) for m in glob.masks) == max(1, int(2e-3 * n)) == 1
 
@@ -320,10 +321,14 @@ def test_block_size_does_not_change_the_selection(monkeypatch, block, method, ds
     expected = {}
     for ratio in ratios:
         cfg = _cfg(method, ratio)
-        expected[ratio] = prepare_selection(_batches(mbs), cfg, step=3, group=SINGLE_PROCESS)
+        expected[ratio] = prepare_selection(
+            selection_batches(mbs), cfg, step=3, group=SINGLE_PROCESS
+        )
     monkeypatch.setitem(selection._BLOCK_SLOTS, "cpu", block)
     for ratio in ratios:
-        res = prepare_selection(_batches(mbs), _cfg(method, ratio), step=3, group=SINGLE_PROCESS)
+        res = prepare_selection(
+            selection_batches(mbs), _cfg(method, ratio), step=3, group=SINGLE_PROCESS
+        )
         ref = reference_selection(samples, method, ratio, omega=(0.2, 5.0), step=3)
         assert _selected_ids(mbs, res) == sorted(ref)
         # Block sums add in another order: the covariance summary may move in its last bits.
@@ -333,7 +338,9 @@ def test_block_size_does_not_change_the_selection(monkeypatch, block, method, ds
         }
     for mb in mbs:
         mb["adv"] = torch.full_like(mb["adv"], 0.3)  # every covariance ties at 0
-    res = prepare_selection(_batches(mbs), _cfg("kl_cov", 0.05), step=0, group=SINGLE_PROCESS)
+    res = prepare_selection(
+        selection_batches(mbs), _cfg("kl_cov", 0.05), step=0, group=SINGLE_PROCESS
+    )
     ids = sorted(torch.cat([mb["token_ids"][mb["mask"]] for mb in mbs]).tolist())
     assert _selected_ids(mbs, res) == ids[: max(1, int(0.05 * len(ids)))]
 
@@ -403,7 +410,10 @@ def test_covariance_summary_same_from_every_pass(monkeypatch, ds):
                 ("kl_cov", "microbatch"),
             ]:
                 res = prepare_selection(
-                    _batches(mbs), _cfg(method, 0.05, scope=scope), step=1, group=SINGLE_PROCESS
+                    selection_batches(mbs),
+                    _cfg(method, 0.05, scope=scope),
+                    step=1,
+                    group=SINGLE_PROCESS,
                 )
                 stats = {k: v for k, v in res.metrics.items() if k.startswith("cov/")}
                 assert len(stats) == 6
@@ -429,6 +439,6 @@ def test_a_forgotten_group_is_refused():
     """``None`` means the whole world in torch.distributed: it must not mean "this rank"."""
     mbs = split(make_samples("continuous", seed=3), 1, 0, 2, 0)
     with pytest.raises(TypeError, match="group=None is ambiguous"):
-        prepare_selection(_batches(mbs), _cfg("kl_cov"), step=0, group=None)
+        prepare_selection(selection_batches(mbs), _cfg("kl_cov"), step=0, group=None)
     with pytest.raises(TypeError, match="group=None is ambiguous"):
         global_loss_count([mb["mask"] for mb in mbs], "token-mean", None)

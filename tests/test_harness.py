@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.harness import DistributedTestError, launch
+from tests.harness import DistributedTestError, first_failure, launch, run_checks
 
 
 def _layout(ctx):
@@ -155,3 +155,19 @@ def test_device_lint_passes_device_tensors(lint_verdicts, case):
 def test_device_lint_fails_the_launch():
     with pytest.raises(DistributedTestError, match="allreduce got a host tensor"):
         launch(_host_all_reduce, 2, timeout=60, device_lint=True)
+
+
+def _two_checks(ctx):
+    def bad():
+        raise ValueError("deliberate failure in one check")
+
+    return run_checks({"good": lambda: 41 + 1, "bad": bad, "after": lambda: "still ran"})
+
+
+def test_failed_check_is_named_and_does_not_hide_the_others():
+    (res,) = launch(_two_checks, 1, timeout=60)
+    assert res["good"] == 42 and res["after"] == "still ran"
+    with pytest.raises(AssertionError, match=r"check 'bad' raised(.|\n)*deliberate failure"):
+        res["bad"]
+    assert first_failure([res], "bad").name == "bad"
+    assert first_failure([res], "good") is None

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 
 import pytest
 import torch
 
 from covrl.ops import vocab_parallel_logprob_entropy
 from covrl.parallel import SINGLE_PROCESS
-from tests.harness import launch
+from tests.harness import launch, run_checks
 
 
 @dataclass(frozen=True)
@@ -82,47 +83,52 @@ def _full_inputs(case: Case, tp: int, seed: int):
     return logits.to(case.dtype).double(), target, grad_logp, grad_entropy
 
 
+def _run_case(case: Case, group, tp_rank: int, tp: int, data_seed: int) -> dict:
+    """One case on this rank's shard: outputs, gradient and the storage checks."""
+    full, target, grad_logp, grad_entropy = _full_inputs(case, tp, data_seed)
+    local = full.shape[1] // tp
+    shard = full[:, tp_rank * local : (tp_rank + 1) * local].to(case.dtype).contiguous()
+    logits = shard.clone().requires_grad_()
+    storage = logits.data_ptr()
+    logp, entropy = vocab_parallel_logprob_entropy(
+        logits,
+        target,
+        tp_group=group,
+        vocab_size=case.vocab,
+        temperature=case.temperature,
+        chunk_size=case.chunk,
+        entropy_requires_grad=case.entropy_grad,
+        inplace=case.inplace,
+    )
+    unchanged_after_forward = torch.equal(logits.detach(), shard)
+    loss = (logp * grad_logp.float()).sum()
+    if case.entropy_grad:
+        loss = loss + (entropy * grad_entropy.float()).sum()
+    loss.backward()
+    return dict(
+        logp=logp.detach(),
+        entropy=entropy.detach(),
+        grad=logits.grad,
+        entropy_has_grad_fn=entropy.grad_fn is not None,
+        entropy_requires_grad=entropy.requires_grad,
+        unchanged_after_forward=unchanged_after_forward,
+        unchanged_after_backward=torch.equal(logits.detach(), shard),
+        grad_in_logits_storage=logits.grad.data_ptr() == storage,
+    )
+
+
 def _rank_body(ctx, data_seed: int):
-    """Runs every case on this rank's shard; returns outputs, gradients and checks."""
+    """Runs every case on this rank's shard (each a named check of its own)."""
     from megatron.core import parallel_state
 
     group = parallel_state.get_tensor_model_parallel_group() if ctx.tp > 1 else SINGLE_PROCESS
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    out = {}
-    for name, case in CASES.items():
-        full, target, grad_logp, grad_entropy = _full_inputs(case, ctx.tp, data_seed)
-        local = full.shape[1] // ctx.tp
-        shard = full[:, tp_rank * local : (tp_rank + 1) * local].to(case.dtype).contiguous()
-        logits = shard.clone().requires_grad_()
-        storage = logits.data_ptr()
-        logp, entropy = vocab_parallel_logprob_entropy(
-            logits,
-            target,
-            tp_group=group,
-            vocab_size=case.vocab,
-            temperature=case.temperature,
-            chunk_size=case.chunk,
-            entropy_requires_grad=case.entropy_grad,
-            inplace=case.inplace,
-        )
-        unchanged_after_forward = torch.equal(logits.detach(), shard)
-        loss = (logp * grad_logp.float()).sum()
-        if case.entropy_grad:
-            loss = loss + (entropy * grad_entropy.float()).sum()
-        loss.backward()
-        res = dict(
-            logp=logp.detach(),
-            entropy=entropy.detach(),
-            grad=logits.grad,
-            entropy_has_grad_fn=entropy.grad_fn is not None,
-            entropy_requires_grad=entropy.requires_grad,
-            unchanged_after_forward=unchanged_after_forward,
-            unchanged_after_backward=torch.equal(logits.detach(), shard),
-            grad_in_logits_storage=logits.grad.data_ptr() == storage,
-        )
-        out[name] = res
-    out["errors"] = _collective_errors(group, tp_rank, ctx.tp)
-    return out
+    checks = {
+        name: partial(_run_case, case, group, tp_rank, ctx.tp, data_seed)
+        for name, case in CASES.items()
+    }
+    checks["errors"] = partial(_collective_errors, group, tp_rank, ctx.tp)
+    return run_checks(checks)
 
 
 def _collective_errors(group, tp_rank: int, tp: int) -> dict:
