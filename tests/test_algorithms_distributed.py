@@ -31,7 +31,7 @@ from tests.token_fixtures import (
     split,
 )
 
-STEP = 7
+STEP = 7  # optimizer step and seed of Clip-Cov's draw (any values)
 SEED = 11
 
 # name -> (config kwargs, entropy-control kwargs)

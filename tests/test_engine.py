@@ -13,10 +13,12 @@ import torch
 from tests.harness import TOPOLOGIES, launch
 from tests.hf_fixtures import make_checkpoint, reference_logits
 
+# Four rows so that DP2 gets two each and micro-batches of 1 give several per rank;
+# lengths all different (one full row) so padding is exercised at every length.
 BATCH, SEQ = 4, 14
 LENGTHS = [14, 9, 12, 5]  # right-padded rows
-TEMPERATURE = 0.7
-STEPS = 3
+TEMPERATURE = 0.7  # != 1, so a missing temperature shows in the log-probs
+STEPS = 3  # Adam's state matters from the second step on
 
 
 def _batch(vocab: int):

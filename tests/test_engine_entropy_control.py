@@ -18,8 +18,10 @@ import torch
 from tests.harness import launch
 from tests.hf_fixtures import make_checkpoint
 
+# Two GRPO groups of four responses (~70 response tokens): eight rows split as 1 x 8,
+# 2 x 4 and 8 x 1 micro-batches; prompts of 4 tokens, responses up to 10.
 BATCH, SEQ, PROMPT, GROUP = 8, 14, 4, 4
-EPOCHS = 2
+EPOCHS = 2  # the second epoch is off-policy (KL-Cov's |logp - logp_old| is live)
 
 
 def _rollout(vocab: int):

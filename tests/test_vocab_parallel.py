@@ -23,9 +23,9 @@ from tests.harness import launch, run_checks
 @dataclass(frozen=True)
 class Case:
     dtype: torch.dtype = torch.float32
-    vocab: int = 1000  # true vocabulary size
+    vocab: int = 1000  # true vocabulary size (not a multiple of 16 * tp: padding)
     multiple: int = 16  # megatron pads the vocabulary to a multiple of this x tp
-    tokens: int = 37
+    tokens: int = 37  # prime: no chunk size divides it
     temperature: float = 1.0
     chunk: int | None = None  # None: the op's default
     entropy_grad: bool = False
