@@ -241,3 +241,48 @@ def test_sync_extra_memory_is_bounded(world1, checkpoint):
         m = world1[key]
         bound = sync_memory_bound(config, m, itemsize=4)
         assert 0 <= m["peak_extra_bytes"] <= bound + (16 << 20), (key, m, bound)
+
+
+def test_greedy_matches_transformers(world1, checkpoint):
+    model = hf_model_from(checkpoint, world1["state"])
+    ref = hf_greedy(model, world1["prompts"], max_tokens=8)
+    gens = world1["greedy"]
+    assert gens.response_ids == ref
+    assert gens.finish_reasons == ["length"] * len(ref)
+
+
+def test_seeded_sampling_reproducible_and_grouped(world1):
+    a, b, c = world1["sample_a"], world1["sample_b"], world1["sample_c"]
+    n, prompts = 3, world1["prompts"]
+    assert a.prompt_index == [i // n for i in range(n * len(prompts))]
+    assert a.prompt_ids == [prompts[i // n] for i in range(n * len(prompts))]
+    assert a.response_ids == b.response_ids and a.logprobs == b.logprobs
+    assert a.response_ids != c.response_ids
+    # The n samples of a prompt are distinct draws.
+    assert len({tuple(r) for r in a.response_ids[:n]}) > 1
+
+
+def test_rollout_logprobs_are_the_temperature_scaled_policy(world1):
+    """vLLM's sampled-token log-probs equal megatron's log_softmax(logits / T)."""
+    from covrl.rollout import mismatch_metrics
+
+    batch = world1["sample_batch"]
+    m = mismatch_metrics(
+        batch["rollout_logp"], world1["sample_megatron_logp"], batch["response_mask"]
+    )
+    assert m["tokens"] == sum(world1["sample_a"].response_lengths)
+    assert m["abs_diff_max"] < 1e-4, m
+    assert m["frac_over_threshold"] == 0.0
+
+
+def test_stop_token_ends_the_response(world1):
+    g = world1["stopped"]
+    stop = world1["stop_token"]
+    assert g.finish_reasons == ["stop"]
+    assert g.response_ids[0][-1] == stop and stop not in g.response_ids[0][:-1]
+
+
+def test_mismatched_sync_is_refused_before_loading(world1):
+    msg = world1["bad_sync"]
+    assert msg is not None and "mlp.gate_proj.weight" in msg and "mis-shaped" in msg
+    assert world1["after_bad_sync"] == world1["vllm_whole"]
