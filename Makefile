@@ -5,7 +5,19 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.covrl-installed
 PYTEST_ARGS ?=
 
-.PHONY: test install clean-venv
+# The built-in tiny task (docs/tiny_task.md): data, tokenizer and warm-started base model
+# are built once into $(TINY_ROOT) and reused; `make train` then runs the default RL recipe
+# (examples/tiny_kl_cov.yaml: KL-Cov, Megatron TP=2 on two CPU processes, colocated vLLM)
+# into a fresh $(TRAIN_RUN_DIR). TRAIN_ARGS takes dotted overrides (trainer.total_steps=20),
+# BUILD_ARGS options of tools/build_tiny_task.py.
+TINY_ROOT ?= cache/tiny_task
+BUILD_ARGS ?=
+TRAIN_CONFIG ?= examples/tiny_kl_cov.yaml
+TRAIN_RUN_DIR ?= outputs/tiny_kl_cov
+TRAIN_ARGS ?=
+TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2
+
+.PHONY: test install clean-venv train
 
 install: $(STAMP)
 
@@ -22,6 +34,16 @@ $(STAMP): pyproject.toml Makefile
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+train: $(STAMP)
+	$(PY) tools/build_tiny_task.py --root $(TINY_ROOT) $(BUILD_ARGS)
+	rm -rf $(TRAIN_RUN_DIR)
+	$(TORCHRUN) -m covrl.training.cli --config $(TRAIN_CONFIG) --resume none \
+		policy.model_path=$(TINY_ROOT)/model \
+		data.train_files=[$(TINY_ROOT)/data/train.parquet] \
+		data.val_files=[$(TINY_ROOT)/data/validation.parquet] \
+		trainer.run_dir=$(TRAIN_RUN_DIR) $(TRAIN_ARGS)
+	$(PY) tools/train_summary.py $(TRAIN_RUN_DIR) --build $(TINY_ROOT)/build.json
 
 clean-venv:
 	rm -rf $(VENV)

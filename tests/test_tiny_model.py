@@ -15,6 +15,7 @@ from covrl.tasks import two_sum
 from covrl.tasks.tiny import STAGES, TinyTaskPaths, TinyTaskSettings, build_tiny_task
 from covrl.tasks.warm_start import BaseModelSettings, WarmStartSettings
 from tests.harness import launch
+from tests.test_rollout import hf_reference, padded
 from tests.test_tasks import _reference_score
 
 pytestmark = pytest.mark.slow
@@ -46,16 +47,6 @@ def _sequences(tokenizer, n: int = 6) -> list[list[int]]:
     return out
 
 
-def _padded(seqs):
-    s = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), s, dtype=torch.long)
-    mask = torch.zeros(len(seqs), s, dtype=torch.long)
-    for i, x in enumerate(seqs):
-        ids[i, : len(x)] = torch.tensor(x)
-        mask[i, : len(x)] = 1
-    return ids, mask
-
-
 def _megatron_checks(model_dir, seqs):
     """This layout's log-probs of ``seqs`` and greedy validation accuracy/responses."""
     from megatron.core import parallel_state as ps
@@ -69,7 +60,7 @@ def _megatron_checks(model_dir, seqs):
     chunks = build_model(config)
     load_hf_weights(chunks, config, model_dir)
     engine = PolicyEngine(chunks, vocab_size=config.vocab_size)
-    ids, mask = _padded(seqs)
+    ids, mask = padded(seqs)
     logp = engine.forward_logprobs(ids, mask).logp
     tokenizer = load_tokenizer(model_dir)
     sums = two_sum.split_sums(two_sum.TwoSumConfig())["validation"]
@@ -134,16 +125,6 @@ def hf(built):
     return model, load_tokenizer(model_dir)
 
 
-def _hf_logp(model, seqs):
-    out = []
-    with torch.no_grad():
-        for x in seqs:
-            logits = model(torch.tensor([x])).logits[0].double()
-            lp = torch.log_softmax(logits, -1)[:-1]
-            out.append(lp.gather(-1, torch.tensor(x[1:])[:, None]).squeeze(-1))
-    return out
-
-
 def test_manifest_records_stages_and_model(built):
     manifest = built["tp1"]["manifest"]
     model = manifest["stages"]["model"]["result"]
@@ -169,7 +150,7 @@ def test_hf_config_and_generation_config(hf):
 def test_megatron_and_vllm_logprobs_match_transformers(built, hf):
     model, _ = hf
     seqs = built["seqs"]
-    ref = _hf_logp(model, seqs)
+    ref = hf_reference(model, seqs)
     for name in ("tp1", "tp2"):
         logp = built[name]["logp"] if name == "tp1" else built["tp2"][0]["logp"]
         for i, x in enumerate(seqs):
@@ -216,3 +197,55 @@ def test_vocab_parallel_argmax_ties_and_padding():
     logits = torch.tensor([[0.0, 2.0, 2.0, 9.0], [1.0, 0.5, 1.0, -1.0]])
     # Column 3 is padding (vocab_size 3): never chosen; ties go to the lowest id.
     assert vocab_parallel_argmax(logits, vocab_size=3, tp_group=None).tolist() == [1, 0]
+
+
+def test_make_train_short_run(built, tmp_path):
+    """`make train` on the small model: 2 RL steps of examples/tiny_kl_cov.yaml at TP=2,
+    then the closing note (build breakdown, phase times, where the outputs are)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from covrl.analysis import read_jsonl
+
+    repo = Path(__file__).resolve().parents[1]
+    root, run_dir = built["paths"].root, tmp_path / "run"
+    overrides = {
+        "trainer.total_steps": 2,
+        "trainer.progress_bar": "false",
+        "trainer.entropy_change_freq": 1,
+        "data.train_batch_size": 8,
+        "data.val_max_prompts": 8,
+        "algorithm.ppo_mini_batch_size": 4,
+        "sampling.n": 4,
+        "policy.engine.micro_batch_size": 16,
+        "validation.test_freq": 2,
+        "validation.k": 2,
+    }
+    command = [
+        "make",
+        "-o",
+        ".venv/.covrl-installed",  # the suite already runs inside the installed venv
+        "train",
+        f"TINY_ROOT={root}",
+        f"TRAIN_RUN_DIR={run_dir}",
+        "BUILD_ARGS=--stages data,tokenizer",  # keep the small model built above
+        "TRAIN_ARGS=" + " ".join(f"{k}={v}" for k, v in overrides.items()),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = read_jsonl(run_dir / "metrics.jsonl")
+    assert run.series("rollout/entropy").steps.tolist() == [1, 2]
+    assert run.series("val/two_sum/accuracy").steps.tolist() == [0, 2]
+    assert run.has("time/rollout") and run.has("time/update") and run.has("time/sync")
+    note = proc.stdout
+    assert "RL: 2 steps" in note and "mean seconds per step by phase" in note
+    assert f"TensorBoard logs: {run_dir / 'tensorboard'}" in note
+    assert f"exported checkpoint (Hugging Face): {run_dir / 'hf'}" in note
+    assert "base model: 0.35M parameters, 30 SFT steps" in note
+    assert any((run_dir / "tensorboard").iterdir())
+    AutoModelForCausalLM.from_pretrained(run_dir / "hf")
+    assert AutoTokenizer.from_pretrained(run_dir / "hf").chat_template

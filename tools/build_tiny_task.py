@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tools/build_tiny_task.py [--root cache/tiny_task] [--force]
+    python tools/build_tiny_task.py [--root cache/tiny_task] [--force] [--stages data,tokenizer]
 
 Writes ``<root>/data/{train,validation}.parquet`` (verl layout), the tokenizer and the
 base model into ``<root>/model`` (a Hugging Face checkpoint directory) and
@@ -24,10 +24,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default=DEFAULT_ROOT, help=f"cache directory ({DEFAULT_ROOT})")
     parser.add_argument("--force", action="store_true", help="rebuild every stage")
+    parser.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help=f"comma-separated prefix of {','.join(STAGES)} (default: all); the stages "
+        "left out are neither built nor checked",
+    )
     args = parser.parse_args(argv)
     try:
         manifest = build_tiny_task(
-            args.root, stages=STAGES, force=args.force, log=lambda m: print(m, flush=True)
+            args.root,
+            stages=[s for s in args.stages.split(",") if s],
+            force=args.force,
+            log=lambda m: print(m, flush=True),
         )
     except (ValueError, OSError) as exc:
         print(f"build_tiny_task: {exc}", file=sys.stderr)
