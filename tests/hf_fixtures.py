@@ -146,3 +146,16 @@ def pipeline_logits(chunks, input_ids: torch.Tensor, vocab_size: int) -> torch.T
         return None
     logits = tensor_parallel.gather_from_tensor_model_parallel_region(out)
     return logits[..., :vocab_size]
+
+
+def load_policy(checkpoint: Path, config=None) -> list:
+    """This rank's megatron model chunks with the weights of ``checkpoint`` (the parallel
+    state must be initialised); ``config`` defaults to ``PolicyModelConfig.from_hf``."""
+    from megatron.core import parallel_state as ps
+
+    from covrl.models import PolicyModelConfig, build_model, load_hf_weights
+
+    config = config or PolicyModelConfig.from_hf(checkpoint)
+    chunks = build_model(config)
+    load_hf_weights(chunks, config, checkpoint, tp_group=ps.get_tensor_model_parallel_group())
+    return chunks

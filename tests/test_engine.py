@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.harness import TOPOLOGIES, launch
-from tests.hf_fixtures import make_checkpoint, reference_logits
+from tests.hf_fixtures import load_policy, make_checkpoint, reference_logits
 
 # Four rows so that DP2 gets two each and micro-batches of 1 give several per rank;
 # lengths all different (one full row) so padding is exercised at every length.
@@ -46,12 +46,11 @@ def _nll_loss_fn(global_tokens: int):
 def _engine_body(ctx, checkpoint, vpp_micro_batches=False):
     from megatron.core import parallel_state as ps
 
-    from covrl.models import PolicyModelConfig, build_model, load_hf_weights
+    from covrl.models import PolicyModelConfig
     from covrl.models.engine import EngineConfig, OptimizerConfig, PolicyEngine
 
     config = PolicyModelConfig.from_hf(checkpoint)
-    chunks = build_model(config)
-    load_hf_weights(chunks, config, checkpoint, tp_group=ps.get_tensor_model_parallel_group())
+    chunks = load_policy(checkpoint, config)
     ids, mask = _batch(config.vocab_size)
     out = {}
 
@@ -156,14 +155,12 @@ def test_few_steps_reduce_loss(runs, topo):
 
 
 def _bf16_body(ctx, checkpoint):
-    from megatron.core import parallel_state as ps
 
-    from covrl.models import PolicyModelConfig, build_model, load_hf_weights
+    from covrl.models import PolicyModelConfig
     from covrl.models.engine import EngineConfig, OptimizerConfig, PolicyEngine
 
     config = PolicyModelConfig.from_hf(checkpoint, params_dtype=torch.bfloat16)
-    chunks = build_model(config)
-    load_hf_weights(chunks, config, checkpoint, tp_group=ps.get_tensor_model_parallel_group())
+    chunks = load_policy(checkpoint, config)
     ids, mask = _batch(config.vocab_size)
     engine = PolicyEngine(
         chunks,

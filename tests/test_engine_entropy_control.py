@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.harness import launch
-from tests.hf_fixtures import make_checkpoint
+from tests.hf_fixtures import load_policy, make_checkpoint
 
 # Two GRPO groups of four responses (~70 response tokens): eight rows split as 1 x 8,
 # 2 x 4 and 8 x 1 micro-batches; prompts of 4 tokens, responses up to 10.
@@ -66,7 +66,7 @@ def _body(ctx, checkpoint, micro_batch_size):
     from megatron.core import parallel_state as ps
 
     from covrl.algorithms import canonical_token_ids
-    from covrl.models import PolicyModelConfig, build_model, load_hf_weights
+    from covrl.models import PolicyModelConfig
     from covrl.models.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.training import PolicyBatch, ppo_update
 
@@ -80,10 +80,7 @@ def _body(ctx, checkpoint, micro_batch_size):
     out = {}
     for method in ("kl_cov", "clip_cov"):
         cfg = _config(method)
-        chunks = build_model(model_config)
-        load_hf_weights(
-            chunks, model_config, checkpoint, tp_group=ps.get_tensor_model_parallel_group()
-        )
+        chunks = load_policy(checkpoint, model_config)
         engine = PolicyEngine(
             chunks,
             model_config.vocab_size,

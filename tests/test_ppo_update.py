@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.harness import launch
-from tests.hf_fixtures import make_checkpoint
+from tests.hf_fixtures import load_policy, make_checkpoint
 
 # Four rows of up to 12 tokens, prompts of 4: about 25 response tokens.
 BATCH, SEQ, PROMPT = 4, 12, 4
@@ -91,13 +91,12 @@ def _body(ctx, checkpoint, inputs, micro_batch_size):
     from megatron.core import parallel_state as ps
 
     from covrl.algorithms import PolicyLossConfig
-    from covrl.models import PolicyModelConfig, build_model, load_hf_weights
+    from covrl.models import PolicyModelConfig
     from covrl.models.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.training import PolicyBatch, ppo_update
 
     model_config = PolicyModelConfig.from_hf(checkpoint)
-    chunks = build_model(model_config)
-    load_hf_weights(chunks, model_config, checkpoint, tp_group=ps.get_tensor_model_parallel_group())
+    chunks = load_policy(checkpoint, model_config)
     engine = PolicyEngine(
         chunks,
         model_config.vocab_size,
