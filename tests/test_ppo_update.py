@@ -74,7 +74,7 @@ def _reference(checkpoint):
         unweighted_loss=float(unweighted.detach()),
         grad_norm=float(grad_norm),
         clipfrac=float(clipped[response].double().mean()),
-        ref_kl=float(k3[response].mean()),
+        ref_kl=float(k3.detach()[response].mean()),
         inputs=dict(
             ids=ids,
             mask=mask,
