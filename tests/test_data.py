@@ -11,15 +11,12 @@ import pytest
 
 from covrl.data import DataError, EpochSampler, load_prompt_dataset, load_tokenizer
 from covrl.tasks import two_sum
+from tests.trainer_fixtures import shared_assets
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from covrl.tasks.tiny import TinyTaskPaths, build_tiny_task
-
-    root = tmp_path_factory.mktemp("tiny_data")
-    build_tiny_task(root, log=lambda _: None)
-    return load_tokenizer(TinyTaskPaths(root).model_dir)
+    return load_tokenizer(shared_assets(tmp_path_factory)["model"])
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
@@ -38,10 +35,11 @@ def test_rows_tokenised_with_the_chat_template(tmp_path, tokenizer):
     )
     assert len(data) == 5 and data.num_dropped_too_long == 0
     for row, record in zip(rows, data.records, strict=True):
-        expected = tokenizer.apply_chat_template(
+        text = tokenizer.apply_chat_template(
             row["prompt"], add_generation_prompt=True, tokenize=False
         )
-        assert tokenizer.decode(list(record.prompt_ids)) == expected
+        assert text.endswith("<|im_start|>assistant\n")  # the generation prompt
+        assert list(record.prompt_ids) == tokenizer.encode(text, add_special_tokens=False)
         assert record.data_source == "two_sum"
         assert record.ground_truth == row["reward_model"]["ground_truth"]
         assert record.extra_info == row["extra_info"]

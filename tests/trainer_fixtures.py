@@ -45,6 +45,16 @@ def build_assets(root: Path, seed: int = 0) -> dict[str, str]:
     }
 
 
+def shared_assets(tmp_path_factory) -> dict[str, str]:
+    """:func:`build_assets` once per pytest session, shared by the trainer test modules."""
+    root = tmp_path_factory.getbasetemp() / "trainer_assets"
+    marker = root / "assets.json"
+    if not marker.is_file():
+        assets = build_assets(root)
+        marker.write_text(json.dumps(assets))
+    return json.loads(marker.read_text())
+
+
 def run_overrides(assets: dict[str, str], run_dir: Path, **extra) -> list[str]:
     """Dotted overrides of a small, fast run (2 prompts x 4 samples, 8 tokens)."""
     values = {
