@@ -502,8 +502,12 @@ def _bytes_to_write(state: dict[str, Any]) -> int:
 def _check_free_space(root: Path, final: Path, state: dict[str, Any]) -> None:
     """Fail on every rank, before anything is written, when ``root`` cannot hold the
     checkpoint (collective)."""
-    need = torch.tensor([_bytes_to_write(state)], dtype=torch.float64)
-    dist.all_reduce(need)  # float64 on CPU: exact far beyond any checkpoint size
+    # On the device the default group's backend wants (NCCL: CUDA); float64 is exact
+    # far beyond any checkpoint size.
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    need = torch.tensor([_bytes_to_write(state)], dtype=torch.float64, device=device)
+    dist.all_reduce(need)
     status = None
     if dist.get_rank() == 0:
         wanted, free = int(need.item()) + _SPACE_MARGIN_BYTES, free_bytes(root)

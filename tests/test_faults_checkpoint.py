@@ -433,8 +433,7 @@ def test_cli_verify_names_the_corrupted_file(damaged):
     assert proc.returncode == 1
     [line] = _error_lines(proc)
     assert f"{root / 'hf_flipped' / 'model.safetensors'}: sha256 mismatch" in line
-    good = _cli("verify", str(root / "good"))
-    assert good.returncode == 0 and "files match checksums.json" in good.stdout, good.stderr
+    assert checksums.verify_directory(root / "good" / "iter_0000000") > 0  # the undamaged one
 
 
 def test_cli_missing_shard_is_one_line_on_every_rank(damaged, tmp_path):
