@@ -109,20 +109,16 @@ def _world_size() -> int:
 
 def _hf_config(hf: Path, dtype: torch.dtype | None):
     """The model config of a Hugging Face directory; errors name ``config.json``."""
-    import json
-
     from covrl.models import PolicyModelConfig
 
     file = hf / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"--hf {hf}: no config.json (not a Hugging Face checkpoint)")
     try:
-        raw = json.loads(file.read_text())
-        if not isinstance(raw, dict):
-            raise ValueError("expected a JSON object")
-        return PolicyModelConfig.from_hf(raw, params_dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{file}: {' '.join(str(exc).split())}") from exc
+        return PolicyModelConfig.from_hf(file, params_dtype=dtype)
+    except ValueError as exc:
+        message = " ".join(str(exc).split())
+        raise ValueError(message if str(file) in message else f"{file}: {message}") from exc
 
 
 def _same_tensors(a: dict, b: dict, where: Path) -> None:

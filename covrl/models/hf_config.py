@@ -321,8 +321,13 @@ def _to_hf_config(source: str | os.PathLike | dict | PretrainedConfig) -> Pretra
             path = os.fspath(source)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
-            with open(path) as f:
-                source = json.load(f)
+            try:
+                with open(path) as f:
+                    source = json.load(f)
+            except ValueError as exc:  # JSONDecodeError does not name the file
+                raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+            if not isinstance(source, dict):
+                raise ValueError(f"{path}: expected a JSON object")
         model_type = source.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
