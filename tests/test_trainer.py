@@ -1,0 +1,242 @@
+"""End-to-end runs of ``covrl-train`` on a tiny Qwen2 (vLLM rollout, megatron-core training).
+
+Five launches: a TP1 run optimising an *inverted* reward (its logs are also the
+reference of the resume check); the same run preempted (SIGUSR1), resumed and killed
+with SIGKILL, and resumed again; and a TP2 run with the plain reward. The reward (does the
+response contain a digit?) is one a random policy meets about 60% of the time, so
+RL can move it either way within three steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.trainer_fixtures import read_jsonl, run_overrides, shared_assets
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+# Tags that depend on wall-clock time.
+TIMING_PREFIXES = ("time/", "perf/")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _command(world: int, args: list[str]) -> list[str]:
+    if world == 1:
+        return [PYTHON, "-m", "covrl.training.cli", *args]
+    torchrun = str(Path(PYTHON).with_name("torchrun"))
+    return [torchrun, "--nproc_per_node", str(world), "-m", "covrl.training.cli", *args]
+
+
+def _run(world: int, args: list[str], log: Path, timeout: float = 300) -> int:
+    with open(log, "w") as out:
+        proc = subprocess.run(
+            _command(world, args),
+            cwd=REPO,
+            env=_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
+    return proc.returncode
+
+
+def _by_step(records: list[dict]) -> dict[int, dict]:
+    """Per step, the record written last (a resumed run re-logs replayed steps)."""
+    return {r["step"]: r for r in records}
+
+
+def _untimed(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not k.startswith(TIMING_PREFIXES)}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return shared_assets(tmp_path_factory)
+
+
+def _run_until(args: list[str], log: Path, ready, sig: int) -> int:
+    """Start a TP1 run, send ``sig`` once ``ready()`` holds, return its exit code."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            _command(1, args), cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ready():
+                proc.send_signal(sig)
+                break
+            time.sleep(0.05)
+        return proc.wait(timeout=120)
+
+
+def _tracker(run_dir: Path) -> int:
+    path = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
+    text = path.read_text().strip() if path.is_file() else ""
+    return int(text) if text.isdigit() else 0
+
+
+@pytest.fixture(scope="module")
+def runs(assets, tmp_path_factory):
+    """Run every launch once; the tests below check their outputs."""
+    root = tmp_path_factory.mktemp("runs")
+    tp1 = {
+        "reward.sources": "{two_sum: tests.trainer_fixtures:inverted_digit_reward}",
+        "trainer.save_freq": 1,
+        "trainer.total_steps": 4,
+        "policy.loss.entropy_control.method": "kl_cov",
+    }
+    out = {}
+
+    # 1. TP1, inverted reward, uninterrupted: the reference.
+    ref_dir = root / "tp1"
+    out["tp1_rc"] = _run(
+        1, ["--resume", "none", *run_overrides(assets, ref_dir, **tp1)], root / "tp1.log"
+    )
+    out["tp1"] = ref_dir
+
+    # 2. The same run interrupted twice: SIGUSR1 (preemption: checkpoint at the next
+    # step boundary, exit 0), then, resumed, SIGKILL right after its next checkpoint;
+    # resumed again to the end.
+    run_dir = root / "interrupted"
+    args = ["--resume", "auto", *run_overrides(assets, run_dir, **tp1)]
+    metrics = run_dir / "metrics.jsonl"
+    out["preempted_rc"] = _run_until(
+        args,
+        root / "preempted.log",
+        lambda: metrics.is_file() and '"step": 1,' in metrics.read_text(),
+        signal.SIGUSR1,
+    )
+    out["preempted_log"] = (root / "preempted.log").read_text()
+    out["preempted_step"] = _tracker(run_dir)
+    out["killed_rc"] = _run_until(
+        args,
+        root / "killed.log",
+        lambda: _tracker(run_dir) > out["preempted_step"],
+        signal.SIGKILL,
+    )
+    out["killed_step"] = _tracker(run_dir)
+    out["resumed_rc"] = _run(1, args, root / "resumed.log")
+    out["resumed"] = run_dir
+    out["resumed_log"] = (root / "resumed.log").read_text()
+
+    # 3. TP2 with the plain reward.
+    tp2_dir = root / "tp2"
+    out["tp2_rc"] = _run(
+        2,
+        ["--resume", "none", *run_overrides(assets, tp2_dir, **{"policy.tp": 2})],
+        root / "tp2.log",
+    )
+    out["tp2"] = tp2_dir
+    out["logs"] = {p.stem: p.read_text()[-3000:] for p in root.glob("*.log")}
+    return out
+
+
+def _check_rc(runs, name):
+    assert runs[f"{name}_rc"] == 0, runs["logs"].get(name, "")
+
+
+@pytest.mark.parametrize("name", ["tp1", "tp2"])
+def test_run_finishes_with_outputs(runs, name):
+    _check_rc(runs, name)
+    run_dir = runs[name]
+    records = _by_step(read_jsonl(run_dir / "metrics.jsonl"))
+    assert sorted(records) == list(range({"tp1": 5, "tp2": 4}[name]))
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "hf" / "config.json").is_file()
+    assert (run_dir / "hf" / "tokenizer_config.json").is_file()
+    assert "val/accuracy" in records[0] and "val/two_sum/avg@2" in records[max(records)]
+    # A step whose groups all have equal rewards (the policy has learnt the reward)
+    # skips its update; the others carry the full set of scalars.
+    updated = [r for r in records.values() if r.get("train/updates", 0) > 0]
+    assert updated
+    for tag in (
+        "rollout/entropy",
+        "rollout/accuracy",
+        "train/loss",
+        "train/grad_norm",
+        "train/pg_clipfrac",
+        "mismatch/abs_diff_mean",
+        "entropy_dynamics/measured_change",
+        "time/rollout",
+        "time/update",
+        "time/sync",
+        "perf/tokens_per_s",
+    ):
+        assert all(tag in r for r in updated), tag
+    # vLLM and megatron score the sampled tokens alike after every weight sync.
+    assert all(r.get("mismatch/abs_diff_max", 0.0) < 1e-3 for r in records.values())
+
+
+@pytest.mark.parametrize("name", ["tp1", "tp2"])
+def test_tensorboard_events_agree_with_json_lines(runs, name):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _check_rc(runs, name)
+    run_dir = runs[name]
+    records = _by_step(read_jsonl(run_dir / "metrics.jsonl"))
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    json_tags = {k for r in records.values() for k, v in r.items() if k != "step" and v is not None}
+    assert set(tags) == json_tags
+    for tag in tags:
+        events = {e.step: e.value for e in acc.Scalars(tag)}
+        expected = {s: r[tag] for s, r in records.items() if r.get(tag) is not None}
+        assert events.keys() == expected.keys(), tag
+        for step, value in expected.items():
+            assert math.isclose(events[step], value, rel_tol=1e-6, abs_tol=1e-6), (tag, step)
+
+
+def test_inverted_reward_makes_accuracy_fall(runs):
+    """The loop optimises the reward it is given: rewarding digit-free responses drives
+    the share of responses with a digit (the logged accuracy) down."""
+    _check_rc(runs, "tp1")
+    r = _by_step(read_jsonl(runs["tp1"] / "metrics.jsonl"))
+    # Validation: 8 prompts, greedy and 2 samples each at temperature 0.6.
+    assert r[4]["val/two_sum/avg@2"] < r[0]["val/two_sum/avg@2"] - 0.2
+    assert r[4]["val/accuracy"] <= r[0]["val/accuracy"]
+
+
+def test_plain_reward_makes_accuracy_rise(runs):
+    _check_rc(runs, "tp2")
+    r = _by_step(read_jsonl(runs["tp2"] / "metrics.jsonl"))
+    assert r[3]["val/two_sum/avg@2"] > r[0]["val/two_sum/avg@2"] + 0.2
+    assert r[3]["val/accuracy"] >= r[0]["val/accuracy"]
+
+
+def test_preemption_then_kill_then_resume_equals_uninterrupted(runs):
+    """SIGUSR1: a checkpoint at the next step boundary and exit 0; a resumed run killed
+    with SIGKILL after its next checkpoint; resumed again, the per-step metrics equal
+    those of the uninterrupted run exactly (CPU is deterministic)."""
+    assert runs["preempted_rc"] == 0, runs["logs"].get("preempted")
+    step = runs["preempted_step"]
+    assert 1 <= step < 4
+    assert f"preempted: checkpoint saved at step {step}" in runs["preempted_log"]
+    assert runs["killed_rc"] == -signal.SIGKILL
+    assert step < runs["killed_step"] < 4
+    _check_rc(runs, "resumed")
+    assert (
+        f"resumed from {runs['resumed']}/checkpoints/iter_{runs['killed_step']:07d}"
+        in (runs["resumed_log"])
+    )
+    reference = _by_step(read_jsonl(runs["tp1"] / "metrics.jsonl"))
+    resumed = _by_step(read_jsonl(runs["resumed"] / "metrics.jsonl"))
+    assert sorted(resumed) == sorted(reference)
+    for step in sorted(reference):
+        assert _untimed(resumed[step]) == _untimed(reference[step]), step
