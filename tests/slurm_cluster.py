@@ -208,9 +208,10 @@ class SlurmCluster:
                     "JobCompType=jobcomp/none",
                     "MailProg=/bin/true",
                     # Fast turn-around: finished jobs leave the controller after 5 s (0 is
-                    # rejected; 300 makes `sbatch --wait` poll slowly), no batching delay.
+                    # rejected; 300 makes `sbatch --wait` poll slowly), no batching delay, a
+                    # scheduling pass every 2 s (a requeued job waits for one).
                     "MinJobAge=5",
-                    "SchedulerParameters=batch_sched_delay=0",
+                    "SchedulerParameters=batch_sched_delay=0,sched_interval=2",
                     "ReturnToService=2",
                     # SIGTERM -> SIGKILL grace when a job is cancelled or requeued.
                     "KillWait=10",

@@ -9,14 +9,12 @@ Modes (``PROBE_MODE``):
   ``<PROBE_OUT>/rank<r>.json`` (rank, world size, Slurm node, the all-reduced sum, the
   arguments received); ``PROBE_EXIT_RANK``/``PROBE_EXIT_CODE`` make one rank exit with
   that code after the collective.
-* ``dead_rank``: ``covrl.parallel.initialize`` (the project's set-up, with its liveness
-  mechanism), then all-reduces in a loop; rank ``PROBE_KILL_RANK`` SIGKILLs itself
-  after ``PROBE_KILL_AFTER`` seconds and writes the kill time to ``<PROBE_OUT>/killed``.
-* ``steps``: the trainer's preemption contract without the model: ``trainer.total_steps``
-  steps of ``PROBE_STEP_SECONDS``; SIGUSR1/SIGTERM set a flag, the ranks agree at the
-  step boundary (all-reduce MAX), save ``<run_dir>/probe_checkpoint.json`` and exit 0
-  printing "preempted: checkpoint saved at step N"; ``--resume auto`` starts after the
-  saved step. Every step appends ``<attempt> <step>`` to ``<PROBE_OUT>/steps.rank<r>``.
+* ``dead_rank``: ``covrl.parallel.init_process_group`` (the project's set-up, with its
+  timeouts and liveness heartbeat), then all-reduces in a loop; after
+  ``PROBE_KILL_AFTER`` seconds rank ``PROBE_KILL_RANK`` writes the time to
+  ``<PROBE_OUT>/killed`` and fails as ``PROBE_FAILURE`` says: ``kill`` (SIGKILL itself)
+  or ``hang`` (SIGSTOP its torchrun agent and itself: a node that stops answering
+  while its connections stay open).
 """
 
 from __future__ import annotations
@@ -56,64 +54,31 @@ def _allreduce(out: Path) -> int:
 
 
 def _dead_rank(out: Path) -> int:
-    from covrl.parallel import initialize
+    from covrl.parallel import init_process_group
 
-    initialize()
+    init_process_group()  # the project's set-up: timeouts and the liveness heartbeat
     rank = dist.get_rank()
-    (out / f"ready{rank}").write_text(str(time.time()))
     kill_rank = int(os.environ.get("PROBE_KILL_RANK", "1"))
     kill_at = time.monotonic() + float(os.environ.get("PROBE_KILL_AFTER", "2"))
     while True:
         if rank == kill_rank and time.monotonic() > kill_at:
             (out / "killed").write_text(str(time.time()))
+            if os.environ.get("PROBE_FAILURE", "kill") == "hang":
+                # A node that stops answering: its torchrun agent and this rank freeze,
+                # their sockets stay open.
+                os.kill(os.getppid(), signal.SIGSTOP)
+                os.kill(os.getpid(), signal.SIGSTOP)
             os.kill(os.getpid(), signal.SIGKILL)
         t = torch.ones(1)
         dist.all_reduce(t)
         time.sleep(0.05)
 
 
-def _steps(out: Path) -> int:
-    opts = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
-    total = int(opts.get("trainer.total_steps", "3"))
-    run_dir = Path(opts["trainer.run_dir"])
-    resume = sys.argv[sys.argv.index("--resume") + 1]
-    flag = {"signal": 0}
-
-    def on_signal(signum, frame):
-        flag["signal"] = signum
-
-    signal.signal(signal.SIGUSR1, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    ckpt = run_dir / "probe_checkpoint.json"
-    start = json.loads(ckpt.read_text())["step"] if resume == "auto" and ckpt.exists() else 0
-    attempt = os.environ.get("SLURM_RESTART_COUNT", "0")
-    (out / f"ready{rank}.{attempt}").write_text(str(time.time()))
-    for step in range(start + 1, total + 1):
-        time.sleep(float(os.environ.get("PROBE_STEP_SECONDS", "0.5")))
-        with (out / f"steps.rank{rank}").open("a") as f:
-            f.write(f"{attempt} {step}\n")
-        stop = torch.tensor([float(flag["signal"] != 0)])
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        if stop.item() or step == total:
-            if rank == 0:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                ckpt.write_text(json.dumps({"step": step}))
-            dist.barrier()
-            if stop.item() and step < total:
-                if rank == 0:
-                    print(f"preempted: checkpoint saved at step {step}", flush=True)
-                break
-    dist.destroy_process_group()
-    return 0
-
-
 def main() -> int:
     out = Path(os.environ["PROBE_OUT"])
     out.mkdir(parents=True, exist_ok=True)
     mode = os.environ.get("PROBE_MODE", "allreduce")
-    return {"allreduce": _allreduce, "dead_rank": _dead_rank, "steps": _steps}[mode](out)
+    return {"allreduce": _allreduce, "dead_rank": _dead_rank}[mode](out)
 
 
 if __name__ == "__main__":
