@@ -197,6 +197,13 @@ def build_tiny_task(
     """
     if tuple(stages) != STAGES[: len(stages)]:
         raise ValueError(f"stages={list(stages)}: expected a prefix of {list(STAGES)}")
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError(
+            f"build_tiny_task runs in one process; the process group has "
+            f"{dist.get_world_size()} ranks"
+        )
     settings = settings or TinyTaskSettings()
     paths = TinyTaskPaths(Path(root))
     manifest = read_manifest(paths)
