@@ -533,3 +533,45 @@ def test_sigkill_during_save_leaves_no_process_and_a_loadable_checkpoint(killed_
     assert run["gone_after_s"] < 30
     assert run["rc"] != 0
     assert run["resolved"] == "iter_0000001" and run["verified"] > 0
+
+
+# ---------------------------------------------------------------------------- one rank fails
+def _one_rank_fails_body(ctx, hf: Path, root: Path):
+    from megatron.core import dist_checkpointing
+
+    from covrl import checkpointing as ck
+    from covrl.models import PolicyModelConfig, build_model
+
+    config = PolicyModelConfig.from_hf(hf)
+    chunks = build_model(config)
+    if ctx.rank == 1:  # its writer fails; rank 0 finishes its part and waits in the barrier
+
+        def failing_save(*args, **kwargs):
+            raise OSError(28, "No space left on device (injected)")
+
+        dist_checkpointing.save = failing_save
+    ck.save_checkpoint(root, 1, chunks, config)
+    return "saved"
+
+
+def test_a_save_failing_on_one_rank_ends_the_job_on_every_rank(hf, tmp_path):
+    """Rank 1 fails inside the collective writer while rank 0 waits in megatron-core's
+    barrier: rank 1 publishes the cause, and rank 0 does not wait for the collective
+    timeout (it exits with code 75, or fails at once on the closed connection)."""
+    from covrl.parallel import PEER_LOST_EXIT_CODE
+    from tests.harness import DistributedTestError
+
+    start = time.monotonic()
+    with pytest.raises(DistributedTestError) as failure:
+        launch(_one_rank_fails_body, world_size=2, tp=2, hf=hf, root=tmp_path, timeout=120)
+    elapsed = time.monotonic() - start
+    message = str(failure.value)
+    assert "--- rank 0 ---" in message and "timed out" not in message, message
+    rank0, rank1 = message.split("--- rank 0 ---")[1].split("--- rank 1 ---")
+    assert "No space left on device (injected)" in rank1 or str(PEER_LOST_EXIT_CODE) in rank1
+    # Rank 0 learns it from the abort (code 75) or, on one host, from the closed socket.
+    assert f"exited with code {PEER_LOST_EXIT_CODE}" in rank0 or (
+        f"saving checkpoint {tmp_path / 'iter_0000001'} failed" in rank0
+    ), rank0
+    assert elapsed < 60
+    assert not any(p.name.startswith(".iter_") for p in tmp_path.iterdir())
