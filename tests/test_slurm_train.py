@@ -49,11 +49,9 @@ def cpu_overrides(assets: dict[str, str]) -> list[str]:
         "validation.before_train=false",
         "trainer.export_hf=false",
         "trainer.save_freq=0",
-        # Less work per step: one PPO epoch, no extra entropy-change pass, rewards
-        # scored in the trainer process.
+        # Less work per step: one PPO epoch, no extra entropy-change pass.
         "algorithm.ppo_epochs=1",
         "trainer.entropy_change_freq=0",
-        "reward.isolation=inline",
         f"trainer.total_steps={TOTAL_STEPS}",
     ]
 
