@@ -2,7 +2,7 @@
 
 Five launches: a TP1 run optimising an *inverted* reward (its logs are also the
 reference of the resume check); the same run preempted (SIGUSR1), resumed and killed
-with SIGKILL, and resumed again; and a TP2 run with the plain reward. The reward (does the
+with SIGKILL, and resumed again; and the same run at TP2. The reward (does the
 response contain a digit?) is one a random policy meets about 60% of the time, so
 RL can move it either way within three steps.
 """
@@ -135,12 +135,11 @@ def runs(assets, tmp_path_factory):
     out["resumed"] = run_dir
     out["resumed_log"] = (root / "resumed.log").read_text()
 
-    # 3. TP2 with the plain reward.
+    # 3. The reference run at TP2 (checkpointing only at the end).
     tp2_dir = root / "tp2"
+    tp2 = {**tp1, "policy.tp": 2, "trainer.save_freq": 0}
     out["tp2_rc"] = _run(
-        2,
-        ["--resume", "none", *run_overrides(assets, tp2_dir, **{"policy.tp": 2})],
-        root / "tp2.log",
+        2, ["--resume", "none", *run_overrides(assets, tp2_dir, **tp2)], root / "tp2.log"
     )
     out["tp2"] = tp2_dir
     out["logs"] = {p.stem: p.read_text()[-3000:] for p in root.glob("*.log")}
@@ -156,7 +155,7 @@ def test_run_finishes_with_outputs(runs, name):
     _check_rc(runs, name)
     run_dir = runs[name]
     records = _by_step(read_jsonl(run_dir / "metrics.jsonl"))
-    assert sorted(records) == list(range({"tp1": 5, "tp2": 4}[name]))
+    assert sorted(records) == [0, 1, 2, 3, 4]
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "hf" / "config.json").is_file()
     assert (run_dir / "hf" / "tokenizer_config.json").is_file()
@@ -203,21 +202,36 @@ def test_tensorboard_events_agree_with_json_lines(runs, name):
             assert math.isclose(events[step], value, rel_tol=1e-6, abs_tol=1e-6), (tag, step)
 
 
-def test_inverted_reward_makes_accuracy_fall(runs):
+@pytest.mark.parametrize("name", ["tp1", "tp2"])
+def test_inverted_reward_makes_accuracy_fall(runs, name):
     """The loop optimises the reward it is given: rewarding digit-free responses drives
-    the share of responses with a digit (the logged accuracy) down."""
-    _check_rc(runs, "tp1")
-    r = _by_step(read_jsonl(runs["tp1"] / "metrics.jsonl"))
+    the share of responses with a digit (the logged accuracy) down. (With the sign of
+    the advantages flipped in the trainer, this accuracy rises instead.)"""
+    _check_rc(runs, name)
+    r = _by_step(read_jsonl(runs[name] / "metrics.jsonl"))
     # Validation: 8 prompts, greedy and 2 samples each at temperature 0.6.
     assert r[4]["val/two_sum/avg@2"] < r[0]["val/two_sum/avg@2"] - 0.2
     assert r[4]["val/accuracy"] <= r[0]["val/accuracy"]
 
 
-def test_plain_reward_makes_accuracy_rise(runs):
+def test_tp2_matches_tp1(runs):
+    """The same run at TP2 logs what the TP1 run logs, step for step: the same samples
+    (per-sample vLLM seeds), and training metrics equal up to float32 reduction order."""
+    _check_rc(runs, "tp1")
     _check_rc(runs, "tp2")
-    r = _by_step(read_jsonl(runs["tp2"] / "metrics.jsonl"))
-    assert r[3]["val/two_sum/avg@2"] > r[0]["val/two_sum/avg@2"] + 0.2
-    assert r[3]["val/accuracy"] >= r[0]["val/accuracy"]
+    tp1 = _by_step(read_jsonl(runs["tp1"] / "metrics.jsonl"))
+    tp2 = _by_step(read_jsonl(runs["tp2"] / "metrics.jsonl"))
+    assert sorted(tp1) == sorted(tp2)
+    for step in sorted(tp1):
+        a, b = _untimed(tp1[step]), _untimed(tp2[step])
+        assert a.keys() == b.keys(), step
+        for tag in a:
+            if tag.startswith("mismatch/"):
+                assert abs(a[tag] - b[tag]) < 1e-4, (step, tag)
+            elif tag.startswith(("rollout/", "val/")) and tag != "rollout/entropy":
+                assert a[tag] == b[tag], (step, tag)  # same samples, same rewards
+            else:
+                assert math.isclose(a[tag], b[tag], rel_tol=1e-4, abs_tol=1e-5), (step, tag)
 
 
 def test_preemption_then_kill_then_resume_equals_uninterrupted(runs):
