@@ -54,7 +54,8 @@ class MetricsLogger:
         enabled: True on the rank that logs (rank 0).
         total_steps: for the progress bar's ETA.
         initial_step: the step a resumed run starts after.
-        progress_bar: show a tqdm bar on stderr (plain lines when stderr is not a TTY).
+        progress_bar: a tqdm bar on stderr, or one line per step (with the ETA) when
+            stderr is not a terminal.
         show: tags shown on the progress bar, with short labels.
     """
 
@@ -79,7 +80,11 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._writer = SummaryWriter(log_dir=os.fspath(self.run_dir / TENSORBOARD_DIR))
         self._jsonl = open(self.run_dir / METRICS_JSONL, "a", buffering=1)  # noqa: SIM115
-        if progress_bar:
+        self._total, self._start_step = total_steps, initial_step
+        self._started = time.monotonic()
+        # A live bar on a terminal; one plain line per step in a log file (batch jobs).
+        self._lines = progress_bar and not sys.stderr.isatty()
+        if progress_bar and not self._lines:
             from tqdm import tqdm
 
             self._bar = tqdm(
@@ -89,8 +94,6 @@ class MetricsLogger:
                 unit="step",
                 dynamic_ncols=True,
                 file=sys.stderr,
-                # Without a terminal (a batch job's log file), print a line per step.
-                mininterval=0 if not sys.stderr.isatty() else 0.1,
             )
 
     def log(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -106,10 +109,19 @@ class MetricsLogger:
             if math.isfinite(value):
                 self._writer.add_scalar(tag, value, global_step=step)
         self._writer.flush()
+        parts = {label: f"{clean[tag]:.4g}" for tag, label in self.show.items() if tag in clean}
         if self._bar is not None:
-            parts = {label: clean[tag] for tag, label in self.show.items() if tag in clean}
-            self._bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()}, refresh=False)
+            self._bar.set_postfix(parts, refresh=False)
             self._bar.update(1)
+        elif self._lines and step > self._start_step:
+            done = step - self._start_step
+            eta = (time.monotonic() - self._started) / done * (self._total - step)
+            fields = " ".join(f"{k} {v}" for k, v in parts.items())
+            print(
+                f"step {step}/{self._total} {fields} eta {eta / 60:.1f} min",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def print(self, message: str) -> None:
         """A line on rank 0 that does not break the progress bar."""
