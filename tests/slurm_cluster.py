@@ -214,7 +214,7 @@ class SlurmCluster:
                     "SchedulerParameters=batch_sched_delay=0,sched_interval=2",
                     "ReturnToService=2",
                     # SIGTERM -> SIGKILL grace when a job is cancelled or requeued.
-                    "KillWait=10",
+                    "KillWait=5",
                     *nodes,
                     f"PartitionName=local Nodes={','.join(NODES)} Default=YES "
                     "MaxTime=INFINITE State=UP OverSubscribe=NO",

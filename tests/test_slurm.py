@@ -100,9 +100,22 @@ def test_dead_rank_ends_the_job_within_60s(cluster, tmp_path, failure):
     print(f"dead rank ({failure}): job ended {exit_seconds:.1f} s after the failure")
     assert sbatch.returncode != 0
     assert exit_seconds < 60
-    # Nothing of the job is left: no probe process on this machine.
-    left = subprocess.run(["pgrep", "-f", "tests/slurm_probe.py"], capture_output=True, text=True)
-    assert left.stdout.strip() == "", left.stdout
+    # Nothing of the job is left: no process with this test's environment.
+    assert processes_with_env(f"PROBE_OUT={tmp_path / 'probe'}") == []
+
+
+def processes_with_env(entry: str) -> list[int]:
+    """Pids of live (not zombie) processes whose environment holds ``entry``."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if entry.encode() in environ and state != "Z":
+            pids.append(int(proc.name))
+    return pids
 
 
 def test_stop_leaves_nothing_running():
