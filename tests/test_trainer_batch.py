@@ -1,5 +1,5 @@
 """Batch assembly: samples -> dynamic sampling -> padded tensors and advantages ->
-mini-batches split over data-parallel ranks; logging of the same scalars to both logs."""
+mini-batches split over data-parallel ranks; a fresh start setting an earlier run aside."""
 
 from __future__ import annotations
 
@@ -93,3 +93,18 @@ def test_minibatch_plan_partitions_rows_over_ranks():
             seen.setdefault(k, []).extend(pb.sample_index.tolist())
     # Every row of each mini-batch exactly once, with its index in the mini-batch.
     assert {k: sorted(v) for k, v in seen.items()} == {0: list(range(8)), 1: list(range(8))}
+
+
+def test_resume_none_sets_an_earlier_run_aside(tmp_path):
+    from covrl.training.setup import _set_aside_previous_run
+
+    (tmp_path / "checkpoints" / "iter_0000010").mkdir(parents=True)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10}\n')
+    (tmp_path / "config.yaml").write_text("kept: true\n")
+    _set_aside_previous_run(tmp_path)
+    (previous,) = tmp_path.glob("previous-*")
+    assert (previous / "checkpoints" / "iter_0000010").is_dir()
+    assert (previous / "metrics.jsonl").read_text() == '{"step": 10}\n'
+    assert not (tmp_path / "checkpoints").exists() and (tmp_path / "config.yaml").is_file()
+    _set_aside_previous_run(tmp_path)  # nothing left to move
+    assert len(list(tmp_path.glob("previous-*"))) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from covrl.models.engine import PolicyEngine
 from covrl.parallel import initialize
 from covrl.rewards import RewardError, RewardExecutor, RewardRegistry
 from covrl.rollout import RolloutEngine
-from covrl.training.logger import MetricsLogger
+from covrl.training.logger import METRICS_JSONL, TENSORBOARD_DIR, MetricsLogger
 
 __all__ = ["CHECKPOINT_DIRNAME", "HF_EXPORT_DIRNAME", "Run", "build_run", "trainer_state"]
 
@@ -135,6 +136,23 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     return checkpointing.resolve_checkpoint(resume)
 
 
+# What a run writes into its directory; "--resume none" moves an earlier run's aside.
+RUN_OUTPUTS = (CHECKPOINT_DIRNAME, METRICS_JSONL, TENSORBOARD_DIR, HF_EXPORT_DIRNAME)
+
+
+def _set_aside_previous_run(run_dir: Path) -> None:
+    """Move an earlier run's outputs to ``<run_dir>/previous-<UTC time>/`` so a fresh
+    start neither appends to its logs nor resumes from its checkpoints later."""
+    found = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not found:
+        return
+    target = run_dir / time.strftime("previous-%Y%m%d-%H%M%S", time.gmtime())
+    target.mkdir(parents=True, exist_ok=True)
+    for path in found:
+        path.rename(target / path.name)
+    print(f"--resume none: moved the earlier run's outputs to {target}", file=sys.stderr)
+
+
 def trainer_state(run: Run, step: int) -> dict:
     """The JSON trainer state stored with a checkpoint."""
     return {
@@ -186,6 +204,8 @@ def build_run(config: RunConfig, resume: str = "auto") -> Run:
     _agree(error)
 
     if rank == 0:
+        if resume == "none":
+            _set_aside_previous_run(Path(config.trainer.run_dir))
         save_config(config, config.trainer.run_dir)
         for message in config.warnings():
             print(f"warning: {message}", file=sys.stderr, flush=True)
