@@ -429,10 +429,15 @@ class RolloutEngine:
                     kwargs={"weights_iterator": iter(stream), "is_checkpoint_format": True},
                 )
 
-        if measure_memory:
-            _, peak = peak_extra_memory(load, self.device)
-        else:
-            load()
+        try:
+            if measure_memory:
+                _, peak = peak_extra_memory(load, self.device)
+            else:
+                load()
+        except BaseException:
+            # A stream that failed part-way leaves layers half reloaded.
+            self._weights_lost = True
+            raise
         if self.model_config.tie_word_embeddings:
             self.llm.collective_rpc(_reprocess_shared_weight_layers)
         self.llm.reset_prefix_cache()
@@ -440,7 +445,6 @@ class RolloutEngine:
         metrics = stream.stats.metrics()
         metrics["time_s"] = time.perf_counter() - start
         metrics["gb_per_s"] = metrics["bytes"] / 1e9 / metrics["time_s"]
-        del metrics["seconds"]
         if measure_memory:
             metrics["peak_extra_bytes"] = float(peak)
         return metrics
@@ -456,14 +460,16 @@ class RolloutEngine:
             self._weights_lost = True
 
     def wake_up(self) -> None:
-        """Re-allocate everything :meth:`sleep` released (weights keep whatever the
-        allocation holds until a sync: call :meth:`sync_weights` after a sleep)."""
+        """Re-allocate everything :meth:`sleep` released. The released weights are
+        not restored: after a sleep, :meth:`sync_weights` (which wakes the weights
+        itself) must come first, else this raises."""
         self._wake(("weights", "kv_cache"))
 
     def _wake(self, tags: Sequence[str]) -> None:
         if "kv_cache" in tags and self._weights_lost:
             raise RuntimeError(
-                "vLLM's weights were released by sleep(); call sync_weights() before generating"
+                "vLLM's weights were released by sleep() or a failed sync; call sync_weights() "
+                "before generating"
             )
         pending = [t for t in tags if t in self._asleep]
         if pending:

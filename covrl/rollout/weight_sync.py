@@ -21,7 +21,6 @@ within the same call.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -36,7 +35,6 @@ class WeightSyncError(RuntimeError):
 class SyncStats:
     """What one sync moved (this rank)."""
 
-    seconds: float = 0.0
     bytes: int = 0  # bytes handed to vLLM's loader
     tensors: int = 0
     buckets: int = 0
@@ -44,9 +42,7 @@ class SyncStats:
     largest_tensor_bytes: int = 0
 
     def metrics(self) -> dict[str, float]:
-        out = {k: float(v) for k, v in asdict(self).items()}
-        out["gb_per_s"] = self.bytes / 1e9 / self.seconds if self.seconds > 0 else 0.0
-        return out
+        return {k: float(v) for k, v in asdict(self).items()}
 
 
 def sync_memory_bound(model_config, stats: dict[str, float], itemsize: int) -> int:
@@ -114,7 +110,6 @@ class BucketedWeightStream:
         self.stats = SyncStats()
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        start = time.perf_counter()
         seen: set[str] = set()
         bucket: list[tuple[str, torch.Tensor]] = []
         size = 0
@@ -141,7 +136,6 @@ class BucketedWeightStream:
         missing = [n for n in self.expected if n not in seen]
         if missing:
             raise WeightSyncError(f"weight sync: the stream ended without tensors {missing[:8]}")
-        self.stats.seconds = time.perf_counter() - start
 
     def _flush(self, bucket: list[tuple[str, torch.Tensor]], size: int):
         self.stats.buckets += 1
