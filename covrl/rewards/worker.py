@@ -27,7 +27,10 @@ def _die_with_parent() -> None:
 def serve(recv: Connection, send: Connection) -> None:
     """Worker loop: a list of specs -> import them, answer ``("ok",)``; a request ->
     ``("ok", reward, acc)``; errors -> ``("error", message)``; None or EOF -> exit."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer handles Ctrl-C
+    # The trainer handles Ctrl-C and preemption signals (a batch system signals every
+    # process of the job); this process ends when the trainer does (EOF, or SIGKILL).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     _die_with_parent()
     while True:
         try:
