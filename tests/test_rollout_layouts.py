@@ -81,7 +81,7 @@ def _step_and_generate(ctx, engine, config, chunks, seqs, out):
     scorer = PolicyEngine(trainer.model, config.vocab_size, config=EngineConfig(micro_batch_size=2))
     out["megatron_new"] = row_logps(scorer.forward_logprobs(ids, mask).logp, seqs)
     out["vllm_stale"] = engine.prompt_logprobs(seqs)
-    out["sync_metrics"] = engine.sync_weights(chunks, config)
+    out["sync_metrics"] = engine.sync_weights(chunks, config, bucket_mb=0.5, measure_memory=True)
     out["vllm_synced"] = engine.prompt_logprobs(seqs)
     state = {n: t.clone() for n, t in export_hf_weights(chunks, config)}
     out["state"] = state if ctx.rank == 0 else None
@@ -194,13 +194,21 @@ def _tp2pp2():
     return ("qwen2", 2, "tp2pp2")
 
 
-def test_step_then_sync_matches_megatron(runs):
+def test_step_then_sync_matches_megatron(runs, checkpoints):
+    from covrl.models import PolicyModelConfig
+    from covrl.rollout.weight_sync import sync_memory_bound
+
     for rank_out in runs:
         o = rank_out[_tp2pp2()]
         new = o["megatron_new"]
         stale, synced = mean_abs_diff(o["vllm_stale"], new), mean_abs_diff(o["vllm_synced"], new)
         assert synced < 1e-5 and max_abs_diff(o["vllm_synced"], new) < 1e-4, synced
         assert stale > 1e3 * synced and stale > 1e-2, (stale, synced)
+        # Extra memory of that sync (TP gathers + PP broadcasts + vLLM's reload),
+        # resident-set high-water mark, within the bound plus allocator slack.
+        m = o["sync_metrics"]
+        bound = sync_memory_bound(PolicyModelConfig.from_hf(checkpoints["qwen2"]["base"]), m, 4)
+        assert m["peak_extra_bytes"] <= bound + (16 << 20), (m, bound)
 
 
 def test_greedy_after_sync_matches_transformers(runs, checkpoints):
