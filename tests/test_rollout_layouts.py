@@ -18,6 +18,7 @@ from tests.test_rollout import (
     KV_CACHE_BYTES,
     ROLLOUT_MODEL,
     TEMPERATURE,
+    VLLM_LINT,
     fixed_sequences,
     hf_greedy,
     hf_model_from,
@@ -169,6 +170,7 @@ def launches(checkpoints):
             family=family,
             checkpoints=checkpoints[family],
             timeout=600,
+            device_lint=VLLM_LINT,
         )
         for family in FAMILIES
     }

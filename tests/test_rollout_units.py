@@ -12,7 +12,7 @@ import torch
 
 from tests.harness import launch
 from tests.hf_fixtures import make_checkpoint
-from tests.test_rollout import ROLLOUT_MODEL
+from tests.test_rollout import ROLLOUT_MODEL, VLLM_LINT
 
 
 def _stream(shapes, bucket_bytes, source=None):
@@ -136,6 +136,51 @@ def test_split_evenly():
     assert split_evenly(1, 2) == [range(0, 1), range(1, 1)]
 
 
+def _gather_body(ctx):
+    """Each replica contributes different ragged rows; every rank must get the
+    leaders' rows in rank order. Also mismatch metrics pooled over the world."""
+    from covrl.parallel import get_device
+    from covrl.rollout import mismatch_metrics
+    from covrl.rollout.generations import gather_replica_rows
+
+    out = {}
+    for replica_size in (1, 2):
+        replica = ctx.rank // replica_size
+        ids = [[100 * replica + j] * (j + replica) for j in range(2 + replica)]
+        values = [[-0.5 * x for x in row] for row in ids]
+        codes = [(replica + j) % 2 for j in range(len(ids))]
+        out[replica_size] = gather_replica_rows(ids, values, codes, replica_size, get_device())
+    d = get_device()
+    train = torch.full((2, 3), -1.0, device=d)
+    rollout = torch.full((2, 3), -1.0 - 0.1 * (ctx.rank + 1))  # from the host, as Generations
+    out["mismatch"] = mismatch_metrics(rollout, train, torch.ones(2, 3, device=d), group=None)
+    import torch.distributed as dist
+
+    out["pooled"] = mismatch_metrics(
+        rollout, train, torch.ones(2, 3, device=d), group=dist.group.WORLD
+    )
+    return out
+
+
+def test_gather_rows_and_pooled_mismatch():
+    """World 2 under the device lint (collective tensors where NCCL needs them)."""
+    results = launch(_gather_body, world_size=2, device_lint=True, timeout=120)
+    for replica_size, leaders in ((1, [0, 1]), (2, [0])):
+        want_ids, want_vals, want_codes = [], [], []
+        for replica in leaders:
+            ids = [[100 * replica + j] * (j + replica) for j in range(2 + replica)]
+            want_ids += ids
+            want_vals += [[-0.5 * x for x in row] for row in ids]
+            want_codes += [(replica + j) % 2 for j in range(len(ids))]
+        for r in results:
+            assert r[replica_size] == (want_ids, want_vals, want_codes)
+    assert results[0]["mismatch"]["abs_diff_max"] == pytest.approx(0.1, abs=1e-6)
+    for r in results:  # pooled over both ranks: |d| 0.1 and 0.2, six tokens each
+        assert r["pooled"]["tokens"] == 12
+        assert r["pooled"]["abs_diff_mean"] == pytest.approx(0.15, abs=1e-6)
+        assert r["pooled"]["abs_diff_max"] == pytest.approx(0.2, abs=1e-6)
+
+
 def _start_body(ctx, checkpoints):
     """Start an engine on each checkpoint; each must fail on every rank, naming why."""
     from covrl.rollout import RolloutConfig, RolloutEngine
@@ -165,7 +210,7 @@ def start_errors(tmp_path_factory):
         "rank1_only": [good, small_heads, 1],
         "rollout_tp": [good, good, 3],
     }
-    return launch(_start_body, world_size=2, checkpoints=cases, timeout=300)
+    return launch(_start_body, world_size=2, checkpoints=cases, timeout=300, device_lint=VLLM_LINT)
 
 
 def test_start_errors_on_every_rank(start_errors):

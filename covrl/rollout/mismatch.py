@@ -44,8 +44,10 @@ def mismatch_metrics(
             f"rollout_logp {tuple(rollout_logp.shape)}, train_logp {tuple(train_logp.shape)} "
             f"and mask {tuple(mask.shape)} must have the same shape"
         )
-    m = mask.bool()
-    d = (train_logp.double() - rollout_logp.double())[m]
+    # On the trainer's device (the rollout's tensors may come from the host).
+    device = train_logp.device
+    m = mask.to(device).bool()
+    d = (train_logp.double() - rollout_logp.to(device).double())[m]
     sums = torch.stack(
         [
             d.abs().sum(),
@@ -78,17 +80,19 @@ def truncated_is_weights(
 ) -> torch.Tensor:
     """Truncated importance-sampling weights ``min(exp(train_old - rollout), cap)``.
 
-    ``[batch, seq]`` float32, no gradient, 0 where ``mask`` is false. Multiply the
+    ``[batch, seq]`` float32 on ``train_old_logp``'s device, no gradient, 0 where
+    ``mask`` is false. Multiply the
     per-token policy-gradient loss by it to correct for sampling from vLLM's policy
     instead of the trainer's.
     """
     if cap <= 0:
         raise ValueError(f"truncated IS cap={cap} must be > 0")
     with torch.no_grad():
-        ratio = torch.exp((train_old_logp.double() - rollout_logp.double()).clamp(max=50.0))
-        w = ratio.clamp(max=cap).float()
+        device = train_old_logp.device
+        log_ratio = train_old_logp.double() - rollout_logp.to(device).double()
+        w = torch.exp(log_ratio.clamp(max=50.0)).clamp(max=cap).float()
         if mask is not None:
-            w = w * mask.to(w.dtype)
+            w = w * mask.to(device=device, dtype=w.dtype)
     return w
 
 
