@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.harness import launch
-from tests.hf_fixtures import make_checkpoint
+from tests.hf_fixtures import load_policy, make_checkpoint
 
 # vLLM's CPU attention needs head_dim >= 32: 4 heads of 64.
 ROLLOUT_MODEL = dict(hidden_size=256)
@@ -97,9 +97,7 @@ def nll_loss_fn(global_tokens: int):
 
 
 def _world1_body(ctx, checkpoint):
-    from megatron.core import parallel_state as ps
-
-    from covrl.models import PolicyModelConfig, build_model, export_hf_weights, load_hf_weights
+    from covrl.models import PolicyModelConfig, export_hf_weights
     from covrl.models.engine import EngineConfig, OptimizerSettings, PolicyEngine
     from covrl.rollout import RolloutConfig, RolloutEngine, SamplingConfig
 
@@ -116,8 +114,7 @@ def _world1_body(ctx, checkpoint):
     out["vllm_initial"] = engine.prompt_logprobs(seqs)
 
     # 2. Megatron model, one optimizer step that visibly changes the weights.
-    chunks = build_model(config)
-    load_hf_weights(chunks, config, checkpoint, tp_group=ps.get_tensor_model_parallel_group())
+    chunks = load_policy(checkpoint, config)
     trainer = PolicyEngine(
         chunks,
         config.vocab_size,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from tests.harness import launch
-from tests.hf_fixtures import make_checkpoint
+from tests.hf_fixtures import load_policy, make_checkpoint
 from tests.test_rollout import (
     KV_CACHE_BYTES,
     ROLLOUT_MODEL,
@@ -48,14 +48,10 @@ def _train_layout(tp: int, pp: int):
 
 
 def _megatron(checkpoint):
-    from megatron.core import parallel_state as ps
-
-    from covrl.models import PolicyModelConfig, build_model, load_hf_weights
+    from covrl.models import PolicyModelConfig
 
     config = PolicyModelConfig.from_hf(checkpoint)
-    chunks = build_model(config)
-    load_hf_weights(chunks, config, checkpoint, tp_group=ps.get_tensor_model_parallel_group())
-    return config, chunks
+    return config, load_policy(checkpoint, config)
 
 
 def _step_and_generate(ctx, engine, config, chunks, seqs, out):
