@@ -22,7 +22,12 @@ from covrl import checkpointing
 from covrl.analysis import EntropyLawMonitor
 from covrl.config import ConfigError, RunConfig, save_config, to_yaml
 from covrl.data import DataError, EpochSampler, PromptDataset, load_prompt_dataset, load_tokenizer
-from covrl.models import PolicyModelConfig, build_model, load_hf_weights
+from covrl.models import (
+    PolicyModelConfig,
+    build_model,
+    load_hf_weights,
+    validate_parallel_layout,
+)
 from covrl.models.engine import PolicyEngine
 from covrl.parallel import initialize
 from covrl.rewards import RewardError, RewardExecutor, RewardRegistry
@@ -107,22 +112,29 @@ def _load_data(config: RunConfig, tokenizer) -> tuple[PromptDataset, PromptDatas
     return train, val
 
 
-def _build_policy(config: RunConfig, *, trainable: bool) -> tuple[PolicyModelConfig, PolicyEngine]:
-    path = config.policy.model_path
+def _model_config(config: RunConfig, world_size: int) -> PolicyModelConfig:
+    """The policy's architecture, checked against the parallel layout."""
     model_config = PolicyModelConfig.from_hf(
-        path,
+        config.policy.model_path,
         params_dtype=config.policy.dtype,
         make_vocab_size_divisible_by=config.policy.make_vocab_size_divisible_by,
     )
+    validate_parallel_layout(model_config, config.policy.parallel(), world_size)
+    return model_config
+
+
+def _build_policy(
+    config: RunConfig, model_config: PolicyModelConfig, *, trainable: bool
+) -> PolicyEngine:
+    path = config.policy.model_path
     chunks = build_model(model_config, config.policy.parallel())
     load_hf_weights(chunks, model_config, path)
-    engine = PolicyEngine(
+    return PolicyEngine(
         chunks,
         model_config.vocab_size,
         optimizer=config.policy.optim if trainable else None,
         config=config.policy.engine,
     )
-    return model_config, engine
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
@@ -185,6 +197,7 @@ def build_run(config: RunConfig, resume: str = "auto") -> Run:
                 f"policy.model_path={config.policy.model_path!r}: not a Hugging Face "
                 "checkpoint directory (no config.json)"
             )
+        model_config = _model_config(config, world)
         tokenizer = load_tokenizer(
             config.policy.model_path, require_chat_template=config.data.apply_chat_template
         )
@@ -212,10 +225,10 @@ def build_run(config: RunConfig, resume: str = "auto") -> Run:
 
     if not config.sampling.stop_token_ids and tokenizer.eos_token_id is not None:
         config.sampling.stop_token_ids = [int(tokenizer.eos_token_id)]
-    model_config, engine = _build_policy(config, trainable=True)
+    engine = _build_policy(config, model_config, trainable=True)
     ref_engine = None
     if config.policy.loss.kl_coeff > 0:
-        _, ref_engine = _build_policy(config, trainable=False)
+        ref_engine = _build_policy(config, model_config, trainable=False)
     rollout = RolloutEngine(config.policy.model_path, config.rollout)
     monitor = EntropyLawMonitor()
 
@@ -229,12 +242,18 @@ def build_run(config: RunConfig, resume: str = "auto") -> Run:
             optimizer=engine.optimizer,
             scheduler=engine.scheduler,
         )
-        state = metadata.extra.get("trainer", {})
-        start_step = int(state.get("step", metadata.iteration))
-        sampler.load_state_dict(state["sampler"])
-        monitor.load_state_dict(
-            state.get("entropy_law", {"steps": [], "entropy": [], "accuracy": []})
-        )
+        state = metadata.extra.get("trainer")
+        if not isinstance(state, dict) or "sampler" not in state:
+            raise checkpointing.CheckpointError(
+                f"{resume_from}: no trainer state (step, data cursor) in its metadata: "
+                "not a covrl-train checkpoint (load weights with policy.model_path instead)"
+            )
+        start_step = int(state["step"])
+        try:
+            sampler.load_state_dict(state["sampler"])
+        except ValueError as exc:
+            raise checkpointing.CheckpointError(f"{resume_from}: {exc}") from None
+        monitor.load_state_dict(state["entropy_law"])
         # vLLM started from the Hugging Face weights: give it the restored ones.
         rollout.sync_weights(engine.model, model_config)
 
