@@ -9,6 +9,7 @@ results against transformers' float32 eager model.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 
 from covrl.models import PolicyModelConfig, validate_parallel_layout, vocab_size_with_padding
 from covrl.parallel import ParallelConfig
-from tests.harness import TOPOLOGIES, launch  # dp2: two replicas, both export, replica 0 saves
+from tests.harness import TOPOLOGIES, launch, run_checks
 from tests.hf_fixtures import (
     TINY,
     VARIANTS,
@@ -47,6 +48,13 @@ def reference(tmp_path_factory):
 
 
 def _topology_body(ctx, paths, input_ids, out_root):
+    """Every checkpoint variant on this layout, each a named check."""
+    checks = {name: partial(_variant, ctx, name, paths, input_ids, out_root) for name in paths}
+    return run_checks(checks)
+
+
+def _variant(ctx, name, paths, input_ids, out_root):
+    """Load, forward, export and save one checkpoint variant on this rank."""
     from megatron.core import parallel_state as ps
 
     from covrl.models import (
@@ -58,53 +66,52 @@ def _topology_body(ctx, paths, input_ids, out_root):
     )
 
     tp_rank = ps.get_tensor_model_parallel_rank()
-    results = {}
-    for name, path in paths.items():
-        config = PolicyModelConfig.from_hf(path)
-        chunks = build_model(config)
-        stats = load_hf_weights(chunks, config, path)
-        r = {
-            "stats": vars(stats),
-            "logits": pipeline_logits(chunks, input_ids, config.vocab_size),
-            "names": [],
-            "digests": {},
-            "tensors": {},
-        }
-        if chunks[0].pre_process:
-            emb = chunks[0].embedding.word_embeddings.weight
-            rows = torch.arange(emb.shape[0]) + tp_rank * emb.shape[0]
-            r["pad_rows"] = emb[rows >= config.vocab_size].detach().clone()
-            r["padded_vocab"] = emb.shape[0] * ctx.tp
-        for hf_name, tensor in export_hf_weights(chunks, config):
-            r["names"].append(hf_name)
-            r["digests"][hf_name] = digest(tensor)
-            if ctx.rank == 0:
-                r["tensors"][hf_name] = tensor.clone()
-        save_hf_checkpoint(
-            chunks,
-            config,
-            Path(out_root) / name,
-            max_shard_bytes=SAVE_SHARD_BYTES if VARIANTS[name].sharded else 2**40,
-            copy_files_from=path,
-        )
-        if name == "qwen2" and ctx.rank == 0 and ctx.world_size == 1:
-            # bfloat16 parameters from a float32 checkpoint: the export is the rounded copy.
-            bf16 = PolicyModelConfig.from_hf(path, params_dtype=torch.bfloat16)
-            bf16_chunks = build_model(bf16)
-            load_hf_weights(bf16_chunks, bf16, path)
-            r["bf16"] = {n: t.clone() for n, t in export_hf_weights(bf16_chunks, bf16)}
-        if name == "llama":
-            # Untied config + tied checkpoint; llama config + qwen2 checkpoint (biases).
-            r["errors"] = {}
-            for other in ("llama_tied", "qwen2"):
-                try:
-                    load_hf_weights(chunks, config, paths[other])
-                except ValueError as exc:
-                    r["errors"][other] = str(exc)
-        results[name] = r
-    return results
+    path = paths[name]
+    config = PolicyModelConfig.from_hf(path)
+    chunks = build_model(config)
+    stats = load_hf_weights(chunks, config, path)
+    r = {
+        "stats": vars(stats),
+        "logits": pipeline_logits(chunks, input_ids, config.vocab_size),
+        "names": [],
+        "digests": {},
+        "tensors": {},
+    }
+    if chunks[0].pre_process:
+        emb = chunks[0].embedding.word_embeddings.weight
+        rows = torch.arange(emb.shape[0]) + tp_rank * emb.shape[0]
+        r["pad_rows"] = emb[rows >= config.vocab_size].detach().clone()
+        r["padded_vocab"] = emb.shape[0] * ctx.tp
+    for hf_name, tensor in export_hf_weights(chunks, config):
+        r["names"].append(hf_name)
+        r["digests"][hf_name] = digest(tensor)
+        if ctx.rank == 0:
+            r["tensors"][hf_name] = tensor.clone()
+    save_hf_checkpoint(
+        chunks,
+        config,
+        Path(out_root) / name,
+        max_shard_bytes=SAVE_SHARD_BYTES if VARIANTS[name].sharded else 2**40,
+        copy_files_from=path,
+    )
+    if name == "qwen2" and ctx.rank == 0 and ctx.world_size == 1:
+        # bfloat16 parameters from a float32 checkpoint: the export is the rounded copy.
+        bf16 = PolicyModelConfig.from_hf(path, params_dtype=torch.bfloat16)
+        bf16_chunks = build_model(bf16)
+        load_hf_weights(bf16_chunks, bf16, path)
+        r["bf16"] = {n: t.clone() for n, t in export_hf_weights(bf16_chunks, bf16)}
+    if name == "llama":
+        # Untied config + tied checkpoint; llama config + qwen2 checkpoint (biases).
+        r["errors"] = {}
+        for other in ("llama_tied", "qwen2"):
+            try:
+                load_hf_weights(chunks, config, paths[other])
+            except ValueError as exc:
+                r["errors"][other] = str(exc)
+    return r
 
 
+# Every layout, dp2 included (two replicas: both export, replica 0 saves).
 @pytest.fixture(scope="module", params=list(TOPOLOGIES))
 def run(request, reference, tmp_path_factory):
     topology = request.param
