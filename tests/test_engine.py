@@ -89,8 +89,15 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(checkpoint):
+    # Multi-rank layouts also run under the device lint (see tests/device_lint.py).
     return {
-        name: launch(_engine_body, checkpoint=checkpoint, timeout=400, device_lint=True, **topo)
+        name: launch(
+            _engine_body,
+            checkpoint=checkpoint,
+            timeout=400,
+            device_lint=topo["world_size"] > 1,
+            **topo,
+        )
         for name, topo in TOPOLOGIES.items()
     }
 
@@ -183,7 +190,11 @@ def _bf16_body(ctx, checkpoint):
 def bf16_runs(checkpoint):
     return {
         name: launch(
-            _bf16_body, checkpoint=checkpoint, timeout=300, device_lint=True, **TOPOLOGIES[name]
+            _bf16_body,
+            checkpoint=checkpoint,
+            timeout=300,
+            device_lint=TOPOLOGIES[name]["world_size"] > 1,
+            **TOPOLOGIES[name],
         )
         for name in ("tp1", "tp2pp2")
     }

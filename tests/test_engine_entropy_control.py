@@ -127,7 +127,14 @@ LAYOUTS = {
 def runs(tmp_path_factory):
     checkpoint = make_checkpoint(tmp_path_factory.mktemp("hf"), "qwen2")
     return {
-        name: launch(_body, checkpoint=checkpoint, timeout=400, device_lint=True, **layout)
+        # Multi-rank layouts also run under the device lint (see tests/device_lint.py).
+        name: launch(
+            _body,
+            checkpoint=checkpoint,
+            timeout=400,
+            device_lint=layout["world_size"] > 1,
+            **layout,
+        )
         for name, layout in LAYOUTS.items()
     }
 
