@@ -14,6 +14,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from covrl.parallel import get_device
+
 __all__ = ["PREEMPTION_SIGNALS", "PreemptionHandler"]
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -33,9 +35,7 @@ class PreemptionHandler:
 
     def agreed(self, group: dist.ProcessGroup | None = None) -> bool:
         """Collective: whether any rank was signalled."""
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
-        if dist.get_backend(group) == "nccl":
-            flag = flag.cuda()
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=get_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())
 

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from covrl.data import PromptDataset
+from covrl.parallel import get_device
 from covrl.rewards import RewardError, RewardExecutor, RewardRegistry, ScoreRequest
 from covrl.training.batch import RolloutBatch
 
@@ -42,6 +43,7 @@ def score_batch(
                 source=record.source,
             )
         )
+    # Filled on the host, reduced on the device the backend needs (NCCL: CUDA).
     values = torch.zeros(len(batch), 3, dtype=torch.float64)
     error = None
     try:
@@ -54,7 +56,9 @@ def score_batch(
     failed = [e for e in errors if e is not None]
     if failed:
         raise RewardError(failed[0])
+    values = values.to(get_device())
     dist.all_reduce(values, group=group)
+    values = values.cpu()
     batch.rewards = values[:, 0].tolist()
     batch.acc = values[:, 1].tolist()
     return int(values[:, 2].sum().item())
