@@ -1,7 +1,7 @@
 """The run's configuration tree: YAML + dotted command-line overrides -> typed dataclasses.
 
 One :class:`RunConfig` describes a training run. It nests the dataclasses the parts
-already define (``PolicyLossConfig``, ``AdvantageConfig``, ``OptimizerSettings``,
+already define (``PolicyLossConfig``, ``AdvantageConfig``, ``OptimizerConfig``,
 ``EngineConfig``, the rollout engine's ``RolloutConfig`` / ``SamplingConfig``) and adds
 the sections only the trainer needs. :func:`load_config` reads a YAML file, merges
 ``key.sub=value`` overrides on top (OmegaConf structured configs: types are checked
@@ -26,7 +26,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from covrl.algorithms import AdvantageConfig, PolicyLossConfig
-from covrl.models.engine import EngineConfig, OptimizerSettings
+from covrl.models.engine import EngineConfig, OptimizerConfig
 from covrl.parallel import ParallelConfig
 from covrl.rollout import RolloutConfig, RolloutCorrectionConfig, SamplingConfig
 
@@ -68,7 +68,7 @@ class PolicyConfig:
     vpp: int | None = None
     make_vocab_size_divisible_by: int = 128
     engine: EngineConfig = field(default_factory=EngineConfig)
-    optim: OptimizerSettings = field(default_factory=OptimizerSettings)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
 
     def parallel(self) -> ParallelConfig:

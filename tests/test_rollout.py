@@ -98,7 +98,7 @@ def nll_loss_fn(global_tokens: int):
 
 def _world1_body(ctx, checkpoint):
     from covrl.models import PolicyModelConfig, export_hf_weights
-    from covrl.models.engine import EngineConfig, OptimizerSettings, PolicyEngine
+    from covrl.models.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.rollout import RolloutConfig, RolloutEngine, SamplingConfig
 
     config = PolicyModelConfig.from_hf(checkpoint)
@@ -118,7 +118,7 @@ def _world1_body(ctx, checkpoint):
     trainer = PolicyEngine(
         chunks,
         config.vocab_size,
-        OptimizerSettings(lr=2e-2, weight_decay=0.0, clip_grad=1.0),
+        OptimizerConfig(lr=2e-2, weight_decay=0.0, clip_grad=1.0),
         EngineConfig(micro_batch_size=2),
     )
     ids, mask = padded(seqs)

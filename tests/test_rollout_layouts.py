@@ -57,14 +57,14 @@ def _megatron(checkpoint):
 def _step_and_generate(ctx, engine, config, chunks, seqs, out):
     """At the current layout: optimizer step, sync, greedy and seeded sampling."""
     from covrl.models import export_hf_weights
-    from covrl.models.engine import EngineConfig, OptimizerSettings, PolicyEngine
+    from covrl.models.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.rollout import SamplingConfig
 
     ids, mask = padded(seqs)
     trainer = PolicyEngine(
         chunks,
         config.vocab_size,
-        OptimizerSettings(lr=2e-2, weight_decay=0.0, clip_grad=1.0),
+        OptimizerConfig(lr=2e-2, weight_decay=0.0, clip_grad=1.0),
         EngineConfig(micro_batch_size=2),
     )
     from megatron.core import parallel_state as ps
