@@ -143,29 +143,48 @@ def built(tmp_path_factory):
     return TinyTaskPaths(root), manifest
 
 
-def test_tokenizer_loads_and_round_trips(built):
+@pytest.fixture(scope="module")
+def qwen2_dir(built, tmp_path_factory):
+    """The tokenizer files next to a Qwen2 config.json, as in the base model's directory
+    (AutoTokenizer then loads them as Qwen2Tokenizer)."""
+    import shutil
+
+    from transformers import Qwen2Config
+
+    paths, _ = built
+    path = tmp_path_factory.mktemp("qwen2_tok")
+    for file in paths.model_dir.iterdir():  # the tokenizer files (and chat_template.jinja)
+        shutil.copy(file, path / file.name)
+    Qwen2Config(vocab_size=64, hidden_size=128, num_attention_heads=2).save_pretrained(path)
+    return path
+
+
+def test_tokenizer_loads_and_round_trips(built, qwen2_dir):
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
     paths, _ = built
-    tok = AutoTokenizer.from_pretrained(paths.model_dir)
     sp = spm.SentencePieceProcessor(model_file=str(paths.model_dir / "tokenizer.model"))
-    assert len(tok) == sp.get_piece_size()
     texts = two_sum.corpus(two_sum.TwoSumConfig())
-    for text in random.Random(0).sample(texts, 300) + [t for t in texts if "Write" in t]:
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        assert ids == sp.encode(text), text  # the same segmentation as sentencepiece
-        assert tok.decode(ids) == text
+    sample = random.Random(0).sample(texts, 300) + [t for t in texts if "Write" in t]
+    for directory in (paths.model_dir, qwen2_dir):
+        tok = AutoTokenizer.from_pretrained(directory)
+        assert len(tok) == sp.get_piece_size()
+        for text in sample:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert ids == sp.encode(text), (directory, text)  # sentencepiece's segmentation
+            assert tok.decode(ids) == text
     # Every digit is its own token (one sampling decision per digit).
     ids = tok("\\boxed{45+28}", add_special_tokens=False)["input_ids"]
     assert tok.convert_ids_to_tokens(ids) == ["\\boxed{", "4", "5", "+", "2", "8", "}"]
 
 
-def test_tokenizer_special_ids_and_chat_template(built):
+@pytest.mark.parametrize("where", ["model_dir", "qwen2_dir"])
+def test_tokenizer_special_ids_and_chat_template(built, qwen2_dir, where):
     from transformers import AutoTokenizer
 
     paths, _ = built
-    tok = AutoTokenizer.from_pretrained(paths.model_dir)
+    tok = AutoTokenizer.from_pretrained(paths.model_dir if where == "model_dir" else qwen2_dir)
     assert (tok.pad_token, tok.pad_token_id) == ("<|endoftext|>", 0)
     assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", 2)
     assert tok.convert_tokens_to_ids("<|im_start|>") == 1

@@ -41,6 +41,11 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 CHAT_SYMBOLS = ("\n", "system", "user", "assistant")
+# Qwen2's pre-tokenizer split (transformers' tokenization_qwen2.PRETOKENIZE_REGEX).
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 SPM_FILE = "tokenizer.model"
 
 
@@ -105,12 +110,17 @@ def train_tokenizer(
 def hf_tokenizer_from_spm(spm_file: str | os.PathLike, *, model_max_length: int = 512):
     """The ``transformers`` tokenizer equivalent to a sentencepiece BPE model.
 
-    BPE merges are rebuilt from the piece order (sentencepiece numbers BPE pieces in
-    merge order); user-defined symbols and the special tokens become added tokens, which
-    are matched before BPE runs, as in sentencepiece.
+    The pieces are stored in the byte-level form of Qwen2's tokenizer (a space is
+    ``Ġ`` rather than sentencepiece's ``▁``) with Qwen2's pre-tokenizer and decoder,
+    because ``AutoTokenizer`` loads the tokenizer of a directory whose ``config.json``
+    says ``qwen2`` as ``Qwen2Tokenizer``, which keeps the vocabulary and merges of
+    ``tokenizer.json`` but installs its own pre-tokenizer: in this form both loaders
+    give sentencepiece's ids. BPE merges are rebuilt from the piece order
+    (sentencepiece numbers BPE pieces in merge order); user-defined symbols and the
+    special tokens become added tokens, matched before BPE runs, as in sentencepiece.
     """
     from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
@@ -125,13 +135,21 @@ def hf_tokenizer_from_spm(spm_file: str | os.PathLike, *, model_max_length: int 
     for i, piece in expected.items():
         if pieces[i] != piece:
             raise ValueError(f"{spm_file}: piece {i} is {pieces[i]!r}, expected {piece!r}")
-    vocab = {p: i for i, p in enumerate(pieces)}
-    # Only normal pieces come from merges (specials and user symbols are added tokens).
-    normal = [p for p, t in zip(pieces, types, strict=True) if t == kinds.NORMAL]
+    # Normal pieces in byte-level form; specials and user symbols stay as they are
+    # (added tokens, matched on the raw text).
+    forms = [_byte_level(p) if t == kinds.NORMAL else p for p, t in zip(pieces, types, strict=True)]
+    vocab = {f: i for i, f in enumerate(forms)}
+    normal = [f for f, t in zip(forms, types, strict=True) if t == kinds.NORMAL]
     merges = _bpe_merges(normal, vocab)
     backend = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=UNK, fuse_unk=True))
-    backend.normalizer = normalizers.Replace(" ", "\u2581")
-    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse()])
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
     specials = [PAD, BOS, EOS, UNK]
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     users = [p for p, t in zip(pieces, types, strict=True) if t == kinds.USER_DEFINED]
@@ -167,3 +185,25 @@ def _bpe_merges(pieces: Sequence[str], vocab: dict[str, int]) -> list[tuple[str,
                 ranked.append((vocab[piece], vocab[left], vocab[right], left, right))
     ranked.sort()
     return [(left, right) for *_, left, right in ranked]
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character table of byte-level BPE (``Ġ`` for a space)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += range(ord("®"), ord("ÿ") + 1)
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_CHARS = _byte_chars()
+
+
+def _byte_level(piece: str) -> str:
+    """A sentencepiece piece (``▁`` for a space) in byte-level form."""
+    return "".join(_BYTE_CHARS[b] for b in piece.replace("\u2581", " ").encode("utf-8"))
