@@ -48,15 +48,17 @@ class BaseModelSettings:
 class WarmStartSettings:
     """Supervised warm start: AdamW on random correct answers of the training sums."""
 
-    max_steps: int = 2000
-    batch_size: int = 128
+    max_steps: int = 1500
+    batch_size: int = 64
     lr: float = 1e-3
+    # Cosine decay from lr to min_lr over max_steps (after the warm-up).
+    min_lr: float = 1e-4
     warmup_steps: int = 50
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     eval_every: int = 100
     # Stop at the first evaluation whose greedy accuracy on the training sums is this high.
-    stop_accuracy: float = 0.35
+    stop_accuracy: float = 0.3
     max_new_tokens: int = 12
     seed: int = 0
 
@@ -199,9 +201,12 @@ def warm_start(
         vocab_size=config.vocab_size,
         optimizer=OptimizerSettings(
             lr=settings.lr,
+            min_lr=settings.min_lr,
             weight_decay=settings.weight_decay,
             clip_grad=settings.clip_grad,
             lr_warmup_steps=settings.warmup_steps,
+            lr_decay_steps=settings.max_steps,
+            lr_decay_style="cosine",
         ),
         config=EngineConfig(micro_batch_size=settings.batch_size),
     )
@@ -234,10 +239,11 @@ def warm_start(
         step += 1
     seconds = time.perf_counter() - start
 
-    save_hf_checkpoint(engine.model, config, model_dir, copy_files_from=model_dir, overwrite=True)
+    # Written next to the tokenizer first, so the export copies it and its checksum.
     if dist.get_rank() == 0:
         _write_generation_config(model_dir, tokenizer)
     dist.barrier()
+    save_hf_checkpoint(engine.model, config, model_dir, copy_files_from=model_dir, overwrite=True)
     final = history[-1]
     return {
         "parameters": params,
