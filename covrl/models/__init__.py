@@ -6,7 +6,6 @@ weight loading and export) and the :class:`PolicyEngine` that runs them."""
 from covrl.models.engine import (
     EngineConfig,
     OptimizerConfig,
-    OptimizerSettings,
     PolicyEngine,
     StepResult,
     TokenOutputs,
@@ -32,7 +31,6 @@ from covrl.models.model import build_model, layer_spec, use_transformer_engine
 __all__ = [
     "EngineConfig",
     "OptimizerConfig",
-    "OptimizerSettings",
     "PolicyEngine",
     "StepResult",
     "TokenOutputs",

@@ -57,10 +57,6 @@ class OptimizerConfig:
     lr_decay_style: str = "constant"  # constant | linear | cosine | inverse-square-root
 
 
-# The earlier name of OptimizerConfig, kept for existing imports.
-OptimizerSettings = OptimizerConfig
-
-
 @dataclass
 class EngineConfig:
     micro_batch_size: int = 1

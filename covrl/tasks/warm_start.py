@@ -183,7 +183,7 @@ def warm_start(
     from megatron.core import parallel_state as ps
 
     from covrl.models import PolicyModelConfig, build_model, save_hf_checkpoint, unwrap_model
-    from covrl.models.engine import EngineConfig, OptimizerSettings, PolicyEngine
+    from covrl.models.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.tasks.tokenizer import load_tokenizer
 
     if ps.get_pipeline_model_parallel_world_size() != 1 or ps.get_data_parallel_world_size() != 1:
@@ -199,7 +199,7 @@ def warm_start(
     engine = PolicyEngine(
         chunks,
         vocab_size=config.vocab_size,
-        optimizer=OptimizerSettings(
+        optimizer=OptimizerConfig(
             lr=settings.lr,
             min_lr=settings.min_lr,
             weight_decay=settings.weight_decay,
