@@ -334,6 +334,15 @@ class RolloutEngine:
                     codes.append(FINISH_REASONS.index(c.finish_reason))
         except Exception as exc:  # noqa: BLE001 - raised on every rank below
             error = f"{type(exc).__name__}: {exc}"
+            if "does not use offset" in str(exc):
+                # vLLM rewinds a seeded sampler after a chunked (partial) prefill, which a
+                # CPU generator cannot do.
+                error += (
+                    " (on CPU every prompt of a generate call must prefill in one scheduler "
+                    "step: raise rollout.engine_kwargs.max_num_batched_tokens to at least "
+                    "the prompt tokens of one call, and rollout.max_num_seqs to at least its "
+                    "number of samples)"
+                )
         # One replica failing must not leave the others waiting in the gather.
         raise_if_any(error, "rollout generation", self.group)
         rows = gather_replica_rows(
