@@ -22,9 +22,11 @@ connection, independent of the process groups, so it works the same on gloo and 
   watchdog thread times the heartbeat's requests, which have no timeout of their own)
   is fatal as well.
 
-When the store is lost under torchrun, the worker also SIGKILLs its agent: the agent's
-own store requests have no reply timeout either, and with a frozen store host it would
-stay blocked after its workers exited (measured: > 100 s, ``read_timeout`` or not).
+When the job is lost (a dead peer, an abort, a lost store) under torchrun, the worker
+also SIGKILLs its agent: the agents' rendezvous store is hosted by one of the agents,
+not necessarily on this rank's node, and its requests have no reply timeout, so with a
+frozen store host the agent would stay blocked after its workers exited (measured:
+> 100 s, ``read_timeout`` or not).
 
 Store traffic is three small requests per rank per interval, independent of the world
 size. The heartbeat is a Python thread: a rank whose main thread holds the GIL for
@@ -102,9 +104,9 @@ def _kill_descendants() -> None:
 
 
 def _kill_torchrun_agent() -> None:
-    """SIGKILL this worker's torchrun agent (its parent). Used when the rendezvous store
-    is lost: the agent's own store requests have no reply timeout either, so with a
-    frozen store host it would block for good after its workers exit."""
+    """SIGKILL this worker's torchrun agent (its parent). Used when the job is lost: the
+    agent's rendezvous store may live on the dead or frozen node, and its requests have
+    no reply timeout, so the agent would block for good after its workers exit."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return
     try:
@@ -118,9 +120,9 @@ def _kill_torchrun_agent() -> None:
         pass
 
 
-def exit_now(message: str, code: int = PEER_LOST_EXIT_CODE, *, store_lost: bool = False) -> None:
+def exit_now(message: str, code: int = PEER_LOST_EXIT_CODE, *, kill_agent: bool = True) -> None:
     """Print ``message`` as one line on stderr, kill this rank's child processes (and,
-    with ``store_lost``, its torchrun agent) and exit at once with ``code`` (no cleanup
+    with ``kill_agent``, its torchrun agent) and exit at once with ``code`` (no cleanup
     handlers: the main thread may be blocked)."""
     rank = os.environ.get("RANK", "0")
     try:
@@ -129,7 +131,7 @@ def exit_now(message: str, code: int = PEER_LOST_EXIT_CODE, *, store_lost: bool 
     except Exception:  # noqa: BLE001 - a closed stderr must not keep us alive
         pass
     _kill_descendants()
-    if store_lost:
+    if kill_agent:
         _kill_torchrun_agent()
     os._exit(code)
 
@@ -199,11 +201,11 @@ class LivenessMonitor:
         """Make every rank exit with ``reason`` (this one included, within an interval)."""
         self._connected.wait(timeout=self.config.dead_after_s)
         if self._store is None:
-            exit_now(reason, 1)
+            exit_now(reason, 1, kill_agent=False)
         try:
             self._store.set(_ABORT_KEY, f"rank {self.rank}: {reason}")
         except Exception:  # noqa: BLE001 - no store: at least this rank goes
-            exit_now(reason, 1)
+            exit_now(reason, 1, kill_agent=False)
 
     # ------------------------------------------------------------------ thread
     def _connect(self) -> dist.Store:
@@ -279,7 +281,6 @@ class LivenessMonitor:
                 exit_now(
                     f"lost the rendezvous store at {self.host}:{self.port} "
                     f"({type(exc).__name__}: {exc})",
-                    store_lost=True,
                 )
             self._progress = time.monotonic()
             self._stop.wait(cfg.interval_s)
@@ -300,7 +301,6 @@ class LivenessMonitor:
                 exit_now(
                     f"lost the rendezvous store at {self.host}:{self.port} (no reply for "
                     f"{stalled:.0f} s)",
-                    store_lost=True,
                 )
 
     def _declare_dead(self, store: dist.Store, reason: str) -> None:
@@ -371,7 +371,7 @@ def abort(reason: str) -> None:
     failed where its peers may be waiting in a collective). Without a monitor (single
     process or liveness off) this process exits with code 1."""
     if _monitor is None:
-        exit_now(reason, 1)
+        exit_now(reason, 1, kill_agent=False)
     _monitor.abort(reason)
 
 
