@@ -83,6 +83,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from covrl.models.hf_config import PolicyModelConfig
 from covrl.models.hf_weights import unwrap_model
+from covrl.parallel import get_device
 from covrl.utils import checksums
 from covrl.utils.atomic_io import (
     describe_write_error,
@@ -504,9 +505,7 @@ def _check_free_space(root: Path, final: Path, state: dict[str, Any]) -> None:
     checkpoint (collective)."""
     # On the device the default group's backend wants (NCCL: CUDA); float64 is exact
     # far beyond any checkpoint size.
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    need = torch.tensor([_bytes_to_write(state)], dtype=torch.float64, device=device)
+    need = torch.tensor([_bytes_to_write(state)], dtype=torch.float64, device=get_device())
     dist.all_reduce(need)
     status = None
     if dist.get_rank() == 0:
