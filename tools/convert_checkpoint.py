@@ -253,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as exc:  # CheckpointError is a RuntimeError
         rank = f"[rank {os.environ['RANK']}] " if _world_size() > 1 else ""
         message = " ".join(str(exc).split())  # one line
-        print(f"convert_checkpoint.py {args.command}: error: {rank}{message}", file=sys.stderr)
+        # One write with its newline: ranks share the stream, and print's separate
+        # write of the end would let another rank's line land in between.
+        sys.stderr.write(f"convert_checkpoint.py {args.command}: error: {rank}{message}\n")
+        sys.stderr.flush()
         return 1
     finally:
         if torch.distributed.is_initialized():  # (importing megatron-core costs seconds)
