@@ -431,10 +431,13 @@ def _files_of_rank(tmp: Path, rank: int) -> list[str]:
     return mine
 
 
-def _write_checksums(tmp: Path) -> str | None:
-    """Every rank hashes its own files, rank 0 writes the manifest (collective).
-    Returns an error message (on rank 0, for any rank's failure) or None."""
+def _write_checksums(tmp: Path, *, rng: bool = False) -> str | None:
+    """Every rank writes its RNG states (``rng``) and hashes its own files, rank 0
+    writes the manifest (collective). Returns an error message (on rank 0, for any
+    rank's failure) or None."""
     try:
+        if rng:
+            _save_rng(tmp)
         local: dict[str, Any] | str = checksums.digests(tmp, _files_of_rank(tmp, dist.get_rank()))
     except OSError as exc:
         local = describe_write_error(exc, tmp)
@@ -713,15 +716,15 @@ def save_checkpoint(
             _remove_quietly(tmp)
         raise
     try:
-        if rng:
-            _save_rng(tmp)
         with _writer_processes_die_with_rank():
             dist_checkpointing.save(state, os.fspath(tmp))  # ends with a barrier
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - see _save_failed
         if dist.get_rank() == 0:
             _remove_quietly(tmp)
         raise _save_failed(final, root, exc) from exc
-    status = _write_checksums(tmp)
+    # The RNG files go in after megatron's save: it takes a non-empty directory for an
+    # interrupted earlier save ("Overwriting old incomplete / corrupted checkpoint").
+    status = _write_checksums(tmp, rng=rng)
     if status is not None:
         status = f"saving checkpoint {final} failed: {status}"
         _remove_quietly(tmp)  # (rank 0)
