@@ -35,6 +35,10 @@ class RolloutConfig:
     # buckets of about this many MiB (a larger tensor is a bucket of its own).
     sync_bucket_mb: float = 512.0
     seed: int = 0  # vLLM's engine seed; per-sample seeds come from generate(seed=)
+    # Level of vLLM's loggers while covrl drives the engine. vLLM logs INFO lines on
+    # start-up and on every weight reload, which bury the trainer's progress; "INFO"
+    # shows them again.
+    log_level: str = "WARNING"
     # Extra keyword arguments for ``vllm.LLM`` (expert settings).
     engine_kwargs: dict = field(default_factory=dict)
 
@@ -44,6 +48,11 @@ class RolloutConfig:
             raise ValueError(
                 f"rollout.tensor_parallel_size={r} must be >= 1 and divide the world size "
                 f"{world_size}"
+            )
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(
+                f"rollout.log_level={self.log_level!r}: expected DEBUG, INFO, WARNING, "
+                "ERROR or CRITICAL"
             )
         if self.sync_bucket_mb <= 0:
             raise ValueError(f"rollout.sync_bucket_mb={self.sync_bucket_mb} must be > 0")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import random
 import time
@@ -212,6 +213,22 @@ def check_model(hf_model_dir: str | os.PathLike, config: RolloutConfig) -> str |
     return None
 
 
+class _DropRotaryReloadWarning(logging.Filter):
+    """vLLM warns "RotaryEmbedding: Failed to load weights" on every in-place reload:
+    the rotary cos/sin cache is computed from the config, never a checkpoint tensor, so
+    a sync that leaves it alone is correct and the line is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+
+
+def _quiet_vllm(level: str) -> None:
+    logging.getLogger("vllm").setLevel(level.upper())
+    reload_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _DropRotaryReloadWarning) for f in reload_logger.filters):
+        reload_logger.addFilter(_DropRotaryReloadWarning())
+
+
 class RolloutEngine:
     """A vLLM engine on every rank of the world, fed with the trained weights.
 
@@ -255,6 +272,7 @@ class RolloutEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine
         from vllm import LLM
 
+        _quiet_vllm(config.log_level)
         on_cpu = not torch.cuda.is_available()
         utilization = config.gpu_memory_utilization or (0.1 if on_cpu else 0.5)
         eager = config.enforce_eager if config.enforce_eager is not None else on_cpu
