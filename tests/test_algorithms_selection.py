@@ -442,3 +442,24 @@ def test_a_forgotten_group_is_refused():
         prepare_selection(selection_batches(mbs), _cfg("kl_cov"), step=0, group=None)
     with pytest.raises(TypeError, match="group=None is ambiguous"):
         global_loss_count([mb["mask"] for mb in mbs], "token-mean", None)
+
+
+@pytest.mark.parametrize("method", ["kl_cov", "clip_cov"])
+def test_selected_token_location_metrics(method):
+    """Fraction of selected tokens with an above-mean advantage and their mean probability,
+    recomputed in float64 from the returned masks and the raw samples."""
+    samples = make_samples("continuous", seed=3)
+    mbs = split(samples, 1, 0, 3, 7)
+    res = prepare_selection(selection_batches(mbs), _cfg(method, 0.2), step=5, group=SINGLE_PROCESS)
+    valid_adv = torch.cat([mb["adv"][mb["mask"].bool()] for mb in mbs]).double()
+    valid_logp = torch.cat([mb["logp"][mb["mask"].bool()] for mb in mbs]).double()
+    sel_adv = torch.cat([mb["adv"][m] for mb, m in zip(mbs, res.masks, strict=True)]).double()
+    sel_logp = torch.cat([mb["logp"][m] for mb, m in zip(mbs, res.masks, strict=True)]).double()
+    assert len(sel_adv) > 0
+    m = res.metrics
+    assert m["entropy_control/selected_tokens"] == len(sel_adv)
+    assert m["entropy_control/selected_positive_adv_fraction"] == pytest.approx(
+        (sel_adv > valid_adv.mean()).double().mean().item(), abs=1e-12
+    )
+    assert m["entropy_control/selected_prob_mean"] == pytest.approx(sel_logp.exp().mean().item(), rel=1e-9)
+    assert m["entropy_control/prob_mean"] == pytest.approx(valid_logp.exp().mean().item(), rel=1e-9)

@@ -108,3 +108,23 @@ def test_resume_none_sets_an_earlier_run_aside(tmp_path):
     assert not (tmp_path / "checkpoints").exists() and (tmp_path / "config.yaml").is_file()
     _set_aside_previous_run(tmp_path)  # nothing left to move
     assert len(list(tmp_path.glob("previous-*"))) == 1
+
+
+def test_update_metrics_average_over_the_updates_that_report_them():
+    from covrl.training.steps import _update_metrics
+    from covrl.training.update import UpdateResult
+
+    def result(loss, **metrics):
+        return UpdateResult(loss=loss, grad_norm=1.0, lr=1e-4, update_successful=True,
+                            metrics=metrics, selected=None)  # fmt: skip
+
+    out = _update_metrics([
+        result(1.0, **{"entropy_control/selected_tokens": 0.0, "cov/top_2%": 3.0}),
+        result(3.0, **{"entropy_control/selected_tokens": 4.0, "cov/top_2%": 5.0,
+                       "entropy_control/selected_prob_mean": 0.25}),
+    ])  # fmt: skip
+    assert out["train/loss"] == 2.0 and out["cov/top_2%"] == 4.0
+    assert out["cov/selected_tokens"] == 2.0
+    # Only the second update selected anything: its value, not half of it.
+    assert out["cov/selected_prob_mean"] == 0.25
+    assert out["train/updates"] == 2.0

@@ -380,6 +380,21 @@ class _LocalTokens:
         if filled or start == 0:
             yield _Block(start, filled, pieces or [(self._fields[0], 0, 0)])
 
+    def selected_sums(self, selected: torch.Tensor, mean_adv: torch.Tensor) -> torch.Tensor:
+        """Local float64 ``[#selected with A > mean A, sum of their p, sum of p over
+        every valid token]`` (``p = exp(logp)``, the covariance's log-prob)."""
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        start = 0
+        for fields in self._fields:
+            n = fields["mask"].numel()
+            sel = selected[start : start + n]
+            start += n
+            prob = fields["cov_logp"].double().exp()
+            sums[0] += (fields["advantages"][sel].double() > mean_adv).sum()
+            sums[1] += prob[sel].sum()
+            sums[2] += prob[fields["mask"]].sum()
+        return sums
+
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """``[n]`` -> one view per micro-batch, in its ``[b, s]`` layout."""
         parts = flat.split([s.numel() for s in self.shapes])
@@ -700,12 +715,25 @@ def prepare_selection(
             selected, n_cand = _select_in_scope(tokens, means, config, step, group, summary)
         else:
             selected, n_cand = _select_per_microbatch(batches, config, step, use_current)
-        counts = torch.stack([selected.sum(), n_cand])
-        all_reduce(counts, group)
-        n_sel, n_cand = counts.tolist()
+        # Where the selected tokens sit: how many carry an above-mean advantage (the
+        # confident, rewarded tokens whose updates lower the entropy), and their mean
+        # probability next to the scope's.
+        stats = torch.cat(
+            [
+                torch.stack([selected.sum(), n_cand]).double(),
+                tokens.selected_sums(selected, means.mean_adv),
+            ]
+        )
+        all_reduce(stats, group)
+        n_sel, n_cand, n_pos, p_sel, p_all = stats.tolist()
+        n_sel, n_cand = int(n_sel), int(n_cand)
         out_masks = tokens.split(selected)
         metrics["entropy_control/selected_tokens"] = float(n_sel)
         metrics["entropy_control/selected_fraction"] = n_sel / max(num_tokens, 1)
+        if n_sel:
+            metrics["entropy_control/selected_positive_adv_fraction"] = n_pos / n_sel
+            metrics["entropy_control/selected_prob_mean"] = p_sel / n_sel
+        metrics["entropy_control/prob_mean"] = p_all / max(num_tokens, 1)
         if ec.method == "clip_cov":
             metrics["entropy_control/candidates"] = float(n_cand)
 

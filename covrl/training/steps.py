@@ -128,8 +128,10 @@ def old_logprobs(
 
 # ---------------------------------------------------------------------------- update
 def _update_metrics(results: list[UpdateResult]) -> dict[str, float]:
-    """Means over the step's optimizer updates; entropy-control metrics under ``cov/``."""
+    """Means over the step's optimizer updates (over those that report a metric: some
+    exist only when tokens were selected); entropy-control metrics under ``cov/``."""
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     for r in results:
         row = {"loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr}
         row.update(r.metrics)
@@ -141,7 +143,8 @@ def _update_metrics(results: list[UpdateResult]) -> dict[str, float]:
             else:
                 tag = f"train/{key}"
             sums[tag] = sums.get(tag, 0.0) + float(value)
-    out = {k: v / len(results) for k, v in sums.items()}
+            counts[tag] = counts.get(tag, 0) + 1
+    out = {k: v / counts[k] for k, v in sums.items()}
     out["train/updates"] = float(len(results))
     out["train/skipped_updates"] = float(sum(not r.update_successful for r in results))
     return out
