@@ -15,9 +15,13 @@ BUILD_ARGS ?=
 TRAIN_CONFIG ?= examples/tiny_kl_cov.yaml
 TRAIN_RUN_DIR ?= outputs/tiny_kl_cov
 TRAIN_ARGS ?=
+# `make reproduce` (docs/reproduce.md): GRPO, clip-higher, Clip-Cov and KL-Cov x 2 seeds plus
+# the KL-Cov sweep and the paper's settings on the tiny task, two one-process runs at a
+# time, then the report. REPRODUCE_ARGS takes options of tools/reproduce.py (--steps 40).
+REPRODUCE_ARGS ?=
 TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2
 
-.PHONY: test install clean-venv train
+.PHONY: test install clean-venv train reproduce
 
 install: $(STAMP)
 
@@ -44,6 +48,10 @@ train: $(STAMP)
 		data.val_files=[$(TINY_ROOT)/data/validation.parquet] \
 		trainer.run_dir=$(TRAIN_RUN_DIR) $(TRAIN_ARGS)
 	$(PY) tools/train_summary.py $(TRAIN_RUN_DIR) --build $(TINY_ROOT)/build.json
+
+reproduce: $(STAMP)
+	$(PY) tools/build_tiny_task.py --root $(TINY_ROOT) $(BUILD_ARGS)
+	$(PY) tools/reproduce.py --root $(TINY_ROOT) $(REPRODUCE_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -21,7 +21,7 @@ DEFAULT_DPI = 100
 COV_PREFIX = "cov/"
 
 
-def _figure(size: tuple[float, float], dpi: int, nrows: int = 1, sharex: bool = False):
+def new_figure(size: tuple[float, float], dpi: int, nrows: int = 1, sharex: bool = False):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=size, dpi=dpi, layout="constrained")
@@ -29,7 +29,7 @@ def _figure(size: tuple[float, float], dpi: int, nrows: int = 1, sharex: bool = 
     return fig, axes
 
 
-def _save(fig, path: str | os.PathLike, dpi: int) -> str:
+def save_figure(fig, path: str | os.PathLike, dpi: int) -> str:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=dpi, format="png")
@@ -46,7 +46,7 @@ def plot_fit(
     """R against H: the points (fitted / held out), the fitted curve down to H = 0, and the
     ceiling ``b - a`` with its standard-error band."""
     f = an.fit
-    fig, (ax,) = _figure(size, dpi)
+    fig, (ax,) = new_figure(size, dpi)
     h_max = max(float(an.entropy.max()), an.current_entropy) * 1.08
     grid = np.linspace(0.0, h_max, 200)
     ax.plot(grid, f.predict(grid), color="C0", lw=2, label=f"fit: R = {f.b:.3g} − {f.a:.3g}·exp(H)")
@@ -112,7 +112,7 @@ def plot_fit(
     ax.set_title(f"{an.run.name}: R = −a·exp(H) + b")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, borderaxespad=0.0)
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 def plot_runs(
@@ -125,7 +125,7 @@ def plot_runs(
     dpi: int = DEFAULT_DPI,
 ) -> str:
     """Entropy (top) and accuracy (bottom) against step, one colour per run."""
-    fig, (ax_h, ax_r) = _figure(size, dpi, nrows=2, sharex=True)
+    fig, (ax_h, ax_r) = new_figure(size, dpi, nrows=2, sharex=True)
     for i, run in enumerate(runs):
         h, r = run.series(tags.entropy), run.series(tags.accuracy)
         ax_h.plot(h.steps, h.values, color=f"C{i}", lw=1.5, label=run.name)
@@ -139,7 +139,7 @@ def plot_runs(
     for ax in (ax_h, ax_r):
         ax.grid(alpha=0.3)
     ax_h.legend(loc="best", fontsize=8)
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 def _top_fraction(tag: str) -> float | None:
@@ -185,7 +185,7 @@ def plot_covariance(
     if not quantiles and not others:
         return None
     panels = [p for p in (quantiles, others) if p]
-    fig, axes = _figure(size, dpi, nrows=len(panels), sharex=True)
+    fig, axes = new_figure(size, dpi, nrows=len(panels), sharex=True)
     for ax, group in zip(axes, panels, strict=True):
         for i, tag in enumerate(group):
             s = run.series(tag)
@@ -196,4 +196,4 @@ def plot_covariance(
         ax.legend(loc="best", fontsize=8, ncol=2)
     axes[0].set_title(f"{run.name}: token covariance Cov(log π, A) over training")
     axes[-1].set_xlabel("step")
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)

@@ -56,9 +56,9 @@ class WarmStartSettings:
     warmup_steps: int = 50
     weight_decay: float = 0.0
     clip_grad: float = 1.0
-    eval_every: int = 100
+    eval_every: int = 25
     # Stop at the first evaluation whose greedy accuracy on the training sums is this high.
-    stop_accuracy: float = 0.3
+    stop_accuracy: float = 0.45
     max_new_tokens: int = 12
     seed: int = 0
 

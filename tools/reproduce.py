@@ -1,0 +1,133 @@
+"""Reproduce the paper's entropy effects on the built-in tiny task (``make reproduce``).
+
+Usage::
+
+    python tools/reproduce.py [--steps 80] [--seeds 1,2] [--jobs 2] [--out outputs/reproduce]
+                              [--report docs/reproduce.md] [--report-only] [--dry-run]
+
+Runs GRPO, GRPO + clip-higher, Clip-Cov and KL-Cov for each seed, a KL-Cov (k, beta)
+sweep and the paper's own Clip-Cov / KL-Cov settings (``covrl.tasks.reproduce``), each a
+``covrl.training.cli`` job with one process, two at a time; then writes the report
+(markdown and PNGs) from the runs' metrics. Runs that already finished with the same
+command are kept, so running it again only redoes what is missing. The task assets must
+exist (``python tools/build_tiny_task.py`` or ``make train`` builds them).
+
+Errors are reported as one line on stderr with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from covrl.tasks.reproduce import ReproduceError, default_plan, run_plan
+from covrl.tasks.tiny import DEFAULT_ROOT
+
+CONFIG = "examples/tiny_kl_cov.yaml"
+
+
+def shared_overrides(root: Path, steps: int, val_k: int, test_freq: int) -> list[str]:
+    """Overrides every run shares: the task assets, one process, the run length,
+    validation every ``test_freq`` steps and the entropy-change measurement every 4th step."""
+    return [
+        f"policy.model_path={root / 'model'}",
+        f"data.train_files=[{root / 'data' / 'train.parquet'}]",
+        f"data.val_files=[{root / 'data' / 'validation.parquet'}]",
+        "policy.tp=1",
+        f"trainer.total_steps={steps}",
+        "trainer.export_hf=false",
+        "trainer.save_freq=0",
+        "trainer.entropy_change_freq=4",
+        f"validation.test_freq={test_freq}",
+        f"validation.k={val_k}",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", default=DEFAULT_ROOT, help=f"task assets ({DEFAULT_ROOT})")
+    p.add_argument("--out", default="outputs/reproduce", help="run directories (outputs/reproduce)")
+    p.add_argument("--report", default="docs/reproduce.md", help="markdown report; PNGs go "
+                   "into the folder of the same name (docs/reproduce.md)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=80, help="RL steps per run (80)")
+    p.add_argument("--seeds", default="1,2", help="comma-separated seeds (1,2)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one core each (2)")
+    p.add_argument("--val-k", type=int, default=8, help="validation samples per prompt (8)")
+    p.add_argument("--test-freq", type=int, default=5, help="validate every N steps (5)")
+    p.add_argument("--no-sweep", action="store_true", help="skip the KL-Cov (k, beta) sweep")
+    p.add_argument("--no-paper", action="store_true", help="skip the paper-settings runs")
+    p.add_argument("--force", action="store_true", help="re-run finished runs too")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the report")
+    p.add_argument("--dry-run", action="store_true", help="print the runs and exit")
+    args = p.parse_args(argv)
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        print(f"reproduce: --seeds must be comma-separated integers, got {args.seeds!r}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    root = Path(args.root)
+    specs = default_plan(seeds, sweep=not args.no_sweep, paper=not args.no_paper)
+    shared = shared_overrides(root, args.steps, args.val_k, args.test_freq)
+    if args.dry_run:
+        print(f"{len(specs)} runs of {args.steps} steps, {args.jobs} at a time, into {args.out}:")
+        for s in specs:
+            print(f"  {s.name:28s} {s.label:20s} seed {s.seed}  {' '.join(s.overrides)}")
+        print("shared overrides: " + " ".join(shared))
+        return 0
+    if not (root / "model" / "config.json").is_file():
+        print(f"reproduce: no base model in {root / 'model'}; build the task first with "
+              f"`python tools/build_tiny_task.py --root {root}` (or `make train`)", file=sys.stderr)  # fmt: skip
+        return 1
+
+    from covrl.tasks.reproduce_report import ReportInputs, write_report
+
+    out = Path(args.out)
+    wall = None
+    if not args.report_only:
+        print(f"reproduce: {len(specs)} runs of {args.steps} steps, {args.jobs} at a time; "
+              f"logs in {out}/<run>.log", flush=True)  # fmt: skip
+        start = time.perf_counter()
+        try:
+            made = run_plan(specs, out=out, config=CONFIG, shared=shared, total_steps=args.steps,
+                     jobs=args.jobs, force=args.force, log=lambda m: print(m, flush=True))  # fmt: skip
+        except ReproduceError as exc:
+            print(f"reproduce: {exc}", file=sys.stderr)
+            return 1
+        if made:  # the wall time of the call that ran the runs, kept for later reports
+            wall = time.perf_counter() - start
+            (out / "wall.json").write_text(json.dumps({"seconds": wall, "runs": len(made)}) + "\n")
+    if wall is None and (out / "wall.json").is_file():
+        wall = json.loads((out / "wall.json").read_text())["seconds"]
+    seconds = {}
+    for s in specs:
+        record = out / s.name / "reproduce.json"
+        if not record.is_file():
+            print(f"reproduce: run {s.name} has not finished ({record} is missing); run "
+                  "without --report-only", file=sys.stderr)  # fmt: skip
+            return 1
+        seconds[s.name] = json.loads(record.read_text()).get("seconds")
+    build_path = root / "build.json"
+    build = json.loads(build_path.read_text()) if build_path.is_file() else None
+    # Under make (MAKELEVEL is set) the report names the make target a user types.
+    given = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "make reproduce" if "MAKELEVEL" in os.environ else f"python tools/reproduce.py {given}"
+    inputs = ReportInputs(specs=specs, out_dir=out, total_steps=args.steps, val_k=args.val_k,
+                          command=command, seconds=seconds, wall_seconds=wall, build=build)  # fmt: skip
+    try:
+        write_report(inputs, args.report)
+    except ValueError as exc:
+        print(f"reproduce: cannot write the report: {exc}", file=sys.stderr)
+        return 1
+    print(f"report: {args.report} (figures in {Path(args.report).with_suffix('')}/)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
