@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-freq", type=int, default=5, help="validate every N steps (5)")
     p.add_argument("--no-sweep", action="store_true", help="skip the KL-Cov (k, beta) sweep")
     p.add_argument("--no-paper", action="store_true", help="skip the paper-settings runs")
-    p.add_argument("--force", action="store_true", help="re-run finished runs too")
+    p.add_argument("--force", action="store_true", help="re-run finished runs too (a run is "
+                   "kept when its command line is unchanged: pass this after editing the YAML)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report")
     p.add_argument("--dry-run", action="store_true", help="print the runs and exit")
     args = p.parse_args(argv)
