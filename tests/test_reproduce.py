@@ -164,7 +164,7 @@ def test_report_numbers_match_independent_computations(tmp_path):
                                       acc_scale=0.9 if s.method == "kl_cov" else 1.0)  # fmt: skip
     inputs = ReportInputs(specs=specs, out_dir=tmp_path / "runs", total_steps=T, val_k=8,
                           command="make reproduce", seconds={s.name: 60.0 for s in specs},
-                          wall_seconds=600.0, build=None)  # fmt: skip
+                          wall=(600.0, 12), build=None)  # fmt: skip
     md = tmp_path / "docs" / "reproduce.md"
     text = write_report(inputs, md)
     assert md.read_text() == text
@@ -235,6 +235,6 @@ def test_report_needs_grpo(tmp_path):
     for s in specs:
         _synthetic_run(tmp_path / s.name, 0.1, seed=0)
     inputs = ReportInputs(specs=specs, out_dir=tmp_path, total_steps=T, val_k=8, command="x",
-                          seconds={}, wall_seconds=None, build=None)  # fmt: skip
+                          seconds={}, wall=None, build=None)  # fmt: skip
     with pytest.raises(ValueError, match="no GRPO run"):
         write_report(inputs, tmp_path / "r.md")

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reproduce: {len(specs)} runs of {args.steps} steps, {args.jobs} at a time; "
               f"logs in {out}/<run>.log", flush=True)  # fmt: skip
         start = time.perf_counter()
+        # SIGTERM (kill, a scheduler's time limit) unwinds like Ctrl-C, so the runner's
+        # clean-up stops the runs it started instead of leaving them orphaned.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         try:
             made = run_plan(specs, out=out, config=CONFIG, shared=shared, total_steps=args.steps,
                      jobs=args.jobs, force=args.force, log=lambda m: print(m, flush=True))  # fmt: skip
@@ -104,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         if made:  # the wall time of the call that ran the runs, kept for later reports
             wall = time.perf_counter() - start
             (out / "wall.json").write_text(json.dumps({"seconds": wall, "runs": len(made)}) + "\n")
+            wall = (wall, len(made))
     if wall is None and (out / "wall.json").is_file():
-        wall = json.loads((out / "wall.json").read_text())["seconds"]
+        record = json.loads((out / "wall.json").read_text())
+        wall = (record["seconds"], record["runs"])
     seconds = {}
     for s in specs:
         record = out / s.name / "reproduce.json"
@@ -120,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     given = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     command = "make reproduce" if "MAKELEVEL" in os.environ else f"python tools/reproduce.py {given}"
     inputs = ReportInputs(specs=specs, out_dir=out, total_steps=args.steps, val_k=args.val_k,
-                          command=command, seconds=seconds, wall_seconds=wall, build=build)  # fmt: skip
+                          command=command, seconds=seconds, wall=wall, build=build)  # fmt: skip
     try:
         write_report(inputs, args.report)
     except ValueError as exc:

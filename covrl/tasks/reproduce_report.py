@@ -72,7 +72,7 @@ class ReportInputs:
     val_k: int
     command: str
     seconds: dict[str, float]  # per run, from the runner (reproduce.json)
-    wall_seconds: float | None
+    wall: tuple[float, int] | None  # (seconds, runs) of the last call that ran runs
     build: dict | None  # build.json of the task assets
 
 
@@ -316,8 +316,8 @@ def write_report(
         "([the tiny task](tiny_task.md)). The paper's own KL-Cov k = "
         f"{PAPER['kl_cov_ratio']:g}, β = {PAPER['kl_cov_beta']:g} is run too.")  # fmt: skip
     add(f"- Command: `{inputs.command}`" + (
-        f"; {inputs.wall_seconds / 60:.1f} min of wall time for the runs (two at a time)."
-        if inputs.wall_seconds else "."))  # fmt: skip
+        f"; its last call ran {inputs.wall[1]} of the runs in {inputs.wall[0] / 60:.1f} min "
+        "of wall time, two at a time." if inputs.wall else "."))  # fmt: skip
     add(f"- Definitions: GRPO's *plateau* is the last quarter of the steps (steps "
         f"{plateau_start(T)}..{T}); entropy *at the plateau* is a run's mean rollout entropy "
         f"over those steps; *final accuracy* is the mean of the last {FINAL_EVALS} "
