@@ -223,6 +223,9 @@ class _DropRotaryReloadWarning(logging.Filter):
 
 
 def _quiet_vllm(level: str) -> None:
+    # vLLM (re)configures its loggers from VLLM_LOGGING_LEVEL when an engine starts, so
+    # the variable is what sticks; the logger level covers an engine already started.
+    os.environ["VLLM_LOGGING_LEVEL"] = level.upper()
     logging.getLogger("vllm").setLevel(level.upper())
     reload_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
     if not any(isinstance(f, _DropRotaryReloadWarning) for f in reload_logger.filters):
@@ -299,6 +302,7 @@ class RolloutEngine:
             _job_unique_cpu_shm_names()
         with preserved_rng_state():
             self.llm = LLM(**kwargs)
+        _quiet_vllm(config.log_level)
         if on_cpu:
             _unlink_cpu_shm_names(self.group)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
