@@ -190,7 +190,11 @@ class TrainerConfig:
     every that many steps, measure the entropy change of the update phase next to the
     covariance prediction (one more log-prob pass; 0: off). Timeouts: process-group
     set-up, one collective, and how long a silent rank may be before every process
-    exits (:class:`covrl.parallel.DistributedTimeouts`).
+    exits (:class:`covrl.parallel.DistributedTimeouts`). They are longer than that
+    class's library defaults (45 s / 600 s / 20 s) on purpose: an RL job loads the
+    policy and starts vLLM during set-up, one rank may write an export or validate
+    alone for many minutes, and a long CPU-bound phase (reward workers starting,
+    tokenisation) can keep the heartbeat thread waiting for the GIL.
     """
 
     run_dir: str = MISSING
