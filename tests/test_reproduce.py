@@ -219,6 +219,7 @@ def test_report_numbers_match_independent_computations(tmp_path):
     assert re.search(r"\| KL-Cov keeps at least 10x .*\| yes \|", text)
     assert re.search(r"\| KL-Cov's final accuracy within 2 points .*\| \*\*no\*\* \|", text)
     assert "| two seeds per method | 2 | yes |" in text
+    assert re.search(r"\*\*Not reproduced in these 40-step runs:\*\* .*KL-Cov's final accuracy", text)
     # Table 1 row and the figures.
     assert _table_row(text, "grpo_s1")[1:7] == ["7.000", "6.000", "3.000", "1.200", "0.700", "0.090"]
     from PIL import Image

@@ -452,6 +452,12 @@ def write_report(
     for goal, measured, ok in checks:
         add(f"| {goal} | {measured} | {'yes' if ok else '**no**'} |")
     add("")
+    missed = [f"{goal} (measured: {measured})" for goal, measured, ok in checks if not ok]
+    if missed:
+        add(f"**Not reproduced in these {T}-step runs:** " + "; ".join(missed) + ".")
+    else:
+        add(f"Every goal is met in these {T}-step runs.")
+    add("")
 
     add("## Runs")
     add("")
