@@ -251,6 +251,9 @@ def warm_start(
         "sft_seconds": round(seconds, 2),
         "train_accuracy": final["train_accuracy"],
         "val_accuracy": final["val_accuracy"],
+        # The weights are bit-identical between builds with the same thread count only:
+        # the summation order of the CPU kernels follows it.
+        "torch_threads": torch.get_num_threads(),
         "history": history,
     }
 
