@@ -461,5 +461,7 @@ def test_selected_token_location_metrics(method):
     assert m["entropy_control/selected_positive_adv_fraction"] == pytest.approx(
         (sel_adv > valid_adv.mean()).double().mean().item(), abs=1e-12
     )
-    assert m["entropy_control/selected_prob_mean"] == pytest.approx(sel_logp.exp().mean().item(), rel=1e-9)
+    assert m["entropy_control/selected_prob_mean"] == pytest.approx(
+        sel_logp.exp().mean().item(), rel=1e-9
+    )
     assert m["entropy_control/prob_mean"] == pytest.approx(valid_logp.exp().mean().item(), rel=1e-9)

@@ -50,9 +50,15 @@ def test_every_run_of_the_plan_is_a_valid_config_with_its_method():
         else:
             assert ec.method == "kl_cov" and ec.kl_cov.ppo_clip and loss.clip_range == (0.2, 0.2)
             if spec.group == "paper":
-                assert (ec.kl_cov.ratio, ec.kl_cov.beta) == (PAPER["kl_cov_ratio"], PAPER["kl_cov_beta"])
+                assert (ec.kl_cov.ratio, ec.kl_cov.beta) == (
+                    PAPER["kl_cov_ratio"],
+                    PAPER["kl_cov_beta"],
+                )
             elif spec.group == "main":
-                assert (ec.kl_cov.ratio, ec.kl_cov.beta) == (RECIPE["kl_cov_ratio"], RECIPE["kl_cov_beta"])
+                assert (ec.kl_cov.ratio, ec.kl_cov.beta) == (
+                    RECIPE["kl_cov_ratio"],
+                    RECIPE["kl_cov_beta"],
+                )
     main = [s for s in specs if s.group == "main"]
     assert sorted((s.method, s.seed) for s in main) == sorted(
         (m, seed) for m in ("grpo", "clip_higher", "clip_cov", "kl_cov") for seed in (1, 2)
@@ -84,7 +90,13 @@ sys.exit(3 if fail else 0)
 
 def _fake_command(fail_names):
     def command(spec, config, shared, run_dir):
-        return [sys.executable, "-c", FAKE_RUN, str(run_dir), "1" if spec.name in fail_names else "0"]
+        return [
+            sys.executable,
+            "-c",
+            FAKE_RUN,
+            str(run_dir),
+            "1" if spec.name in fail_names else "0",
+        ]
 
     return command
 
@@ -219,9 +231,18 @@ def test_report_numbers_match_independent_computations(tmp_path):
     assert re.search(r"\| KL-Cov keeps at least 10x .*\| yes \|", text)
     assert re.search(r"\| KL-Cov's final accuracy within 2 points .*\| \*\*no\*\* \|", text)
     assert "| two seeds per method | 2 | yes |" in text
-    assert re.search(r"\*\*Not reproduced in these 40-step runs:\*\* .*KL-Cov's final accuracy", text)
+    assert re.search(
+        r"\*\*Not reproduced in these 40-step runs:\*\* .*KL-Cov's final accuracy", text
+    )
     # Table 1 row and the figures.
-    assert _table_row(text, "grpo_s1")[1:7] == ["7.000", "6.000", "3.000", "1.200", "0.700", "0.090"]
+    assert _table_row(text, "grpo_s1")[1:7] == [
+        "7.000",
+        "6.000",
+        "3.000",
+        "1.200",
+        "0.700",
+        "0.090",
+    ]
     from PIL import Image
 
     for name in ("entropy", "accuracy", "entropy_law", "entropy_change", "sweep"):

@@ -62,8 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-freq", type=int, default=5, help="validate every N steps (5)")
     p.add_argument("--no-sweep", action="store_true", help="skip the KL-Cov (k, beta) sweep")
     p.add_argument("--no-paper", action="store_true", help="skip the paper-settings runs")
-    p.add_argument("--force", action="store_true", help="re-run finished runs too (a run is "
-                   "kept when its command line is unchanged: pass this after editing the YAML)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="re-run finished runs too (a run is "
+        "kept when its command line is unchanged: pass this after editing the YAML)",
+    )
     p.add_argument("--report-only", action="store_true", help="only rewrite the report")
     p.add_argument("--dry-run", action="store_true", help="print the runs and exit")
     args = p.parse_args(argv)
@@ -124,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     build = json.loads(build_path.read_text()) if build_path.is_file() else None
     # Under make (MAKELEVEL is set) the report names the make target a user types.
     given = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    command = "make reproduce" if "MAKELEVEL" in os.environ else f"python tools/reproduce.py {given}"
+    command = (
+        "make reproduce" if "MAKELEVEL" in os.environ else f"python tools/reproduce.py {given}"
+    )
     inputs = ReportInputs(specs=specs, out_dir=out, total_steps=args.steps, val_k=args.val_k,
                           command=command, seconds=seconds, wall=wall, build=build)  # fmt: skip
     try:

@@ -132,7 +132,9 @@ def default_plan(
         seed_overrides = [f"trainer.seed={seed}", f"data.seed={seed}"]
         overrides = tuple(seed_overrides + _method_overrides(method, **settings))
         shown = {k: v for k, v in settings.items() if k.startswith(method.split("_")[0] + "_cov")}
-        specs.append(RunSpec(name, method, group, seed, overrides, shown if method.endswith("cov") else {}))
+        specs.append(
+            RunSpec(name, method, group, seed, overrides, shown if method.endswith("cov") else {})
+        )
 
     for seed in seeds:
         for method in METHOD_LABELS:

@@ -176,7 +176,9 @@ def _plot_law(h, r, fit, plateau, path, acc_label):
     grid = np.linspace(0.0, float(h.max()) * 1.05, 200)
     ax.plot(grid, fit.predict(grid), color="C1", lw=2,
             label=f"R = {fit.b:.3f} − {fit.a:.3f}·exp(H), R² {fit.r2:.3f}")  # fmt: skip
-    ax.axhline(fit.ceiling, color="C3", ls="--", label=f"predicted ceiling b − a = {fit.ceiling:.3f}")
+    ax.axhline(
+        fit.ceiling, color="C3", ls="--", label=f"predicted ceiling b − a = {fit.ceiling:.3f}"
+    )
     ax.axhline(plateau, color="C2", ls=":", label=f"observed plateau {plateau:.3f}")
     ax.set_xlabel("policy entropy H (nats/token)")
     ax.set_ylabel(acc_label)
@@ -189,7 +191,9 @@ def _plot_law(h, r, fit, plateau, path, acc_label):
 def _plot_dynamics(points_by_method, path):
     fig, (ax,) = new_figure((6.5, 5.0), 100)
     for i, (label, (p, m)) in enumerate(points_by_method.items()):
-        ax.scatter(p, m, s=10, color=f"C{i}", alpha=0.7, label=f"{label} (r = {_fmt(pearson(p, m), 2)})")
+        ax.scatter(
+            p, m, s=10, color=f"C{i}", alpha=0.7, label=f"{label} (r = {_fmt(pearson(p, m), 2)})"
+        )
     ax.axhline(0, color="grey", lw=0.8)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_xlabel("predicted change  −Cov(log π, A)  (step size 1)")
@@ -213,9 +217,7 @@ def write_report(
     acc_tag = f"val/two_sum/avg@{inputs.val_k}"
     main = [s for s in specs if s.group == "main"]
     seeds = sorted({s.seed for s in main})
-    by_method = {
-        m: [runs[s.name] for s in main if s.method == m] for m in METHOD_LABELS
-    }
+    by_method = {m: [runs[s.name] for s in main if s.method == m] for m in METHOD_LABELS}
     by_method = {m: rs for m, rs in by_method.items() if rs}
     if "grpo" not in by_method:
         raise ValueError("the plan has no GRPO run: the report compares against GRPO")
@@ -263,8 +265,6 @@ def write_report(
     p_all = np.concatenate([p for p, _ in dyn.values()])
     m_all = np.concatenate([m for _, m in dyn.values()])
     r_all = pearson(p_all, m_all)
-    p_g, m_g = dyn[METHOD_LABELS["grpo"]]
-    r_grpo = pearson(p_g, m_g)
     sign_all = float(np.mean(np.sign(p_all) == np.sign(m_all))) if len(p_all) else math.nan
 
     # --- plots
@@ -280,7 +280,9 @@ def write_report(
     _plot_dynamics(dyn, fig_dir / "entropy_change.png")
     extra = [s for s in specs if s.group in ("sweep", "paper")]
     if extra:
-        sweep_runs = {"GRPO": [runs[s.name] for s in main if s.method == "grpo" and s.seed == seeds[0]]}
+        sweep_runs = {
+            "GRPO": [runs[s.name] for s in main if s.method == "grpo" and s.seed == seeds[0]]
+        }
         for s in [x for x in main if x.method == "kl_cov" and x.seed == seeds[0]] + extra:
             sweep_runs[_setting(s)] = [runs[s.name]]
         _plot_series(sweep_runs, ENTROPY, fig_dir / "sweep.png", ylabel="rollout entropy (nats/token)",
@@ -296,7 +298,7 @@ def write_report(
     add("")
     add("## Set-up")
     add("")
-    add(f"- Task, tokenizer and base model: the built-in two-sum task (`docs/tiny_task.md`).")
+    add("- Task, tokenizer and base model: the built-in two-sum task (`docs/tiny_task.md`).")
     if inputs.build:
         model = inputs.build.get("stages", {}).get("model", {}).get("result", {})
         if model:
@@ -343,7 +345,9 @@ def write_report(
         f"fit as `tools/entropy_law.py fit`) over the GRPO validation steps, H the rollout "
         f"entropy at that step and R the validation avg@{inputs.val_k}:")  # fmt: skip
     add("")
-    add("| points | a | b | R² | predicted ceiling b − a | observed plateau | ceiling − plateau (points) |")
+    add(
+        "| points | a | b | R² | predicted ceiling b − a | observed plateau | ceiling − plateau (points) |"
+    )
     add("|---|---|---|---|---|---|---|")
     add(f"| both seeds ({len(h_pts)}) | {fit.a:.3f} ± {fit.a_se:.3f} | {fit.b:.3f} ± {fit.b_se:.3f} "
         f"| {fit.r2:.3f} | {fit.ceiling:.3f} ± {fit.ceiling_se:.3f} | {plateau_acc:.3f} "
@@ -352,7 +356,9 @@ def write_report(
         if f is None:
             add(f"| {name} | n/a | n/a | n/a | n/a | | |")
         else:
-            add(f"| {name} ({f.num_points}) | {f.a:.3f} | {f.b:.3f} | {f.r2:.3f} | {f.ceiling:.3f} | | |")
+            add(
+                f"| {name} ({f.num_points}) | {f.a:.3f} | {f.b:.3f} | {f.r2:.3f} | {f.ceiling:.3f} | | |"
+            )
     add("")
     add(f"![entropy law]({fig_rel}/entropy_law.png)")
     add("")
@@ -415,11 +421,15 @@ def write_report(
         add("")
         add(f"Seed {seeds[0]}, compared with GRPO of the same seed.")
         add("")
-        add("| run | setting | entropy at the plateau | vs GRPO | final accuracy | vs GRPO (points) |")
+        add(
+            "| run | setting | entropy at the plateau | vs GRPO | final accuracy | vs GRPO (points) |"
+        )
         add("|---|---|---|---|---|---|")
         g1 = runs[[s.name for s in main if s.method == "grpo" and s.seed == seeds[0]][0]]
         hg1, ag1 = window_entropy(g1, T), final_accuracy(g1, acc_tag)
-        for s in [x for x in main if x.method in ("kl_cov", "clip_cov") and x.seed == seeds[0]] + extra:
+        for s in [
+            x for x in main if x.method in ("kl_cov", "clip_cov") and x.seed == seeds[0]
+        ] + extra:
             r = runs[s.name]
             hw, acc = window_entropy(r, T), final_accuracy(r, acc_tag)
             add(f"| {s.name} | {_setting(s)} | {_fmt(hw, 4)} | {_fmt(_ratio(hw, hg1), 1)}x "
@@ -440,8 +450,14 @@ def write_report(
         kl = method_stats["kl_cov"]
         ratio = _ratio(kl["hw"], h_grpo)
         gap = 100 * (kl["acc"] - acc_grpo)
-        checks.append((f"KL-Cov keeps at least {goals.kl_cov_entropy_ratio:g}x GRPO's entropy at "
-                       "GRPO's plateau", f"{_fmt(ratio, 1)}x", ratio >= goals.kl_cov_entropy_ratio))
+        checks.append(
+            (
+                f"KL-Cov keeps at least {goals.kl_cov_entropy_ratio:g}x GRPO's entropy at "
+                "GRPO's plateau",
+                f"{_fmt(ratio, 1)}x",
+                ratio >= goals.kl_cov_entropy_ratio,
+            )
+        )
         checks.append((f"KL-Cov's final accuracy within {goals.accuracy_gap_points:g} points of "
                        "GRPO's", f"{gap:+.1f} points", gap >= -goals.accuracy_gap_points))  # fmt: skip
     checks.append((f"GRPO fit R² >= {goals.fit_r2:g}", f"{fit.r2:.3f}", fit.r2 >= goals.fit_r2))
@@ -466,7 +482,9 @@ def write_report(
     for s in specs:
         secs = inputs.seconds.get(s.name)
         shown = " ".join(o for o in s.overrides if not o.startswith(("trainer.seed", "data.seed")))
-        add(f"| {s.name} | {s.label} | {s.seed} | `{shown}` | {_fmt(secs / 60 if secs else math.nan, 1)} |")
+        add(
+            f"| {s.name} | {s.label} | {s.seed} | `{shown}` | {_fmt(secs / 60 if secs else math.nan, 1)} |"
+        )
     add("")
     text = "\n".join(lines)
     md_path.parent.mkdir(parents=True, exist_ok=True)
