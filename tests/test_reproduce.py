@@ -211,7 +211,7 @@ def test_report_numbers_match_independent_computations(tmp_path):
                 r.append(row_["val/two_sum/avg@8"])
     X = np.column_stack([-np.exp(h), np.ones(len(h))])
     (a, b), *_ = np.linalg.lstsq(X, np.asarray(r), rcond=None)
-    fit_row = _table_row(text, f"both seeds ({len(h)})")
+    fit_row = _table_row(text, f"every seed ({len(h)})")
     assert float(fit_row[1].split()[0]) == pytest.approx(a, abs=1e-3)
     assert float(fit_row[2].split()[0]) == pytest.approx(b, abs=1e-3)
     assert float(fit_row[4].split()[0]) == pytest.approx(b - a, abs=1e-3)

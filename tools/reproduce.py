@@ -30,6 +30,7 @@ from covrl.tasks.reproduce import ReproduceError, default_plan, run_plan
 from covrl.tasks.tiny import DEFAULT_ROOT
 
 CONFIG = "examples/tiny_kl_cov.yaml"
+REDO_FLAGS = ("--report-only", "--force")
 
 
 def shared_overrides(root: Path, steps: int, val_k: int, test_freq: int) -> list[str]:
@@ -127,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     build_path = root / "build.json"
     build = json.loads(build_path.read_text()) if build_path.is_file() else None
     # Under make (MAKELEVEL is set) the report names the make target a user types.
-    given = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    # The command that made the runs: without the flags that only redo or rewrite.
+    shown = [a for a in (sys.argv[1:] if argv is None else argv) if a not in REDO_FLAGS]
+    given = " ".join(shlex.quote(a) for a in shown)
     command = (
         "make reproduce" if "MAKELEVEL" in os.environ else f"python tools/reproduce.py {given}"
     )

@@ -172,7 +172,7 @@ def _plot_series(runs_by_method, tag, path, *, ylabel, title, log_y=False, marke
 
 def _plot_law(h, r, fit, plateau, path, acc_label):
     fig, (ax,) = new_figure((7.0, 4.5), 100)
-    ax.scatter(h, r, s=14, color="C0", label="GRPO validation points (both seeds)")
+    ax.scatter(h, r, s=14, color="C0", label="GRPO validation points (every seed)")
     grid = np.linspace(0.0, float(h.max()) * 1.05, 200)
     ax.plot(grid, fit.predict(grid), color="C1", lw=2,
             label=f"R = {fit.b:.3f} − {fit.a:.3f}·exp(H), R² {fit.r2:.3f}")  # fmt: skip
@@ -315,8 +315,10 @@ def write_report(
         f"{', '.join(map(str, seeds))}. Every method keeps the PPO clip 0.2, so they differ "
         "only in their entropy control: the paper's Clip-Cov lifts the clip to 1 / 1 and its "
         "KL-Cov is unclipped, which drift at this task's learning rate "
-        "([the tiny task](tiny_task.md)). The paper's own KL-Cov k = "
-        f"{PAPER['kl_cov_ratio']:g}, β = {PAPER['kl_cov_beta']:g} is run too.")  # fmt: skip
+        "([the tiny task](tiny_task.md))." + (
+            f" The paper's own KL-Cov k = {PAPER['kl_cov_ratio']:g}, β = "
+            f"{PAPER['kl_cov_beta']:g} is run too." if any(s.group == "paper" for s in specs)
+            else ""))  # fmt: skip
     add(f"- Command: `{inputs.command}`" + (
         f"; its last call ran {inputs.wall[1]} of the runs in {inputs.wall[0] / 60:.1f} min "
         "of wall time, two at a time." if inputs.wall else "."))  # fmt: skip
@@ -349,7 +351,7 @@ def write_report(
         "| points | a | b | R² | predicted ceiling b − a | observed plateau | ceiling − plateau (points) |"
     )
     add("|---|---|---|---|---|---|---|")
-    add(f"| both seeds ({len(h_pts)}) | {fit.a:.3f} ± {fit.a_se:.3f} | {fit.b:.3f} ± {fit.b_se:.3f} "
+    add(f"| every seed ({len(h_pts)}) | {fit.a:.3f} ± {fit.a_se:.3f} | {fit.b:.3f} ± {fit.b_se:.3f} "
         f"| {fit.r2:.3f} | {fit.ceiling:.3f} ± {fit.ceiling_se:.3f} | {plateau_acc:.3f} "
         f"| {100 * (fit.ceiling - plateau_acc):+.1f} |")  # fmt: skip
     for name, f in per_seed_fits:
