@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covrl.analysis import RunLog, fit_entropy_law, read_jsonl
+from covrl.analysis import RunLog, Series, align, fit_entropy_law, read_jsonl
 from covrl.analysis.plots import new_figure, save_figure
 from covrl.tasks.reproduce import METHOD_LABELS, PAPER, RECIPE, RunSpec
 
@@ -95,9 +95,14 @@ def plateau_start(total_steps: int) -> int:
     return total_steps - max(1, round(total_steps * PLATEAU_FRACTION)) + 1
 
 
+def window_mean(run: RunLog, tag: str, total_steps: int) -> float:
+    """Mean of ``tag`` over the plateau window (nan if it logs nothing there)."""
+    _, v = _values(run, tag, plateau_start(total_steps))
+    return float(v.mean()) if len(v) else math.nan
+
+
 def window_entropy(run: RunLog, total_steps: int) -> float:
-    _, h = _values(run, ENTROPY, plateau_start(total_steps))
-    return float(h.mean()) if len(h) else math.nan
+    return window_mean(run, ENTROPY, total_steps)
 
 
 def first_entropy(run: RunLog) -> float:
@@ -116,27 +121,15 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def entropy_points(runs: Sequence[RunLog], acc_tag: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(H, R)`` at the steps that log both (validation steps), pooled over runs."""
-    hs, rs = [], []
+def paired_points(runs: Sequence[RunLog], tag_x: str, tag_y: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` at the steps where a run logs both tags with finite values, pooled over
+    ``runs`` (e.g. entropy and validation accuracy at the validation steps)."""
+    xs, ys = [], []
     for run in runs:
-        hs_, h = _values(run, ENTROPY)
-        rs_, r = _values(run, acc_tag)
-        common, ih, ir = np.intersect1d(hs_, rs_, return_indices=True)
-        hs.append(h[ih])
-        rs.append(r[ir])
-    return np.concatenate(hs), np.concatenate(rs)
-
-
-def dynamics_points(runs: Sequence[RunLog]) -> tuple[np.ndarray, np.ndarray]:
-    ps, ms = [], []
-    for run in runs:
-        s1, p = _values(run, PREDICTED)
-        s2, m = _values(run, MEASURED)
-        _, i1, i2 = np.intersect1d(s1, s2, return_indices=True)
-        ps.append(p[i1])
-        ms.append(m[i2])
-    return np.concatenate(ps), np.concatenate(ms)
+        _, x, y = align(Series(*_values(run, tag_x)), Series(*_values(run, tag_y)))
+        xs.append(x)
+        ys.append(y)
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -230,38 +223,42 @@ def write_report(
         return float(np.mean(vals)), vals
 
     # --- per-method table
-    h_grpo, _ = mean_over(grpo, lambda r: window_entropy(r, T))
-    acc_grpo, _ = mean_over(grpo, lambda r: final_accuracy(r, acc_tag))
-    rows, method_stats = [], {}
+    method_stats = {}
     for m, rs in by_method.items():
-        h0, _ = mean_over(rs, first_entropy)
         hw, hw_each = mean_over(rs, lambda r: window_entropy(r, T))
         acc, acc_each = mean_over(rs, lambda r: final_accuracy(r, acc_tag))
-        greedy, _ = mean_over(rs, lambda r: final_accuracy(r, GREEDY))
-        method_stats[m] = {"h0": h0, "hw": hw, "acc": acc, "hw_each": hw_each}
-        rows.append(
-            f"| {METHOD_LABELS[m]} | {_fmt(h0)} | {_fmt(hw, 4)} ({', '.join(_fmt(v, 4) for v in hw_each)}) "
-            f"| {_fmt(_ratio(h0, hw), 1)}x | {_fmt(_ratio(hw, h_grpo), 1)}x "
-            f"| {_fmt(acc)} ({', '.join(_fmt(v) for v in acc_each)}) | {_fmt(100 * (acc - acc_grpo), 1)} "
-            f"| {_fmt(greedy)} |"
-        )
+        method_stats[m] = {
+            "h0": mean_over(rs, first_entropy)[0],
+            "hw": hw,
+            "hw_each": hw_each,
+            "acc": acc,
+            "acc_each": acc_each,
+            "greedy": mean_over(rs, lambda r: final_accuracy(r, GREEDY))[0],
+        }
+    h_grpo, acc_grpo = method_stats["grpo"]["hw"], method_stats["grpo"]["acc"]
+    rows = [
+        f"| {METHOD_LABELS[m]} | {_fmt(st['h0'])} "
+        f"| {_fmt(st['hw'], 4)} ({', '.join(_fmt(v, 4) for v in st['hw_each'])}) "
+        f"| {_fmt(_ratio(st['h0'], st['hw']), 1)}x | {_fmt(_ratio(st['hw'], h_grpo), 1)}x "
+        f"| {_fmt(st['acc'])} ({', '.join(_fmt(v) for v in st['acc_each'])}) "
+        f"| {_fmt(100 * (st['acc'] - acc_grpo), 1)} | {_fmt(st['greedy'])} |"
+        for m, st in method_stats.items()
+    ]
 
     # --- entropy law on GRPO (pooled seeds)
-    h_pts, r_pts = entropy_points(grpo, acc_tag)
+    h_pts, r_pts = paired_points(grpo, ENTROPY, acc_tag)
     fit = fit_entropy_law(h_pts, r_pts, context="GRPO runs of make reproduce")
-    plateau_acc = float(
-        np.mean([r[(s >= plateau_start(T))].mean() for s, r in (_values(g, acc_tag) for g in grpo)])
-    )
+    plateau_acc, _ = mean_over(grpo, lambda r: window_mean(r, acc_tag, T))
     per_seed_fits = []
     for g in grpo:
-        h1, r1 = entropy_points([g], acc_tag)
+        h1, r1 = paired_points([g], ENTROPY, acc_tag)
         try:
             per_seed_fits.append((g.name, fit_entropy_law(h1, r1, context=g.name)))
         except ValueError:
             per_seed_fits.append((g.name, None))
 
     # --- entropy dynamics
-    dyn = {METHOD_LABELS[m]: dynamics_points(rs) for m, rs in by_method.items()}
+    dyn = {METHOD_LABELS[m]: paired_points(rs, PREDICTED, MEASURED) for m, rs in by_method.items()}
     p_all = np.concatenate([p for p, _ in dyn.values()])
     m_all = np.concatenate([m for _, m in dyn.values()])
     r_all = pearson(p_all, m_all)
