@@ -224,7 +224,7 @@ class _DropRotaryReloadWarning(logging.Filter):
 
 def _quiet_vllm(level: str) -> None:
     # vLLM (re)configures its loggers from VLLM_LOGGING_LEVEL when an engine starts, so
-    # the variable is what sticks; the logger level covers an engine already started.
+    # the variable is what sticks; the logger level covers lines logged before that.
     os.environ["VLLM_LOGGING_LEVEL"] = level.upper()
     logging.getLogger("vllm").setLevel(level.upper())
     reload_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
@@ -302,7 +302,6 @@ class RolloutEngine:
             _job_unique_cpu_shm_names()
         with preserved_rng_state():
             self.llm = LLM(**kwargs)
-        _quiet_vllm(config.log_level)
         if on_cpu:
             _unlink_cpu_shm_names(self.group)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
