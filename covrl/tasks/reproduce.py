@@ -131,10 +131,9 @@ def default_plan(
         settings = {**RECIPE, **params}
         seed_overrides = [f"trainer.seed={seed}", f"data.seed={seed}"]
         overrides = tuple(seed_overrides + _method_overrides(method, **settings))
-        shown = {k: v for k, v in settings.items() if k.startswith(method.split("_")[0] + "_cov")}
-        specs.append(
-            RunSpec(name, method, group, seed, overrides, shown if method.endswith("cov") else {})
-        )
+        # The method's own settings (clip_cov_* / kl_cov_*), for the report's labels.
+        own = {k: v for k, v in settings.items() if k.startswith(method + "_")}
+        specs.append(RunSpec(name, method, group, seed, overrides, own))
 
     for seed in seeds:
         for method in METHOD_LABELS:
