@@ -2,8 +2,8 @@
 
 The 32B script runs unchanged except for its documented overrides: the tiny two-sum
 policy (tests/trainer_fixtures.py), one CPU rank per fake node (gloo, DP=2) and
-TP=PP=1. One job covers the multi-node run and preemption: after the first RL
-iteration the batch shell gets USR1 (as `--signal=B:USR1@T` sends it before the time
+TP=PP=1. One job covers the multi-node run and preemption: once training has
+started the batch shell gets USR1 (as `--signal=B:USR1@T` sends it before the time
 limit); the trainer checkpoints at the step boundary and exits 0, the job requeues
 itself, and the requeued run resumes from that checkpoint, finishes all iterations and
 exits 0.
@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 
 from tests.slurm_cluster import cluster_fixture
-from tests.trainer_fixtures import build_assets, run_overrides
+from tests.trainer_fixtures import HANDLERS_READY, build_assets, run_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 cluster = pytest.fixture(cluster_fixture, scope="module", name="cluster")
-TOTAL_STEPS = 3
+TOTAL_STEPS = 4
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +78,17 @@ def test_train_32b_script_two_nodes_preempted_requeued_resumed(cluster, assets, 
     )
     run_dir = tmp_path / "runs" / f"covrl-32b-{job_id}"
     metrics = run_dir / "metrics.jsonl"
+    logs = run_dir / "logs"
     try:
+        # Signal once the ranks' handlers are installed: a tiny step can take 0.3 s,
+        # less than Slurm's signal delivery, so waiting for step 1's metrics could
+        # let the run finish before the signal lands.
         deadline = time.monotonic() + 400
-        while not (metrics.exists() and metrics.read_text().strip()):
-            assert sbatch.poll() is None, f"job ended before step 1:\n{_tails(out, run_dir)}"
+        while not any(HANDLERS_READY in p.read_text() for p in logs.glob(f"{job_id}.0.node*.log")):
+            assert sbatch.poll() is None, f"job ended before training:\n{_tails(out, run_dir)}"
             assert time.monotonic() < deadline, _tails(out, run_dir)
-            time.sleep(0.5)
-        first_step = time.monotonic() - t0
+            time.sleep(0.2)
+        ready = time.monotonic() - t0
         signalled = subprocess.run(
             ["scancel", "--signal=USR1", "--batch", str(job_id)], env=cluster.env
         )
@@ -95,10 +99,9 @@ def test_train_32b_script_two_nodes_preempted_requeued_resumed(cluster, assets, 
             sbatch.kill()
     total = time.monotonic() - t0
     print(
-        f"\ntrain_32b.sh on 2 nodes: step 1 logged after {first_step:.1f} s, job done in {total:.1f} s"
+        f"\ntrain_32b.sh on 2 nodes: training started after {ready:.1f} s, job done in {total:.1f} s"
     )
     batch = out.read_text()
-    logs = run_dir / "logs"
     attempt0 = "".join(p.read_text() for p in sorted(logs.glob(f"{job_id}.0.node*.log")))
     attempt1 = "".join(p.read_text() for p in sorted(logs.glob(f"{job_id}.1.node*.log")))
     assert sbatch.returncode == 0, batch + attempt0[-3000:] + attempt1[-3000:]

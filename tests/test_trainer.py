@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer_fixtures import read_jsonl, run_overrides, shared_assets
+from tests.trainer_fixtures import HANDLERS_READY, read_jsonl, run_overrides, shared_assets
 
 pytestmark = pytest.mark.slow
 
@@ -115,11 +115,11 @@ def runs(assets, tmp_path_factory):
     # resumed again to the end.
     run_dir = root / "interrupted"
     args = ["--resume", "auto", *run_overrides(assets, run_dir, **tp1)]
-    metrics = run_dir / "metrics.jsonl"
+    preempted_log = root / "preempted.log"
     out["preempted_rc"] = _run_until(
         args,
-        root / "preempted.log",
-        lambda: metrics.is_file() and '"step": 1,' in metrics.read_text(),
+        preempted_log,
+        lambda: HANDLERS_READY in preempted_log.read_text(),
         signal.SIGUSR1,
     )
     out["preempted_log"] = (root / "preempted.log").read_text()

@@ -9,6 +9,10 @@ from pathlib import Path
 import torch
 
 # hidden 128 = 2 heads x 64; two layers; ~0.3M parameters with the 64-token vocabulary.
+# What the trainer prints (rank 0) once its preemption handlers are installed: a signal
+# sent after this line is never lost, whatever the length of a step.
+HANDLERS_READY = "SIGTERM or SIGUSR1 saves a checkpoint"
+
 TINY_POLICY = dict(
     hidden_size=128,
     num_layers=2,

@@ -105,6 +105,10 @@ def train(config: RunConfig, resume: str = "auto") -> TrainResult:
     preemption = PreemptionHandler()
     try:
         cfg = run.config
+        run.logger.print(
+            f"training steps {run.start_step + 1}..{run.total_steps}; SIGTERM or SIGUSR1 "
+            "saves a checkpoint at the next step boundary, then exits"
+        )
         if run.start_step == 0 and run.val_data is not None and cfg.validation.before_train:
             start = time.perf_counter()
             metrics = validate(run, 0)
