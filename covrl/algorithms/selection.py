@@ -384,21 +384,20 @@ class _LocalTokens:
         """Local float64 ``[#selected with A > mean A, sum of their p, sum of p over
         every valid token]`` (``p = exp(logp)``, the covariance's log-prob)."""
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        start = 0
-        for fields in self._fields:
-            n = fields["mask"].numel()
-            sel = selected[start : start + n]
-            start += n
+        for fields, sel in zip(self._fields, self._flat_parts(selected), strict=True):
             prob = fields["cov_logp"].double().exp()
             sums[0] += (fields["advantages"][sel].double() > mean_adv).sum()
             sums[1] += prob[sel].sum()
             sums[2] += prob[fields["mask"]].sum()
         return sums
 
+    def _flat_parts(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``[n]`` -> one flat view per micro-batch."""
+        return flat.split([s.numel() for s in self.shapes])
+
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """``[n]`` -> one view per micro-batch, in its ``[b, s]`` layout."""
-        parts = flat.split([s.numel() for s in self.shapes])
-        return [p.view(s) for p, s in zip(parts, self.shapes, strict=True)]
+        return [p.view(s) for p, s in zip(self._flat_parts(flat), self.shapes, strict=True)]
 
 
 def _scope_sums(tokens: _LocalTokens, check_old: bool) -> torch.Tensor:
