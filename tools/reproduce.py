@@ -26,7 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-from covrl.tasks.reproduce import ReproduceError, default_plan, run_plan
+from covrl.tasks.reproduce import (
+    ReproduceError,
+    default_plan,
+    read_record,
+    record_path,
+    run_plan,
+)
 from covrl.tasks.tiny import DEFAULT_ROOT
 
 CONFIG = "examples/tiny_kl_cov.yaml"
@@ -119,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         wall = (record["seconds"], record["runs"])
     seconds = {}
     for s in specs:
-        record = out / s.name / "reproduce.json"
-        if not record.is_file():
-            print(f"reproduce: run {s.name} has not finished ({record} is missing); run "
-                  "without --report-only", file=sys.stderr)  # fmt: skip
+        record = read_record(out / s.name)
+        if record is None:
+            print(f"reproduce: run {s.name} has not finished ({record_path(out / s.name)} is "
+                  "missing or unreadable); run without --report-only", file=sys.stderr)  # fmt: skip
             return 1
-        seconds[s.name] = json.loads(record.read_text()).get("seconds")
+        seconds[s.name] = record.get("seconds")
     build_path = root / "build.json"
     build = json.loads(build_path.read_text()) if build_path.is_file() else None
     # Under make (MAKELEVEL is set) the report names the make target a user types.

@@ -34,6 +34,8 @@ __all__ = [
     "ReproduceError",
     "RunSpec",
     "default_plan",
+    "read_record",
+    "record_path",
     "run_plan",
 ]
 
@@ -169,14 +171,22 @@ def _command(spec: RunSpec, config: str, shared: Sequence[str], run_dir: Path) -
     ]  # fmt: skip
 
 
-def _record_path(run_dir: Path) -> Path:
+def record_path(run_dir: Path) -> Path:
+    """Where a finished run's record (its command and seconds) is written."""
     return run_dir / "reproduce.json"
 
 
-def _is_done(run_dir: Path, command: list[str]) -> bool:
+def read_record(run_dir: Path) -> dict | None:
+    """A finished run's record (``command``, ``seconds``), or None (unfinished)."""
     try:
-        record = json.loads(_record_path(run_dir).read_text())
+        return json.loads(record_path(run_dir).read_text())
     except (OSError, ValueError):
+        return None
+
+
+def _is_done(run_dir: Path, command: list[str]) -> bool:
+    record = read_record(run_dir)
+    if record is None:
         return False
     return record.get("command") == command[1:] and (run_dir / "metrics.jsonl").is_file()
 
@@ -255,7 +265,7 @@ def run_plan(
                     raise ReproduceError(
                         f"run {job.spec.name} failed (exit {rc}); see {job.log_path}"
                     )
-                _record_path(job.run_dir).write_text(
+                record_path(job.run_dir).write_text(
                     json.dumps({"command": job.command[1:], "seconds": took}, indent=1) + "\n"
                 )
                 finished += 1
