@@ -95,10 +95,14 @@ def plateau_start(total_steps: int) -> int:
     return total_steps - max(1, round(total_steps * PLATEAU_FRACTION)) + 1
 
 
+def _mean(values: np.ndarray) -> float:
+    """The mean, nan for no values."""
+    return float(values.mean()) if len(values) else math.nan
+
+
 def window_mean(run: RunLog, tag: str, total_steps: int) -> float:
     """Mean of ``tag`` over the plateau window (nan if it logs nothing there)."""
-    _, v = _values(run, tag, plateau_start(total_steps))
-    return float(v.mean()) if len(v) else math.nan
+    return _mean(_values(run, tag, plateau_start(total_steps))[1])
 
 
 def window_entropy(run: RunLog, total_steps: int) -> float:
@@ -111,14 +115,18 @@ def first_entropy(run: RunLog) -> float:
 
 
 def final_accuracy(run: RunLog, tag: str) -> float:
-    _, r = _values(run, tag)
-    return float(r[-FINAL_EVALS:].mean()) if len(r) else math.nan
+    return _mean(_values(run, tag)[1][-FINAL_EVALS:])
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
     if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
         return math.nan
     return float(np.corrcoef(x, y)[0, 1])
+
+
+def same_sign(x: np.ndarray, y: np.ndarray) -> float:
+    """The share of pairs whose signs agree (nan for none)."""
+    return _mean(np.sign(x) == np.sign(y))
 
 
 def paired_points(runs: Sequence[RunLog], tag_x: str, tag_y: str) -> tuple[np.ndarray, np.ndarray]:
@@ -262,7 +270,7 @@ def write_report(
     p_all = np.concatenate([p for p, _ in dyn.values()])
     m_all = np.concatenate([m for _, m in dyn.values()])
     r_all = pearson(p_all, m_all)
-    sign_all = float(np.mean(np.sign(p_all) == np.sign(m_all))) if len(p_all) else math.nan
+    sign_all = same_sign(p_all, m_all)
 
     # --- plots
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -277,9 +285,9 @@ def write_report(
     _plot_dynamics(dyn, fig_dir / "entropy_change.png")
     extra = [s for s in specs if s.group in ("sweep", "paper")]
     if extra:
-        sweep_runs = {
-            "GRPO": [runs[s.name] for s in main if s.method == "grpo" and s.seed == seeds[0]]
-        }
+        # The sweep and the paper's settings run with the first seed only.
+        grpo_first = next(runs[s.name] for s in main if s.method == "grpo" and s.seed == seeds[0])
+        sweep_runs = {"GRPO": [grpo_first]}
         for s in [x for x in main if x.method == "kl_cov" and x.seed == seeds[0]] + extra:
             sweep_runs[_setting(s)] = [runs[s.name]]
         _plot_series(sweep_runs, ENTROPY, fig_dir / "sweep.png", ylabel="rollout entropy (nats/token)",
@@ -372,8 +380,7 @@ def write_report(
     add("| runs | points | Pearson r | same sign |")
     add("|---|---|---|---|")
     for label, (p, m) in dyn.items():
-        same = float(np.mean(np.sign(p) == np.sign(m))) if len(p) else math.nan
-        add(f"| {label} | {len(p)} | {_fmt(pearson(p, m), 2)} | {_fmt(same, 2)} |")
+        add(f"| {label} | {len(p)} | {_fmt(pearson(p, m), 2)} | {_fmt(same_sign(p, m), 2)} |")
     add(f"| all | {len(p_all)} | {_fmt(r_all, 2)} | {_fmt(sign_all, 2)} |")
     add("")
     add(f"![entropy change]({fig_rel}/entropy_change.png)")
@@ -410,8 +417,7 @@ def write_report(
         r = runs[s.name]
         cells = []
         for tag in SELECTION_TAGS:
-            _, v = _values(r, tag)
-            cells.append(_fmt(float(v.mean()) if len(v) else math.nan))
+            cells.append(_fmt(_mean(_values(r, tag)[1])))
         add(f"| {s.name} | " + " | ".join(cells) + " |")
     add("")
 
@@ -424,8 +430,7 @@ def write_report(
             "| run | setting | entropy at the plateau | vs GRPO | final accuracy | vs GRPO (points) |"
         )
         add("|---|---|---|---|---|---|")
-        g1 = runs[[s.name for s in main if s.method == "grpo" and s.seed == seeds[0]][0]]
-        hg1, ag1 = window_entropy(g1, T), final_accuracy(g1, acc_tag)
+        hg1, ag1 = window_entropy(grpo_first, T), final_accuracy(grpo_first, acc_tag)
         for s in [
             x for x in main if x.method in ("kl_cov", "clip_cov") and x.seed == seeds[0]
         ] + extra:
