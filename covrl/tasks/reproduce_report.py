@@ -497,9 +497,9 @@ def write_report(
 
 
 def _setting(spec: RunSpec) -> str:
-    p = spec.params
+    p = spec.params  # the method's own settings, the recipe's where the plan keeps them
     if spec.method == "kl_cov":
-        return f"KL-Cov k={p.get('kl_cov_ratio', RECIPE['kl_cov_ratio']):g}, β={p.get('kl_cov_beta', RECIPE['kl_cov_beta']):g}"
+        return f"KL-Cov k={p['kl_cov_ratio']:g}, β={p['kl_cov_beta']:g}"
     if spec.method == "clip_cov":
-        return f"Clip-Cov r={p.get('clip_cov_ratio', RECIPE['clip_cov_ratio']):g}"
+        return f"Clip-Cov r={p['clip_cov_ratio']:g}"
     return spec.label
