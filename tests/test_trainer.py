@@ -214,6 +214,38 @@ def test_inverted_reward_makes_accuracy_fall(runs, name):
     assert r[4]["val/accuracy"] <= r[0]["val/accuracy"]
 
 
+# TP1 and TP2 reduce in different orders, so their parameters drift apart by float32
+# rounding that the optimizer carries from step to step (Adam normalises each update,
+# so a relative difference in a gradient becomes the same relative difference in the
+# step). After a few steps the logged values agree to ~1e-5 relative on one CPU and
+# ~1e-4 on another; RTOL leaves a factor of 10 above that, far below the O(1)
+# differences a sharding bug gives.
+RTOL, ATOL = 1e-3, 1e-5
+# Differences and covariances of nearly equal, O(entropy) quantities: their absolute
+# error is that of the entropies they come from, not a fraction of their own (small)
+# value, so they are compared to a tolerance scaled by the step's entropy.
+ENTROPY_SCALED = (
+    "entropy_dynamics/measured_change",
+    "entropy_dynamics/predicted_change",
+    "entropy_dynamics/logp_adv_covariance",
+)
+
+
+def assert_same_run(a: dict, b: dict, step: int) -> None:
+    """Per-step metrics of one run at two parallel layouts agree, each as its kind allows."""
+    assert a.keys() == b.keys(), step
+    scale = max(abs(a.get("rollout/entropy", 1.0)), 1e-3)
+    for tag in a:
+        if tag.startswith("mismatch/"):
+            assert abs(a[tag] - b[tag]) < 1e-4, (step, tag)
+        elif tag.startswith(("rollout/", "val/")) and tag != "rollout/entropy":
+            assert a[tag] == b[tag], (step, tag)  # same samples, same rewards
+        elif tag in ENTROPY_SCALED:
+            assert abs(a[tag] - b[tag]) <= RTOL * scale, (step, tag, a[tag], b[tag])
+        else:
+            assert math.isclose(a[tag], b[tag], rel_tol=RTOL, abs_tol=ATOL), (step, tag)
+
+
 def test_tp2_matches_tp1(runs):
     """The same run at TP2 logs what the TP1 run logs, step for step: the same samples
     (per-sample vLLM seeds), and training metrics equal up to float32 reduction order."""
@@ -223,15 +255,17 @@ def test_tp2_matches_tp1(runs):
     tp2 = _by_step(read_jsonl(runs["tp2"] / "metrics.jsonl"))
     assert sorted(tp1) == sorted(tp2)
     for step in sorted(tp1):
-        a, b = _untimed(tp1[step]), _untimed(tp2[step])
-        assert a.keys() == b.keys(), step
-        for tag in a:
-            if tag.startswith("mismatch/"):
-                assert abs(a[tag] - b[tag]) < 1e-4, (step, tag)
-            elif tag.startswith(("rollout/", "val/")) and tag != "rollout/entropy":
-                assert a[tag] == b[tag], (step, tag)  # same samples, same rewards
-            else:
-                assert math.isclose(a[tag], b[tag], rel_tol=1e-4, abs_tol=1e-5), (step, tag)
+        assert_same_run(_untimed(tp1[step]), _untimed(tp2[step]), step)
+
+
+def test_layout_comparison_tolerates_rounding_not_errors():
+    """The comparison above accepts the drift seen between CPUs (a measured entropy
+    change off by 2e-5 at entropy 3) and rejects a wrong change or a wrong loss."""
+    a = {"rollout/entropy": 3.0, "entropy_dynamics/measured_change": -0.045426, "train/loss": 0.1}
+    assert_same_run(a, {**a, "entropy_dynamics/measured_change": -0.045446}, 3)
+    for tag, value in (("entropy_dynamics/measured_change", -0.05), ("train/loss", 0.1002)):
+        with pytest.raises(AssertionError):
+            assert_same_run(a, {**a, tag: value}, 3)
 
 
 def test_preemption_then_kill_then_resume_equals_uninterrupted(runs):
