@@ -26,7 +26,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from covrl.algorithms import AdvantageConfig, PolicyLossConfig
-from covrl.models.engine import EngineConfig, OptimizerConfig
+from covrl.engine import EngineConfig, OptimizerConfig
 from covrl.parallel import ParallelConfig
 from covrl.rollout import RolloutConfig, RolloutCorrectionConfig, SamplingConfig
 

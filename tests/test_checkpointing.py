@@ -50,9 +50,9 @@ def _loss_fn(out, micro):
 
 
 def _engine(config, chunks):
-    from covrl.models.engine import EngineConfig, OptimizerConfig, PolicyEngine
+    from covrl.engine import EngineConfig, OptimizerConfig, PolicyEngine
 
-    return PolicyEngine(chunks, config.vocab_size, OptimizerConfig(**SETTINGS), EngineConfig())
+    return PolicyEngine(chunks, config, OptimizerConfig(**SETTINGS), EngineConfig())
 
 
 def _steps(engine, steps: range) -> list[dict[str, float]]:

@@ -46,8 +46,8 @@ def _nll_loss_fn(global_tokens: int):
 def _engine_body(ctx, checkpoint, vpp_micro_batches=False):
     from megatron.core import parallel_state as ps
 
+    from covrl.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.models import PolicyModelConfig
-    from covrl.models.engine import EngineConfig, OptimizerConfig, PolicyEngine
 
     config = PolicyModelConfig.from_hf(checkpoint)
     chunks = load_policy(checkpoint, config)
@@ -56,7 +56,7 @@ def _engine_body(ctx, checkpoint, vpp_micro_batches=False):
 
     # 1. Forward-only log-probs and entropies (full batch on every rank), with temperature.
     fwd = PolicyEngine(
-        chunks, config.vocab_size, config=EngineConfig(micro_batch_size=2, temperature=TEMPERATURE)
+        chunks, config, config=EngineConfig(micro_batch_size=2, temperature=TEMPERATURE)
     )
     res = fwd.forward_logprobs(ids, mask)
     out["logp"], out["entropy"] = res.logp, res.entropy
@@ -67,7 +67,7 @@ def _engine_body(ctx, checkpoint, vpp_micro_batches=False):
     global_tokens = int(mask[:, 1:].sum())
     engine = PolicyEngine(
         chunks,
-        config.vocab_size,
+        config,
         OptimizerConfig(lr=3e-3, weight_decay=0.0, clip_grad=1.0),
         EngineConfig(micro_batch_size=1),
     )
@@ -163,15 +163,15 @@ def test_few_steps_reduce_loss(runs, topo):
 
 def _bf16_body(ctx, checkpoint):
 
+    from covrl.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.models import PolicyModelConfig
-    from covrl.models.engine import EngineConfig, OptimizerConfig, PolicyEngine
 
     config = PolicyModelConfig.from_hf(checkpoint, params_dtype=torch.bfloat16)
     chunks = load_policy(checkpoint, config)
     ids, mask = _batch(config.vocab_size)
     engine = PolicyEngine(
         chunks,
-        config.vocab_size,
+        config,
         OptimizerConfig(lr=3e-3, weight_decay=0.0, clip_grad=1.0),
         EngineConfig(micro_batch_size=2, temperature=TEMPERATURE),
     )

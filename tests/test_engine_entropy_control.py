@@ -66,8 +66,8 @@ def _body(ctx, checkpoint, micro_batch_size):
     from megatron.core import parallel_state as ps
 
     from covrl.algorithms import canonical_token_ids
+    from covrl.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.models import PolicyModelConfig
-    from covrl.models.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.training import PolicyBatch, ppo_update
 
     model_config = PolicyModelConfig.from_hf(checkpoint)
@@ -83,7 +83,7 @@ def _body(ctx, checkpoint, micro_batch_size):
         chunks = load_policy(checkpoint, model_config)
         engine = PolicyEngine(
             chunks,
-            model_config.vocab_size,
+            model_config,
             OptimizerConfig(lr=5e-5, weight_decay=0.0, clip_grad=10.0),
             EngineConfig(micro_batch_size=micro_batch_size),
         )

@@ -91,15 +91,15 @@ def _body(ctx, checkpoint, inputs, micro_batch_size):
     from megatron.core import parallel_state as ps
 
     from covrl.algorithms import PolicyLossConfig
+    from covrl.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.models import PolicyModelConfig
-    from covrl.models.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.training import PolicyBatch, ppo_update
 
     model_config = PolicyModelConfig.from_hf(checkpoint)
     chunks = load_policy(checkpoint, model_config)
     engine = PolicyEngine(
         chunks,
-        model_config.vocab_size,
+        model_config,
         OptimizerConfig(lr=1e-4, weight_decay=0.0, clip_grad=100.0),
         EngineConfig(micro_batch_size=micro_batch_size),
     )

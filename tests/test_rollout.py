@@ -97,9 +97,10 @@ def nll_loss_fn(global_tokens: int):
 
 
 def _world1_body(ctx, checkpoint):
+    from covrl.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.models import PolicyModelConfig, export_hf_weights
-    from covrl.models.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.rollout import RolloutConfig, RolloutEngine, SamplingConfig
+    from covrl.training import PolicyBatch
 
     config = PolicyModelConfig.from_hf(checkpoint)
     seqs = fixed_sequences(config.vocab_size)
@@ -117,7 +118,7 @@ def _world1_body(ctx, checkpoint):
     chunks = load_policy(checkpoint, config)
     trainer = PolicyEngine(
         chunks,
-        config.vocab_size,
+        config,
         OptimizerConfig(lr=2e-2, weight_decay=0.0, clip_grad=1.0),
         EngineConfig(micro_batch_size=2),
     )
@@ -126,7 +127,7 @@ def _world1_body(ctx, checkpoint):
     trainer.train_step(
         {"input_ids": ids, "attention_mask": mask}, nll_loss_fn(int(mask[:, 1:].sum()))
     )
-    scorer = PolicyEngine(trainer.model, config.vocab_size, config=EngineConfig(micro_batch_size=2))
+    scorer = PolicyEngine(trainer.model, config, config=EngineConfig(micro_batch_size=2))
     out["megatron_new"] = row_logps(scorer.forward_logprobs(ids, mask).logp, seqs)
     out["vllm_stale"] = engine.prompt_logprobs(seqs)
 
@@ -146,16 +147,14 @@ def _world1_body(ctx, checkpoint):
     a = engine.generate(prompts, sampling, seed=7)
     out["sample_a"], out["sample_b"] = a, engine.generate(prompts, sampling, seed=7)
     out["sample_c"] = engine.generate(prompts, sampling, seed=8)
-    batch = a.padded()
+    batch = PolicyBatch.from_generations(a)
     hot = PolicyEngine(
         trainer.model,
-        config.vocab_size,
+        config,
         config=EngineConfig(micro_batch_size=len(a), temperature=TEMPERATURE),
     )
     out["sample_batch"] = batch
-    out["sample_megatron_logp"] = hot.forward_logprobs(
-        batch["input_ids"], batch["attention_mask"]
-    ).logp
+    out["sample_megatron_logp"] = hot.forward_logprobs(batch.input_ids, batch.attention_mask).logp
     # Stop tokens end a response (and are part of it).
     stop = a.response_ids[0][2]
     out["stop_token"] = stop
@@ -270,9 +269,7 @@ def test_rollout_logprobs_are_the_temperature_scaled_policy(world1):
     from covrl.rollout import mismatch_metrics
 
     batch = world1["sample_batch"]
-    m = mismatch_metrics(
-        batch["rollout_logp"], world1["sample_megatron_logp"], batch["response_mask"]
-    )
+    m = mismatch_metrics(batch.rollout_logp, world1["sample_megatron_logp"], batch.response_mask)
     assert m["tokens"] == sum(world1["sample_a"].response_lengths)
     assert m["abs_diff_max"] < 1e-4, m
     assert m["frac_over_threshold"] == 0.0

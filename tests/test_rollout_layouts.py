@@ -56,14 +56,15 @@ def _megatron(checkpoint):
 
 def _step_and_generate(ctx, engine, config, chunks, seqs, out):
     """At the current layout: optimizer step, sync, greedy and seeded sampling."""
+    from covrl.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.models import export_hf_weights
-    from covrl.models.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.rollout import SamplingConfig
+    from covrl.training import PolicyBatch
 
     ids, mask = padded(seqs)
     trainer = PolicyEngine(
         chunks,
-        config.vocab_size,
+        config,
         OptimizerConfig(lr=2e-2, weight_decay=0.0, clip_grad=1.0),
         EngineConfig(micro_batch_size=2),
     )
@@ -75,7 +76,7 @@ def _step_and_generate(ctx, engine, config, chunks, seqs, out):
         {"input_ids": ids[rows], "attention_mask": mask[rows]},
         nll_loss_fn(int(mask[:, 1:].sum())),
     )
-    scorer = PolicyEngine(trainer.model, config.vocab_size, config=EngineConfig(micro_batch_size=2))
+    scorer = PolicyEngine(trainer.model, config, config=EngineConfig(micro_batch_size=2))
     out["megatron_new"] = row_logps(scorer.forward_logprobs(ids, mask).logp, seqs)
     out["vllm_stale"] = engine.prompt_logprobs(seqs)
     out["sync_metrics"] = engine.sync_weights(chunks, config, bucket_mb=0.5, measure_memory=True)
@@ -90,13 +91,11 @@ def _step_and_generate(ctx, engine, config, chunks, seqs, out):
     out["sample_b"] = engine.generate(prompts, sampling, seed=3)
     hot = PolicyEngine(
         trainer.model,
-        config.vocab_size,
+        config,
         config=EngineConfig(micro_batch_size=len(out["sample_a"]), temperature=TEMPERATURE),
     )
-    batch = out["sample_a"].padded()
-    out["sample_megatron_logp"] = hot.forward_logprobs(
-        batch["input_ids"], batch["attention_mask"]
-    ).logp
+    batch = PolicyBatch.from_generations(out["sample_a"])
+    out["sample_megatron_logp"] = hot.forward_logprobs(batch.input_ids, batch.attention_mask).logp
 
 
 def _layouts_body(ctx, family, checkpoints):
@@ -219,15 +218,14 @@ def test_greedy_after_sync_matches_transformers(runs, checkpoints):
 
 def test_sampling_identical_on_every_rank_and_seeded(runs):
     from covrl.rollout import mismatch_metrics
+    from covrl.training import PolicyBatch
 
     a0 = runs[0][_tp2pp2()]["sample_a"]
     for rank_out in runs:
         o = rank_out[_tp2pp2()]
         assert o["sample_a"] == a0 and o["sample_b"] == a0
-        batch = o["sample_a"].padded()
-        m = mismatch_metrics(
-            batch["rollout_logp"], o["sample_megatron_logp"], batch["response_mask"]
-        )
+        batch = PolicyBatch.from_generations(o["sample_a"])
+        m = mismatch_metrics(batch.rollout_logp, o["sample_megatron_logp"], batch.response_mask)
         assert m["abs_diff_max"] < 1e-4, m
     assert a0.prompt_index == [i // 2 for i in range(len(a0))]
 

@@ -106,29 +106,6 @@ def test_truncated_is_weights():
         RolloutCorrectionConfig("bogus").validate()
 
 
-def test_generations_padded_alignment():
-    from covrl.rollout import Generations
-
-    g = Generations(
-        prompt_index=[0, 0, 1],
-        prompt_ids=[[5, 6], [5, 6], [7]],
-        response_ids=[[1, 2, 3], [4], [8, 9]],
-        logprobs=[[-0.1, -0.2, -0.3], [-0.4], [-0.5, -0.6]],
-        finish_reasons=["stop", "length", "stop"],
-    )
-    b = g.padded(pad_token_id=0)
-    assert b["input_ids"].tolist() == [[5, 6, 1, 2, 3], [5, 6, 4, 0, 0], [7, 8, 9, 0, 0]]
-    assert b["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
-    assert b["response_mask"].tolist() == [
-        [False, False, True, True, True],
-        [False, False, True, False, False],
-        [False, True, True, False, False],
-    ]
-    assert b["rollout_logp"][0, 2:].tolist() == pytest.approx([-0.1, -0.2, -0.3])
-    assert b["rollout_logp"][2, 1:3].tolist() == pytest.approx([-0.5, -0.6])
-    assert g.response_lengths == [3, 1, 2]
-
-
 def test_split_evenly():
     from covrl.rollout.generations import split_evenly
 

@@ -51,15 +51,15 @@ def _megatron_checks(model_dir, seqs):
     """This layout's log-probs of ``seqs`` and greedy validation accuracy/responses."""
     from megatron.core import parallel_state as ps
 
+    from covrl.engine import PolicyEngine
     from covrl.models import PolicyModelConfig, build_model, load_hf_weights
-    from covrl.models.engine import PolicyEngine
     from covrl.tasks.tokenizer import load_tokenizer
     from covrl.tasks.warm_start import evaluate
 
     config = PolicyModelConfig.from_hf(model_dir)
     chunks = build_model(config)
     load_hf_weights(chunks, config, model_dir)
-    engine = PolicyEngine(chunks, vocab_size=config.vocab_size)
+    engine = PolicyEngine(chunks, config)
     ids, mask = padded(seqs)
     logp = engine.forward_logprobs(ids, mask).logp
     tokenizer = load_tokenizer(model_dir)

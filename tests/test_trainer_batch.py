@@ -1,18 +1,26 @@
-"""Batch assembly: samples -> dynamic sampling -> padded tensors and advantages ->
-mini-batches split over data-parallel ranks; a fresh start setting an earlier run aside."""
+"""Batch assembly: samples -> dynamic sampling -> this rank's padded tensors with
+advantages, split into mini-batches over data-parallel ranks; a fresh start setting an
+earlier run aside."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from covrl.algorithms import AdvantageConfig
 from covrl.rollout import Generations
-from covrl.training.batch import MiniBatchPlan, RolloutBatch
+from covrl.training.batch import (
+    MiniBatchLayout,
+    PolicyBatch,
+    dynamic_sampling,
+    rank_batch,
+    rollout_metrics,
+)
 
 
-def _batch(rewards: list[float], n: int = 2) -> RolloutBatch:
+def _samples(rewards: list[float], n: int = 2) -> Generations:
     num = len(rewards)
     gens = Generations(
         prompt_index=[i // n for i in range(num)],
@@ -22,77 +30,140 @@ def _batch(rewards: list[float], n: int = 2) -> RolloutBatch:
         finish_reasons=["stop" if i % 2 else "length" for i in range(num)],
     )
     prompts = num // n
-    batch = RolloutBatch.from_generations(
-        gens,
-        records=[100 + p for p in range(prompts)],
-        data_sources=["s"] * prompts,
-        group_offset=5,
+    gens.annotate(
+        records=[100 + p for p in range(prompts)], data_sources=["s"] * prompts, group_offset=5
     )
-    batch.rewards = list(rewards)
-    batch.acc = [float(r > 0) for r in rewards]
-    return batch
+    gens.rewards = list(rewards)
+    gens.acc = [float(r > 0) for r in rewards]
+    return gens
 
 
 def test_dynamic_sampling_and_refill_bookkeeping():
-    batch = _batch([1, 0, 1, 1, 0, 0, 0, 1])  # groups 5..8; 6 and 7 are all-equal
-    assert batch.group == [5, 5, 6, 6, 7, 7, 8, 8]
-    assert batch.record == [100, 100, 101, 101, 102, 102, 103, 103]
-    kept, num_groups = batch.dynamic_sampling()
-    assert num_groups == 2 and kept.group == [5, 5, 8, 8]
-    assert kept.rewards == [1, 0, 0, 1] and kept.response_ids[2] == batch.response_ids[6]
-    more = _batch([0, 1, 1, 1])
+    gens = _samples([1, 0, 1, 1, 0, 0, 0, 1])  # groups 5..8; 6 and 7 are all-equal
+    assert gens.group == [5, 5, 6, 6, 7, 7, 8, 8]
+    assert gens.record == [100, 100, 101, 101, 102, 102, 103, 103]
+    kept = dynamic_sampling(gens)
+    assert kept.num_groups == 2 and kept.group == [5, 5, 8, 8]
+    assert kept.rewards == [1, 0, 0, 1] and kept.response_ids[2] == gens.response_ids[6]
+    assert kept.prompt_index == [0, 0, 3, 3] and kept.logprobs[2] == gens.logprobs[6]
+    more = _samples([0, 1, 1, 1])
     more.group = [9, 9, 10, 10]
     kept.extend(more)
     assert kept.num_groups == 4
     assert kept.first_groups(3).group == [5, 5, 8, 8, 9, 9]
-    m = batch.rollout_metrics()
+    m = rollout_metrics(gens)
     assert m["rollout/reward_mean"] == 0.5 and m["rollout/truncated_fraction"] == 0.5
     lengths = [1, 2, 3, 1, 2, 3, 1, 2]
     assert m["rollout/response_length_mean"] == sum(lengths) / 8
     assert m["rollout/response_length_max"] == 3
+    assert m["rollout/response_tokens"] == sum(lengths)
 
 
-def test_tensors_and_grpo_advantages_against_plain_python():
-    batch = _batch([1, 0, 2, 0, 0.5, 1.5])
-    t = batch.tensors(AdvantageConfig(estimator="grpo"), pad_token_id=0)
-    for i in range(len(batch)):
-        p, r = batch.prompt_ids[i], batch.response_ids[i]
+def test_extend_refuses_samples_without_the_same_annotations():
+    scored = _samples([1, 0])
+    raw = Generations([0], [[1]], [[2]], [[-0.1]], ["stop"])
+    with pytest.raises(ValueError, match="group is set on one side only"):
+        scored.extend(raw)
+
+
+def test_from_generations_alignment():
+    g = Generations(
+        prompt_index=[0, 0, 1],
+        prompt_ids=[[5, 6], [5, 6], [7]],
+        response_ids=[[1, 2, 3], [4], [8, 9]],
+        logprobs=[[-0.1, -0.2, -0.3], [-0.4], [-0.5, -0.6]],
+        finish_reasons=["stop", "length", "stop"],
+    )
+    b = PolicyBatch.from_generations(g, pad_token_id=0)
+    b.validate()
+    assert b.input_ids.tolist() == [[5, 6, 1, 2, 3], [5, 6, 4, 0, 0], [7, 8, 9, 0, 0]]
+    assert b.attention_mask.tolist() == [[1] * 5, [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+    assert b.response_mask.tolist() == [
+        [False, False, True, True, True],
+        [False, False, True, False, False],
+        [False, True, True, False, False],
+    ]
+    assert b.rollout_logp[0, 2:].tolist() == pytest.approx([-0.1, -0.2, -0.3])
+    assert b.rollout_logp[2, 1:3].tolist() == pytest.approx([-0.5, -0.6])
+    assert b.sample_index.tolist() == [0, 1, 2]
+    assert g.response_lengths == [3, 1, 2]
+    rows = PolicyBatch.from_generations(g, [2, 0], sample_index=[7, 8], seq_len=6)
+    assert rows.input_ids.tolist() == [[7, 8, 9, 0, 0, 0], [5, 6, 1, 2, 3, 0]]
+    assert rows.sample_index.tolist() == [7, 8]
+    with pytest.raises(ValueError, match="seq_len=4 is shorter than the longest sample"):
+        PolicyBatch.from_generations(g, seq_len=4)
+
+
+def test_rank_batch_grpo_advantages_against_plain_python():
+    gens = _samples([1, 0, 2, 0, 0.5, 1.5])
+    layout = MiniBatchLayout(num_minibatches=1, rows_per_minibatch=6, dp_size=1, dp_rank=0)
+    t = rank_batch(
+        gens, layout, AdvantageConfig(estimator="grpo"), pad_token_id=0, device=torch.device("cpu")
+    )
+    for i in range(len(gens)):
+        p, r = gens.prompt_ids[i], gens.response_ids[i]
         row = t.input_ids[i].tolist()
         assert row[: len(p) + len(r)] == p + r and set(row[len(p) + len(r) :]) <= {0}
         assert t.response_mask[i].nonzero().flatten().tolist() == list(
             range(len(p), len(p) + len(r))
         )
         g = i // 2
-        rs = batch.rewards[2 * g : 2 * g + 2]
+        rs = gens.rewards[2 * g : 2 * g + 2]
         mean = sum(rs) / 2
         std = math.sqrt(sum((x - mean) ** 2 for x in rs))  # unbiased, n = 2
-        expected = (batch.rewards[i] - mean) / (std + 1e-6)
+        expected = (gens.rewards[i] - mean) / (std + 1e-6)
         values = t.advantages[i][t.response_mask[i]]
         assert torch.allclose(values, torch.full_like(values, expected), atol=1e-6)
         assert (t.advantages[i][~t.response_mask[i]] == 0).all()
         assert torch.equal(t.rollout_logp[i][t.response_mask[i]], torch.full_like(values, -0.5))
 
 
-def test_minibatch_plan_partitions_rows_over_ranks():
-    full = _batch([float(i % 3) for i in range(16)]).tensors(AdvantageConfig())
-    old = torch.arange(16 * full.input_ids.shape[1], dtype=torch.float32).view(16, -1)
+def test_reinforce_pp_whitening_over_the_whole_step():
+    """REINFORCE++'s token whitening spans every response token of the step, whichever
+    rank holds the row: a rank's rows equal the same rows of the one-rank batch."""
+    gens = _samples([1, 0, 2, 0, 0.5, 1.5, 3, 1])
+    config = AdvantageConfig(estimator="reinforce_pp_baseline")
+    cpu = torch.device("cpu")
+    whole = rank_batch(
+        gens,
+        MiniBatchLayout(num_minibatches=2, rows_per_minibatch=4, dp_size=1, dp_rank=0),
+        config,
+        pad_token_id=0,
+        device=cpu,
+    )
+    values = whole.advantages[whole.response_mask].double()
+    assert abs(values.mean().item()) < 1e-6 and abs(values.std().item() - 1) < 1e-5
+    for rank in range(2):
+        layout = MiniBatchLayout(num_minibatches=2, rows_per_minibatch=4, dp_size=2, dp_rank=rank)
+        part = rank_batch(gens, layout, config, pad_token_id=0, device=cpu)
+        rows = [i for k in range(2) for i in layout.rank_samples(k)]
+        s = part.input_ids.shape[1]
+        assert torch.equal(part.advantages, whole.advantages[rows][:, :s])
+
+
+def test_minibatch_layout_partitions_samples_over_ranks():
+    gens = _samples([float(i % 3) for i in range(16)])
     seen: dict[int, list[int]] = {}
     for rank in range(2):
-        plan = MiniBatchPlan(num_minibatches=2, rows_per_minibatch=8, dp_size=2, dp_rank=rank)
-        local = plan.local_rows()
-        assert local.tolist() == [4 * rank + i for i in range(4)] + [
-            8 + 4 * rank + i for i in range(4)
+        layout = MiniBatchLayout(num_minibatches=2, rows_per_minibatch=8, dp_size=2, dp_rank=rank)
+        batch = rank_batch(
+            gens, layout, AdvantageConfig(), pad_token_id=0, device=torch.device("cpu")
+        )
+        assert [list(layout.rank_samples(k)) for k in range(2)] == [
+            [4 * rank + i for i in range(4)],
+            [8 + 4 * rank + i for i in range(4)],
         ]
         for k in range(2):
-            pb = plan.policy_batch(k, full, old[local])
+            pb = batch.rows(layout.minibatch(k))
             pb.validate()
-            rows = plan.rank_rows(k)
-            assert torch.equal(pb.input_ids, full.input_ids[rows])
-            assert torch.equal(pb.old_logp, old[rows])  # local indexing lines up
-            assert torch.equal(pb.advantages, full.advantages[rows])
+            for j, i in enumerate(layout.rank_samples(k)):
+                n = len(gens.prompt_ids[i]) + len(gens.response_ids[i])
+                assert pb.input_ids[j, :n].tolist() == gens.prompt_ids[i] + gens.response_ids[i]
             seen.setdefault(k, []).extend(pb.sample_index.tolist())
     # Every row of each mini-batch exactly once, with its index in the mini-batch.
     assert {k: sorted(v) for k, v in seen.items()} == {0: list(range(8)), 1: list(range(8))}
+    with pytest.raises(ValueError, match="do not split over 3 data-parallel ranks"):
+        MiniBatchLayout(num_minibatches=1, rows_per_minibatch=8, dp_size=3, dp_rank=0)
 
 
 def test_resume_none_sets_an_earlier_run_aside(tmp_path):

@@ -15,7 +15,7 @@ def _errors_body(ctx, assets, root, garbage):
     from covrl.config import ConfigError, load_config
     from covrl.data import load_prompt_dataset, load_tokenizer
     from covrl.rewards import RewardError, RewardExecutor, RewardRegistry
-    from covrl.training.batch import RolloutBatch
+    from covrl.rollout import Generations
     from covrl.training.scoring import score_batch
     from covrl.training.setup import build_run
 
@@ -39,7 +39,8 @@ def _errors_body(ctx, assets, root, garbage):
     data = load_prompt_dataset(assets["train"], tokenizer, max_prompt_length=64)
     seven = tokenizer.encode("7", add_special_tokens=False)
     two = tokenizer.encode("2", add_special_tokens=False)
-    batch = RolloutBatch(
+    batch = Generations(
+        prompt_index=[0, 0, 1, 1],
         group=[0, 0, 1, 1],
         record=[0, 0, 1, 1],
         prompt_ids=[list(data[0].prompt_ids)] * 2 + [list(data[1].prompt_ids)] * 2,

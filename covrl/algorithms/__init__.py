@@ -28,7 +28,7 @@ Inside it, per mini-batch (``current`` from a no-grad forward when
     loss = aggregate_loss(out.token_loss, mask, cfg.loss_agg_mode, count,
                           cfg.loss_norm_constant)
 
-and :meth:`covrl.models.engine.PolicyEngine.train_step` multiplies each micro-batch
+and :meth:`covrl.engine.PolicyEngine.train_step` multiplies each micro-batch
 loss by :func:`megatron_loss_scale` before megatron's backward.
 """
 

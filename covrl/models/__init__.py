@@ -1,15 +1,8 @@
 """Policy models: megatron-core ``GPTModel`` built from Hugging Face Llama / Qwen2
 checkpoints (:mod:`~covrl.models.hf_config` the architecture,
 :mod:`~covrl.models.model` the model chunks, :mod:`~covrl.models.hf_weights` streamed
-weight loading and export) and the :class:`PolicyEngine` that runs them."""
+weight loading and export); :mod:`covrl.engine` runs them."""
 
-from covrl.models.engine import (
-    EngineConfig,
-    OptimizerConfig,
-    PolicyEngine,
-    StepResult,
-    TokenOutputs,
-)
 from covrl.models.hf_config import (
     PolicyModelConfig,
     validate_parallel_layout,
@@ -29,11 +22,6 @@ from covrl.models.hf_weights import (
 from covrl.models.model import build_model, layer_spec, use_transformer_engine
 
 __all__ = [
-    "EngineConfig",
-    "OptimizerConfig",
-    "PolicyEngine",
-    "StepResult",
-    "TokenOutputs",
     "HFCheckpointReader",
     "LoadStats",
     "PolicyModelConfig",

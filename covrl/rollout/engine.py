@@ -241,13 +241,22 @@ class RolloutEngine:
         hf_model_dir: Hugging Face checkpoint vLLM starts from (config + weights; no
             tokenizer is needed: prompts are token ids).
         config: engine settings.
+        dummy_weights: start with random weights instead of reading the checkpoint's
+            (the trainer's first sync overwrites them anyway); generating before a
+            :meth:`sync_weights` then raises.
 
     The replicas span the whole ``torch.distributed`` world (vLLM's external launcher
     builds its groups over the world), so every collective here is on the default
     group.
     """
 
-    def __init__(self, hf_model_dir: str | os.PathLike, config: RolloutConfig | None = None):
+    def __init__(
+        self,
+        hf_model_dir: str | os.PathLike,
+        config: RolloutConfig | None = None,
+        *,
+        dummy_weights: bool = False,
+    ):
         self.config = config = config or RolloutConfig()
         self.group = None  # the default group: the world
         self.world_size = dist.get_world_size()
@@ -270,7 +279,9 @@ class RolloutEngine:
         self.replica = self.rank // self.replica_size
         self._cuda_sleep = config.enable_sleep_mode and torch.cuda.is_available()
         self._asleep: set[str] = set()
-        self._weights_lost = False  # slept at level 2 and not synced since
+        # No usable weights: started with dummy ones, slept at level 2, or a sync
+        # failed part-way; cleared by the next complete sync.
+        self._weights_lost = dummy_weights
 
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine
         from vllm import LLM
@@ -297,6 +308,8 @@ class RolloutEngine:
             kwargs["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
         if self._cuda_sleep:
             kwargs["enable_sleep_mode"] = True
+        if dummy_weights:
+            kwargs["load_format"] = "dummy"
         kwargs.update(config.engine_kwargs)
         if on_cpu:
             _job_unique_cpu_shm_names()
@@ -489,17 +502,22 @@ class RolloutEngine:
             self._asleep = {"weights", "kv_cache"}
             self._weights_lost = True
 
-    def wake_up(self) -> None:
-        """Re-allocate everything :meth:`sleep` released. The released weights are
-        not restored: after a sleep, :meth:`sync_weights` (which wakes the weights
-        itself) must come first, else this raises."""
-        self._wake(("weights", "kv_cache"))
+    @property
+    def weights_released(self) -> bool:
+        """Whether vLLM holds no usable weights (dummy start, sleep, failed sync) until
+        the next :meth:`sync_weights`."""
+        return self._weights_lost
+
+    def shutdown(self) -> None:
+        """Stop the in-process engine core (this also destroys the default process
+        group under the external launcher: call it last)."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def _wake(self, tags: Sequence[str]) -> None:
         if "kv_cache" in tags and self._weights_lost:
             raise RuntimeError(
-                "vLLM's weights were released by sleep() or a failed sync; call sync_weights() "
-                "before generating"
+                "vLLM holds no usable weights (started with dummy weights, released by "
+                "sleep(), or a failed sync): call sync_weights() before generating"
             )
         pending = [t for t in tags if t in self._asleep]
         if pending:

@@ -1,12 +1,17 @@
-"""The result of a rollout: sampled responses, identical on every rank.
+"""Sampled responses, identical on every rank: what a rollout returns, and the samples
+a training step carries from generation to the update.
 
-Order is prompt-major: sample ``i`` is sample ``i % n`` of prompt ``i // n``.
+Order is prompt-major: sample ``i`` is sample ``i % n`` of prompt ``i // n`` of the
+``generate`` call. The trainer annotates the samples in place (their prompt group,
+dataset record and data source, then rewards) and filters or extends them, always
+through :meth:`Generations.select` / :meth:`Generations.extend`, which keep every
+per-sample field aligned.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -16,12 +21,17 @@ FINISH_REASONS = ("stop", "length")
 
 @dataclass
 class Generations:
-    """``N = num_prompts * n`` sampled responses.
+    """``N`` sampled responses (lists of length ``N``).
 
     ``logprobs[i][t]`` is the rollout log-prob of ``response_ids[i][t]`` under the
     temperature-scaled sampling distribution (for greedy decoding, ``temperature=0``,
-    of the unscaled one; see docs/rollout.md). ``finish_reasons[i]`` is ``"stop"`` (a stop token, included as
-    the last response token) or ``"length"`` (``max_tokens`` reached).
+    of the unscaled one; see docs/rollout.md). ``finish_reasons[i]`` is ``"stop"`` (a
+    stop token, included as the last response token) or ``"length"`` (``max_tokens``
+    reached). ``prompt_index[i]`` is the sample's prompt in the ``generate`` call.
+
+    Annotations, empty until the trainer sets them: ``group`` (the prompt group, unique
+    within a training step, also across generation calls), ``record`` (the prompt's
+    dataset index), ``data_source``, ``rewards`` and ``acc``.
     """
 
     prompt_index: list[int]
@@ -29,6 +39,11 @@ class Generations:
     response_ids: list[list[int]]
     logprobs: list[list[float]]
     finish_reasons: list[str]
+    group: list[int] = field(default_factory=list)
+    record: list[int] = field(default_factory=list)
+    data_source: list[str] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    acc: list[float] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -37,40 +52,48 @@ class Generations:
     def response_lengths(self) -> list[int]:
         return [len(r) for r in self.response_ids]
 
-    def padded(self, pad_token_id: int = 0, seq_len: int | None = None) -> dict[str, torch.Tensor]:
-        """Right-padded prompt + response tensors, aligned as
-        ``PolicyEngine.forward_logprobs`` aligns its output (entry ``t`` scores token
-        ``t`` given tokens ``< t``).
+    @property
+    def num_groups(self) -> int:
+        return len(set(self.group))
 
-        Returns ``input_ids [N, S]`` long, ``attention_mask [N, S]`` long,
-        ``response_mask [N, S]`` bool (the response tokens), ``rollout_logp [N, S]``
-        float32 (the rollout log-probs at the response positions, 0 elsewhere).
-        ``S`` is the longest prompt + response unless ``seq_len`` is given.
-        """
-        lengths = [len(p) + len(r) for p, r in zip(self.prompt_ids, self.response_ids, strict=True)]
-        s = max(lengths, default=0) if seq_len is None else seq_len
-        if lengths and max(lengths) > s:
-            raise ValueError(f"seq_len={s} is shorter than the longest sample ({max(lengths)})")
-        n = len(self)
-        input_ids = torch.full((n, s), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(n, s, dtype=torch.long)
-        response_mask = torch.zeros(n, s, dtype=torch.bool)
-        rollout_logp = torch.zeros(n, s, dtype=torch.float32)
-        for i, (p, r, lp) in enumerate(
-            zip(self.prompt_ids, self.response_ids, self.logprobs, strict=True)
-        ):
-            a, b = len(p), len(p) + len(r)
-            input_ids[i, :a] = torch.tensor(p, dtype=torch.long)
-            input_ids[i, a:b] = torch.tensor(r, dtype=torch.long)
-            attention_mask[i, :b] = 1
-            response_mask[i, a:b] = True
-            rollout_logp[i, a:b] = torch.tensor(lp, dtype=torch.float32)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "response_mask": response_mask,
-            "rollout_logp": rollout_logp,
-        }
+    def annotate(
+        self, records: Sequence[int], data_sources: Sequence[str], group_offset: int
+    ) -> None:
+        """Label the samples with their prompt's dataset record and data source
+        (``records[p]``/``data_sources[p]`` for prompt ``p`` of the ``generate`` call),
+        and their group: ``group_offset + p``."""
+        self.group = [group_offset + p for p in self.prompt_index]
+        self.record = [records[p] for p in self.prompt_index]
+        self.data_source = [data_sources[p] for p in self.prompt_index]
+
+    def select(self, indices: Sequence[int]) -> Generations:
+        """The samples ``indices``, in that order (annotations follow)."""
+        return Generations(
+            **{
+                f.name: [value[i] for i in indices] if value else []
+                for f in fields(self)
+                for value in [getattr(self, f.name)]
+            }
+        )
+
+    def extend(self, other: Generations) -> None:
+        """Append ``other``'s samples (both must carry the same annotations)."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if bool(mine) != bool(theirs) and len(self) and len(other):
+                raise ValueError(f"cannot extend: Generations.{f.name} is set on one side only")
+            mine.extend(theirs)
+
+    def first_groups(self, count: int) -> Generations:
+        """The samples of the first ``count`` groups (in order of appearance)."""
+        keep, seen = [], set()
+        for i, g in enumerate(self.group):
+            if g not in seen:
+                if len(seen) == count:
+                    break
+                seen.add(g)
+            keep.append(i)
+        return self.select(keep)
 
 
 def gather_replica_rows(

@@ -182,8 +182,8 @@ def warm_start(
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from covrl.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.models import PolicyModelConfig, build_model, save_hf_checkpoint, unwrap_model
-    from covrl.models.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.tasks.tokenizer import load_tokenizer
 
     if ps.get_pipeline_model_parallel_world_size() != 1 or ps.get_data_parallel_world_size() != 1:
@@ -198,7 +198,7 @@ def warm_start(
     chunks = build_model(config)
     engine = PolicyEngine(
         chunks,
-        vocab_size=config.vocab_size,
+        config,
         optimizer=OptimizerConfig(
             lr=settings.lr,
             min_lr=settings.min_lr,

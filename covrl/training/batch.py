@@ -1,156 +1,184 @@
-"""From sampled responses to the per-rank mini-batches of the PPO update.
+"""From a step's samples to this rank's tensors: the batch the old log-prob pass and
+the PPO updates run on.
 
-:class:`RolloutBatch` holds the samples of one rollout step, identical on every rank,
-in prompt-major order (a group = the ``n`` responses of one prompt, adjacent). It is
-built from :class:`covrl.rollout.Generations`, gets its rewards, is filtered by DAPO
-dynamic sampling and refilled from further generation batches, then padded once into
-``[N, S]`` tensors (:meth:`RolloutBatch.tensors`).
+A step's samples are one :class:`covrl.rollout.Generations` (identical on every rank,
+prompt-major: a group = the ``n`` responses of one prompt, adjacent), annotated and
+scored in place, filtered by DAPO dynamic sampling and refilled from further
+generation calls. :func:`rank_batch` turns them, once, into this rank's
+:class:`PolicyBatch` on the engine's device.
 
-:class:`MiniBatchPlan` splits the ``N`` rows into ``num_minibatches`` consecutive
-mini-batches of whole groups, and each mini-batch evenly over the data-parallel ranks:
-rank ``r`` holds rows ``[k*M + r*M/dp, k*M + (r+1)*M/dp)`` of mini-batch ``k`` (``M``
-rows per mini-batch). A rank's *local rows* are its shares of every mini-batch, in
-mini-batch order: the old log-probs are computed for them in one pass.
+Layout (:class:`MiniBatchLayout`): the ``N`` samples form ``num_minibatches``
+consecutive mini-batches of ``M`` samples (whole groups); each mini-batch is split
+evenly over the ``dp`` data-parallel ranks, rank ``r`` holding samples
+``[k*M + r*M/dp, k*M + (r+1)*M/dp)`` of mini-batch ``k``. The rank's batch has its
+shares of every mini-batch, in mini-batch order (``[L, S]``, ``L = num_minibatches *
+M / dp`` rows); :meth:`MiniBatchLayout.minibatch` is the row slice of mini-batch
+``k`` in it, and :meth:`PolicyBatch.rows` its view. Every row knows its index in its
+mini-batch (``sample_index``), which names its tokens in the Clip-Cov / KL-Cov
+selection; there is no other index space.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import torch
 
 from covrl.algorithms import compute_advantages, dynamic_sampling_filter
 from covrl.algorithms.config import AdvantageConfig
 from covrl.rollout import Generations
-from covrl.training.update import PolicyBatch
 
-__all__ = ["MiniBatchPlan", "RolloutBatch", "RolloutTensors"]
+__all__ = [
+    "MiniBatchLayout",
+    "PolicyBatch",
+    "dynamic_sampling",
+    "rank_batch",
+    "rollout_metrics",
+    "step_advantages",
+]
 
 
 @dataclass
-class RolloutBatch:
-    """Samples of one step (lists of length ``N``, prompt-major).
+class PolicyBatch:
+    """Rows of prompt + response tokens with what the policy loss needs per token.
 
-    ``group`` labels the prompt each sample answers (unique within the step, also
-    across generation batches); ``record`` indexes the prompt dataset.
+    All per-token tensors are ``[batch, seq]`` and aligned as
+    :meth:`covrl.engine.PolicyEngine.forward_logprobs` aligns log-probs (entry ``t``
+    scores token ``t`` given tokens ``< t``).
+
+    Attributes:
+        input_ids: ``[batch, seq]`` long, right-padded prompt + response.
+        attention_mask: ``[batch, seq]`` long, 1 on real tokens (then 0s per row).
+        response_mask: ``[batch, seq]`` bool, the tokens scored by the loss.
+        sample_index: ``[batch]`` long, each row's index in its global mini-batch
+            (unique over every DP rank; it names the row's tokens in the selection).
+        advantages: ``[batch, seq]`` float32 per-token advantages (0 off the response).
+        old_logp: ``[batch, seq]`` float32 log-probs of the policy before the update
+            (the trainer's, from the old log-prob pass); required by the update.
+        rollout_logp: ``[batch, seq]`` float32 log-probs vLLM sampled the response with.
+        old_entropy: ``[batch, seq]`` float32 entropy of the policy before the update.
+        ref_logp: ``[batch, seq]`` reference-policy log-probs, for
+            ``PolicyLossConfig.kl_coeff`` (also reported as ``ref_kl`` when given).
+        rollout_weights: ``[batch, seq]`` truncated importance weights of the rollout
+            correction; they multiply each token's surrogate term.
     """
-
-    group: list[int]
-    record: list[int]
-    prompt_ids: list[list[int]]
-    response_ids: list[list[int]]
-    logprobs: list[list[float]]
-    finish_reasons: list[str]
-    data_source: list[str]
-    rewards: list[float] = field(default_factory=list)
-    acc: list[float] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.group)
-
-    @property
-    def num_groups(self) -> int:
-        return len(set(self.group))
-
-    @classmethod
-    def from_generations(
-        cls, gens: Generations, records: list[int], data_sources: list[str], group_offset: int
-    ) -> RolloutBatch:
-        """``records[j]`` / ``data_sources[j]``: the dataset index and source of prompt
-        ``j`` of the ``generate`` call; groups are numbered from ``group_offset``."""
-        return cls(
-            group=[group_offset + p for p in gens.prompt_index],
-            record=[records[p] for p in gens.prompt_index],
-            prompt_ids=gens.prompt_ids,
-            response_ids=gens.response_ids,
-            logprobs=gens.logprobs,
-            finish_reasons=gens.finish_reasons,
-            data_source=[data_sources[p] for p in gens.prompt_index],
-        )
-
-    def select(self, indices: list[int]) -> RolloutBatch:
-        return RolloutBatch(
-            **{
-                name: [getattr(self, name)[i] for i in indices] if getattr(self, name) else []
-                for name in self.__dataclass_fields__
-            }
-        )
-
-    def extend(self, other: RolloutBatch) -> None:
-        for name in self.__dataclass_fields__:
-            getattr(self, name).extend(getattr(other, name))
-
-    def first_groups(self, count: int) -> RolloutBatch:
-        """The samples of the first ``count`` groups (in order of appearance)."""
-        keep, seen = [], []
-        for i, g in enumerate(self.group):
-            if g not in seen:
-                if len(seen) == count:
-                    break
-                seen.append(g)
-            keep.append(i)
-        return self.select(keep)
-
-    def dynamic_sampling(self) -> tuple[RolloutBatch, int]:
-        """DAPO: drop the groups whose rewards are all equal. Returns the kept samples
-        and the number of kept groups."""
-        result = dynamic_sampling_filter(
-            torch.tensor(self.rewards, dtype=torch.float64), torch.tensor(self.group)
-        )
-        return self.select(result.kept_indices.tolist()), result.num_kept_groups
-
-    # ------------------------------------------------------------------ metrics
-    def rollout_metrics(self) -> dict[str, float]:
-        """Reward, accuracy and response-length statistics of the samples."""
-        lengths = [len(r) for r in self.response_ids]
-        n = max(len(self), 1)
-        return {
-            "rollout/reward_mean": sum(self.rewards) / n,
-            "rollout/accuracy": sum(self.acc) / n,
-            "rollout/response_length_mean": sum(lengths) / n,
-            "rollout/response_length_max": float(max(lengths, default=0)),
-            "rollout/truncated_fraction": sum(f == "length" for f in self.finish_reasons) / n,
-        }
-
-    # ------------------------------------------------------------------ tensors
-    def tensors(self, advantage: AdvantageConfig, pad_token_id: int = 0) -> RolloutTensors:
-        """Right-padded ``[N, S]`` tensors and per-token advantages of the whole batch."""
-        gens = Generations(
-            prompt_index=list(range(len(self))),
-            prompt_ids=self.prompt_ids,
-            response_ids=self.response_ids,
-            logprobs=self.logprobs,
-            finish_reasons=self.finish_reasons,
-        )
-        padded = gens.padded(pad_token_id=pad_token_id)
-        rewards = torch.tensor(self.rewards, dtype=torch.float32)
-        advantages = compute_advantages(
-            rewards, torch.tensor(self.group), padded["response_mask"], advantage
-        )
-        return RolloutTensors(
-            input_ids=padded["input_ids"],
-            attention_mask=padded["attention_mask"],
-            response_mask=padded["response_mask"],
-            rollout_logp=padded["rollout_logp"],
-            advantages=advantages.float(),
-        )
-
-
-@dataclass
-class RolloutTensors:
-    """The whole step's batch, ``[N, S]``, identical on every rank."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
-    rollout_logp: torch.Tensor
+    sample_index: torch.Tensor
     advantages: torch.Tensor
+    old_logp: torch.Tensor | None = None
+    rollout_logp: torch.Tensor | None = None
+    old_entropy: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    rollout_weights: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def _map(self, fn) -> PolicyBatch:
+        return PolicyBatch(
+            **{
+                f.name: None if v is None else fn(v)
+                for f in fields(self)
+                for v in [getattr(self, f.name)]
+            }
+        )
+
+    def to(self, device: torch.device) -> PolicyBatch:
+        """The batch with every tensor on ``device`` (the engine's)."""
+        return self._map(lambda v: v.to(device, non_blocking=True))
+
+    def rows(self, rows: slice) -> PolicyBatch:
+        """A view of the rows ``rows`` (no copy)."""
+        return self._map(lambda v: v[rows])
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field with a wrong shape or dtype."""
+        if self.input_ids.dim() != 2:
+            raise ValueError(
+                f"PolicyBatch.input_ids must be [batch, seq], got {tuple(self.input_ids.shape)}"
+            )
+        shape = self.input_ids.shape
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("input_ids", "sample_index") or value is None:
+                continue
+            if value.shape != shape:
+                raise ValueError(
+                    f"PolicyBatch.{f.name} has shape {tuple(value.shape)}, expected "
+                    f"{tuple(shape)} (the shape of input_ids)"
+                )
+        if self.sample_index.shape != shape[:1]:
+            raise ValueError(
+                f"PolicyBatch.sample_index has shape {tuple(self.sample_index.shape)}, "
+                f"expected ({shape[0]},) (one index per row)"
+            )
+        if self.response_mask.dtype != torch.bool:
+            raise ValueError(
+                f"PolicyBatch.response_mask must be bool, got {self.response_mask.dtype}"
+            )
+        for name in ("input_ids", "sample_index"):
+            dtype = getattr(self, name).dtype
+            if dtype.is_floating_point or dtype == torch.bool:
+                raise ValueError(f"PolicyBatch.{name} must be an integer tensor, got {dtype}")
+
+    @classmethod
+    def from_generations(
+        cls,
+        gens: Generations,
+        rows: Sequence[int] | None = None,
+        *,
+        sample_index: Sequence[int] | None = None,
+        advantages: Sequence[torch.Tensor] | None = None,
+        pad_token_id: int = 0,
+        seq_len: int | None = None,
+    ) -> PolicyBatch:
+        """Right-padded host tensors of the samples ``rows`` (default: all) of ``gens``.
+
+        ``advantages[i]`` is sample ``i``'s ``[response_len]`` advantages (default 0);
+        ``sample_index`` defaults to ``rows``. ``seq`` is the longest prompt + response
+        of the rows unless ``seq_len`` is given. ``rollout_logp`` holds vLLM's log-probs
+        at the response positions, 0 elsewhere.
+        """
+        rows = list(range(len(gens))) if rows is None else list(rows)
+        lengths = [len(gens.prompt_ids[i]) + len(gens.response_ids[i]) for i in rows]
+        s = max(lengths, default=0) if seq_len is None else seq_len
+        if lengths and max(lengths) > s:
+            raise ValueError(f"seq_len={s} is shorter than the longest sample ({max(lengths)})")
+        n = len(rows)
+        input_ids = torch.full((n, s), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(n, s, dtype=torch.long)
+        response_mask = torch.zeros(n, s, dtype=torch.bool)
+        rollout_logp = torch.zeros(n, s, dtype=torch.float32)
+        adv = torch.zeros(n, s, dtype=torch.float32)
+        for j, i in enumerate(rows):
+            p, r = gens.prompt_ids[i], gens.response_ids[i]
+            a, b = len(p), len(p) + len(r)
+            input_ids[j, :a] = torch.tensor(p, dtype=torch.long)
+            input_ids[j, a:b] = torch.tensor(r, dtype=torch.long)
+            attention_mask[j, :b] = 1
+            response_mask[j, a:b] = True
+            rollout_logp[j, a:b] = torch.tensor(gens.logprobs[i], dtype=torch.float32)
+            if advantages is not None:
+                adv[j, a:b] = advantages[i]
+        index = rows if sample_index is None else list(sample_index)
+        return cls(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            response_mask=response_mask,
+            sample_index=torch.tensor(index, dtype=torch.long),
+            advantages=adv,
+            rollout_logp=rollout_logp,
+        )
 
 
 @dataclass(frozen=True)
-class MiniBatchPlan:
-    """Row layout of ``num_minibatches`` mini-batches of ``rows_per_minibatch`` rows over
-    ``dp_size`` data-parallel ranks (see the module docstring)."""
+class MiniBatchLayout:
+    """``num_minibatches`` mini-batches of ``rows_per_minibatch`` samples over ``dp_size``
+    data-parallel ranks (see the module docstring)."""
 
     num_minibatches: int
     rows_per_minibatch: int
@@ -168,35 +196,73 @@ class MiniBatchPlan:
     def rows_per_rank(self) -> int:
         return self.rows_per_minibatch // self.dp_size
 
-    def rank_rows(self, minibatch: int) -> torch.Tensor:
-        """Global row indices of this rank's share of ``minibatch``."""
+    def rank_samples(self, minibatch: int) -> range:
+        """The step's sample indices this rank holds of ``minibatch``."""
         start = minibatch * self.rows_per_minibatch + self.dp_rank * self.rows_per_rank
-        return torch.arange(start, start + self.rows_per_rank)
+        return range(start, start + self.rows_per_rank)
 
-    def local_rows(self) -> torch.Tensor:
-        """This rank's rows of every mini-batch, in mini-batch order."""
-        return torch.cat([self.rank_rows(k) for k in range(self.num_minibatches)])
+    def minibatch(self, minibatch: int) -> slice:
+        """The rows of ``minibatch`` in this rank's batch."""
+        return slice(minibatch * self.rows_per_rank, (minibatch + 1) * self.rows_per_rank)
 
-    def policy_batch(
-        self,
-        minibatch: int,
-        full: RolloutTensors,
-        old_logp_local: torch.Tensor,
-        *,
-        rollout_weights_local: torch.Tensor | None = None,
-        ref_logp_local: torch.Tensor | None = None,
-    ) -> PolicyBatch:
-        """This rank's :class:`PolicyBatch` of ``minibatch``. ``*_local`` tensors are
-        indexed like :meth:`local_rows`."""
-        rows = self.rank_rows(minibatch)
-        local = slice(minibatch * self.rows_per_rank, (minibatch + 1) * self.rows_per_rank)
-        return PolicyBatch(
-            input_ids=full.input_ids[rows],
-            attention_mask=full.attention_mask[rows],
-            response_mask=full.response_mask[rows],
-            sample_index=rows - minibatch * self.rows_per_minibatch,
-            old_logp=old_logp_local[local],
-            advantages=full.advantages[rows],
-            ref_logp=None if ref_logp_local is None else ref_logp_local[local],
-            rollout_weights=None if rollout_weights_local is None else rollout_weights_local[local],
-        )
+
+def step_advantages(gens: Generations, config: AdvantageConfig) -> list[torch.Tensor]:
+    """Per-token advantages of every sample of the step, ``[response_len]`` each.
+
+    Computed over the whole step (group baselines; REINFORCE++'s whitening over every
+    response token), identical on every rank.
+    """
+    lengths = gens.response_lengths
+    mask = torch.zeros(len(gens), max(lengths, default=0), dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = True
+    adv = compute_advantages(
+        torch.tensor(gens.rewards, dtype=torch.float32), torch.tensor(gens.group), mask, config
+    )
+    return [adv[i, :n].float() for i, n in enumerate(lengths)]
+
+
+def rank_batch(
+    gens: Generations,
+    layout: MiniBatchLayout,
+    advantage: AdvantageConfig,
+    *,
+    pad_token_id: int,
+    device: torch.device,
+) -> PolicyBatch:
+    """This rank's rows of every mini-batch (mini-batch order), on ``device``."""
+    rows, index = [], []
+    for k in range(layout.num_minibatches):
+        samples = layout.rank_samples(k)
+        rows += list(samples)
+        index += [i - k * layout.rows_per_minibatch for i in samples]
+    batch = PolicyBatch.from_generations(
+        gens,
+        rows,
+        sample_index=index,
+        advantages=step_advantages(gens, advantage),
+        pad_token_id=pad_token_id,
+    )
+    return batch.to(device)
+
+
+def dynamic_sampling(gens: Generations) -> Generations:
+    """DAPO: the samples of the groups whose rewards are not all equal."""
+    result = dynamic_sampling_filter(
+        torch.tensor(gens.rewards, dtype=torch.float64), torch.tensor(gens.group)
+    )
+    return gens.select(result.kept_indices.tolist())
+
+
+def rollout_metrics(gens: Generations) -> dict[str, float]:
+    """Reward, accuracy and response-length statistics of the samples."""
+    lengths = gens.response_lengths
+    n = max(len(gens), 1)
+    return {
+        "rollout/reward_mean": sum(gens.rewards) / n,
+        "rollout/accuracy": sum(gens.acc) / n,
+        "rollout/response_length_mean": sum(lengths) / n,
+        "rollout/response_length_max": float(max(lengths, default=0)),
+        "rollout/truncated_fraction": sum(f == "length" for f in gens.finish_reasons) / n,
+        "rollout/response_tokens": float(sum(lengths)),
+    }

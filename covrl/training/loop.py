@@ -2,15 +2,17 @@
 
 Per step, on every rank (SPMD under torchrun; vLLM colocated with megatron-core)::
 
-    prompts -> rollout.generate (n per prompt) -> rewards -> DAPO dynamic sampling
-      (refill from further generation batches) -> GRPO / RLOO / REINFORCE++ advantages
+    prompts -> rollout.generate (n per prompt; weights synced first if stale) -> rewards
+      -> DAPO dynamic sampling (refill from further generation batches)
+      -> this rank's batch with GRPO / RLOO / REINFORCE++ advantages
       -> old log-probs (+ reference log-probs) and the rollout/trainer mismatch
       -> ppo_epochs x one ppo_update per mini-batch -> entropy change vs -Cov
-      -> sync weights to vLLM -> validation every test_freq steps (+ entropy-law fit)
+      -> validation every test_freq steps (+ entropy-law fit)
       -> log -> checkpoint every save_freq steps, on preemption and at the end
 
 The phases live in :mod:`covrl.training.steps`, the set-up in
-:mod:`covrl.training.setup`.
+:mod:`covrl.training.setup`, the switches between vLLM and training in
+:mod:`covrl.training.colocation`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import time
 from dataclasses import dataclass
 
 from covrl.config import RunConfig
-from covrl.training.batch import MiniBatchPlan
 from covrl.training.logger import PhaseTimer
 from covrl.training.preemption import PreemptionHandler
 from covrl.training.setup import Run, build_run
@@ -28,6 +29,7 @@ from covrl.training.steps import (
     entropy_change,
     export_hf,
     old_logprobs,
+    policy_batch,
     save,
     update_policy,
     validate,
@@ -52,34 +54,24 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     cfg = run.config
     timer = PhaseTimer()
     with timer("step"):
-        batch, metrics = collect_rollouts(run, step, timer)
-        run.rollout.sleep()
-        if batch is not None:
-            tensors = batch.tensors(cfg.algorithm.advantage, run.tokenizer.pad_token_id or 0)
-            plan = MiniBatchPlan(
-                num_minibatches=batch.num_groups // cfg.algorithm.ppo_mini_batch_size,
-                rows_per_minibatch=cfg.algorithm.ppo_mini_batch_size * cfg.sampling.n,
-                dp_size=run.dp_size,
-                dp_rank=_dp_rank(),
-            )
+        samples, metrics = collect_rollouts(run, step, timer)
+        if samples is not None:
+            run.colocation.train_phase()
+            batch, layout = policy_batch(run, samples)
             with timer("old_logprob"):
-                local, more = old_logprobs(run, tensors, plan)
-                metrics.update(more)
+                metrics.update(old_logprobs(run, batch))
             with timer("update"):
-                metrics.update(update_policy(run, tensors, plan, local))
+                metrics.update(update_policy(run, batch, layout))
             if _due(step, cfg.trainer.entropy_change_freq):
                 with timer("entropy_change"):
-                    metrics.update(entropy_change(run, tensors, plan, local))
-            with timer("sync"):
-                sync = run.rollout.sync_weights(run.engine.model, run.model_config)
-                metrics["perf/sync_gb_per_s"] = sync["gb_per_s"]
+                    metrics.update(entropy_change(run, batch))
         else:
             metrics["train/updates"] = 0.0
         if run.val_data is not None and (
             _due(step, cfg.validation.test_freq) or step == run.total_steps
         ):
             with timer("validate"):
-                metrics.update(validate(run, step))
+                metrics.update(validate(run, step, timer))
             if cfg.trainer.entropy_law and "rollout/entropy" in metrics:
                 metrics.update(
                     run.monitor.update(step, metrics["rollout/entropy"], metrics["val/accuracy"])
@@ -87,12 +79,6 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     metrics.update(timer.metrics())
     metrics["perf/tokens_per_s"] = metrics["rollout/response_tokens"] / metrics["time/step"]
     return metrics
-
-
-def _dp_rank() -> int:
-    from megatron.core import parallel_state as ps
-
-    return ps.get_data_parallel_rank()
 
 
 def train(config: RunConfig, resume: str = "auto") -> TrainResult:

@@ -14,13 +14,13 @@ import torch.distributed as dist
 from covrl.data import PromptDataset
 from covrl.parallel import get_device
 from covrl.rewards import RewardError, RewardExecutor, RewardRegistry, ScoreRequest
-from covrl.training.batch import RolloutBatch
+from covrl.rollout import Generations
 
 __all__ = ["score_batch"]
 
 
 def score_batch(
-    batch: RolloutBatch,
+    batch: Generations,
     dataset: PromptDataset,
     tokenizer,
     registry: RewardRegistry,

@@ -9,10 +9,9 @@ Collective: every rank calls it; an error on any rank is raised on every rank.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +21,17 @@ from covrl import checkpointing
 from covrl.analysis import EntropyLawMonitor
 from covrl.config import ConfigError, RunConfig, save_config, to_yaml
 from covrl.data import DataError, EpochSampler, PromptDataset, load_prompt_dataset, load_tokenizer
+from covrl.engine import PolicyEngine
 from covrl.models import (
     PolicyModelConfig,
     build_model,
     load_hf_weights,
     validate_parallel_layout,
 )
-from covrl.models.engine import PolicyEngine
 from covrl.parallel import initialize
 from covrl.rewards import RewardError, RewardExecutor, RewardRegistry
 from covrl.rollout import RolloutEngine
+from covrl.training.colocation import Colocation
 from covrl.training.logger import METRICS_JSONL, TENSORBOARD_DIR, MetricsLogger
 
 __all__ = ["CHECKPOINT_DIRNAME", "HF_EXPORT_DIRNAME", "Run", "build_run", "trainer_state"]
@@ -61,14 +61,11 @@ class Run:
     engine: PolicyEngine
     ref_engine: PolicyEngine | None
     rollout: RolloutEngine
+    colocation: Colocation
     logger: MetricsLogger
     monitor: EntropyLawMonitor
-    dp_group: Any
-    dp_size: int
     total_steps: int
     start_step: int = 0
-    resumed_from: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:
@@ -86,7 +83,7 @@ class Run:
         self.rewards.close()
         self.logger.close()
         liveness.stop()
-        self.rollout.llm.llm_engine.engine_core.shutdown()
+        self.rollout.shutdown()
 
 
 def _agree(error: str | None) -> None:
@@ -131,7 +128,7 @@ def _build_policy(
     load_hf_weights(chunks, model_config, path)
     return PolicyEngine(
         chunks,
-        model_config.vocab_size,
+        model_config,
         optimizer=config.policy.optim if trainable else None,
         config=config.policy.engine,
     )
@@ -179,8 +176,6 @@ def trainer_state(run: Run, step: int) -> dict:
 
 def build_run(config: RunConfig, resume: str = "auto") -> Run:
     """Set up a run on every rank (see the module docstring)."""
-    from megatron.core import parallel_state as ps
-
     initialize(config.policy.parallel(), seed=config.trainer.seed, timeouts=config.timeouts())
     world, rank = dist.get_world_size(), dist.get_rank()
     error = None
@@ -229,19 +224,14 @@ def build_run(config: RunConfig, resume: str = "auto") -> Run:
     ref_engine = None
     if config.policy.loss.kl_coeff > 0:
         ref_engine = _build_policy(config, model_config, trainable=False)
-    rollout = RolloutEngine(config.policy.model_path, config.rollout)
+    # vLLM starts with dummy weights: the first rollout syncs the trainer's.
+    rollout = RolloutEngine(config.policy.model_path, config.rollout, dummy_weights=True)
     monitor = EntropyLawMonitor()
 
     total = config.trainer.total_steps or config.trainer.total_epochs * sampler.batches_per_epoch
     start_step = 0
     if resume_from is not None:
-        metadata = checkpointing.load_checkpoint(
-            resume_from,
-            engine.model,
-            model_config,
-            optimizer=engine.optimizer,
-            scheduler=engine.scheduler,
-        )
+        metadata = engine.load_checkpoint(resume_from)
         state = metadata.extra.get("trainer")
         if not isinstance(state, dict) or "sampler" not in state:
             raise checkpointing.CheckpointError(
@@ -254,8 +244,6 @@ def build_run(config: RunConfig, resume: str = "auto") -> Run:
         except ValueError as exc:
             raise checkpointing.CheckpointError(f"{resume_from}: {exc}") from None
         monitor.load_state_dict(state["entropy_law"])
-        # vLLM started from the Hugging Face weights: give it the restored ones.
-        rollout.sync_weights(engine.model, model_config)
 
     logger = MetricsLogger(
         config.trainer.run_dir,
@@ -284,11 +272,9 @@ def build_run(config: RunConfig, resume: str = "auto") -> Run:
         engine=engine,
         ref_engine=ref_engine,
         rollout=rollout,
+        colocation=Colocation(engine, rollout, synced=False),
         logger=logger,
         monitor=monitor,
-        dp_group=ps.get_data_parallel_group(),
-        dp_size=dp_size,
         total_steps=total,
         start_step=start_step,
-        resumed_from=os.fspath(resume_from) if resume_from else None,
     )

@@ -1,35 +1,36 @@
 """The phases of one training step, each a function the driver calls in order.
 
-Tensor layout: ``RolloutTensors`` are the whole step's ``[N, S]`` batch on every rank;
-``local`` tensors are this rank's rows (:meth:`MiniBatchPlan.local_rows`), ``[L, S]``.
-Metrics returned by every function are identical on every rank (reduced over the
-data-parallel group where the data is split).
+Tensor layout: a step's :class:`PolicyBatch` holds this rank's rows of every
+mini-batch (``[L, S]``, mini-batch order, on the engine's device; see
+:mod:`covrl.training.batch`). Metrics returned by every function are identical on
+every rank (reduced over the data-parallel group where the data is split).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.distributed as dist
 
-from covrl import checkpointing
-from covrl.models import save_hf_checkpoint
-from covrl.models.engine import TokenOutputs
 from covrl.ops import sampled_entropy_change
-from covrl.rollout import SamplingConfig, mismatch_metrics
-from covrl.training.batch import MiniBatchPlan, RolloutBatch, RolloutTensors
+from covrl.parallel import all_reduce
+from covrl.rollout import Generations, SamplingConfig, mismatch_metrics
+from covrl.training.batch import (
+    MiniBatchLayout,
+    PolicyBatch,
+    dynamic_sampling,
+    rank_batch,
+    rollout_metrics,
+)
 from covrl.training.logger import PhaseTimer
 from covrl.training.scoring import score_batch
 from covrl.training.setup import HF_EXPORT_DIRNAME, Run, trainer_state
 from covrl.training.update import UpdateResult, ppo_update
 
 __all__ = [
-    "LocalLogprobs",
     "collect_rollouts",
     "entropy_change",
     "export_hf",
     "old_logprobs",
+    "policy_batch",
     "save",
     "update_policy",
     "validate",
@@ -42,13 +43,22 @@ def generation_seed(seed: int, step: int, batch: int) -> int:
 
 
 def _token_mean(values: torch.Tensor, mask: torch.Tensor, group) -> float:
+    """Mean of ``values`` over the ``mask`` tokens of every rank of ``group``."""
     sums = torch.stack([(values.double() * mask).sum(), mask.double().sum()])
-    dist.all_reduce(sums, group=group)
+    all_reduce(sums, group)
     return (sums[0] / sums[1].clamp(min=1)).item()
 
 
+def _generate(run: Run, prompts: list[list[int]], sampling: SamplingConfig, seed: int, timer):
+    """Generate with the trainer's current weights (synced first when vLLM's are stale)."""
+    with timer("sync"):
+        sync = run.colocation.rollout_phase()
+    with timer("rollout"):
+        return run.rollout.generate(prompts, sampling, seed=seed), sync
+
+
 # ---------------------------------------------------------------------------- rollout
-def collect_rollouts(run: Run, step: int, timer: PhaseTimer) -> tuple[RolloutBatch | None, dict]:
+def collect_rollouts(run: Run, step: int, timer: PhaseTimer) -> tuple[Generations | None, dict]:
     """Generate, score and (DAPO) filter until ``train_batch_size`` informative prompts
     or ``max_num_gen_batches`` generation batches; keep whole mini-batches of groups.
 
@@ -61,69 +71,78 @@ def collect_rollouts(run: Run, step: int, timer: PhaseTimer) -> tuple[RolloutBat
     limit = cfg.algorithm.max_num_gen_batches
     generated = kept = None
     num_gen = timeouts = 0
+    metrics: dict[str, float] = {}
     while True:
         indices = run.sampler.next_batch()
         records = [run.train_data[i] for i in indices]
-        with timer("rollout"):
-            gens = run.rollout.generate(
-                [r.prompt_ids for r in records],
-                cfg.sampling,
-                seed=generation_seed(cfg.trainer.seed, step, num_gen + 1),
-            )
-        batch = RolloutBatch.from_generations(
-            gens, indices, [r.data_source for r in records], group_offset=num_gen * target
+        gens, sync = _generate(
+            run,
+            [r.prompt_ids for r in records],
+            cfg.sampling,
+            generation_seed(cfg.trainer.seed, step, num_gen + 1),
+            timer,
         )
+        metrics.update(sync)
+        gens.annotate(indices, [r.data_source for r in records], group_offset=num_gen * target)
         with timer("reward"):
-            timeouts += score_batch(batch, run.train_data, run.tokenizer, run.registry, run.rewards)
+            timeouts += score_batch(gens, run.train_data, run.tokenizer, run.registry, run.rewards)
         num_gen += 1
-        generated = batch if generated is None else (generated.extend(batch) or generated)
+        generated = gens if generated is None else (generated.extend(gens) or generated)
         if dynamic:
-            batch, _ = batch.dynamic_sampling()
-        kept = batch if kept is None else (kept.extend(batch) or kept)
+            gens = dynamic_sampling(gens)
+        kept = gens if kept is None else (kept.extend(gens) or kept)
         if not dynamic or kept.num_groups >= target or (limit and num_gen >= limit):
             break
     groups = min(kept.num_groups, target) // per_mb * per_mb
-    metrics = generated.rollout_metrics()
+    metrics.update(rollout_metrics(generated))
     metrics.update(
         {
             "rollout/generation_batches": float(num_gen),
             "rollout/informative_prompts": float(kept.num_groups),
             "rollout/reward_timeouts": float(timeouts),
-            "rollout/response_tokens": float(sum(len(r) for r in generated.response_ids)),
         }
     )
     return (kept.first_groups(groups) if groups else None), metrics
 
 
+def policy_batch(run: Run, samples: Generations) -> tuple[PolicyBatch, MiniBatchLayout]:
+    """This rank's batch of the step's samples and its mini-batch layout."""
+    cfg = run.config
+    layout = MiniBatchLayout(
+        num_minibatches=samples.num_groups // cfg.algorithm.ppo_mini_batch_size,
+        rows_per_minibatch=cfg.algorithm.ppo_mini_batch_size * cfg.sampling.n,
+        dp_size=run.engine.dp_size,
+        dp_rank=run.engine.dp_rank,
+    )
+    batch = rank_batch(
+        samples,
+        layout,
+        cfg.algorithm.advantage,
+        pad_token_id=run.tokenizer.pad_token_id or 0,
+        device=run.engine.device,
+    )
+    return batch, layout
+
+
 # ---------------------------------------------------------------------------- log-probs
-@dataclass
-class LocalLogprobs:
-    """This rank's rows: old log-probs/entropies, the response mask, the rollout
-    log-probs, the truncated IS weights and the reference log-probs (``[L, S]``)."""
-
-    old: TokenOutputs
-    mask: torch.Tensor
-    rollout_logp: torch.Tensor
-    weights: torch.Tensor | None
-    ref_logp: torch.Tensor | None
-
-
-def old_logprobs(
-    run: Run, tensors: RolloutTensors, plan: MiniBatchPlan
-) -> tuple[LocalLogprobs, dict]:
-    """The trainer's log-probs of the sampled tokens before the update (and the
-    reference policy's), with the rollout entropy and the rollout/trainer mismatch."""
-    rows = plan.local_rows()
-    ids, attn = tensors.input_ids[rows], tensors.attention_mask[rows]
-    mask = tensors.response_mask[rows]
-    old = run.engine.forward_logprobs(ids, attn)
-    rollout_logp = tensors.rollout_logp[rows]
-    ref = run.ref_engine.forward_logprobs(ids, attn).logp if run.ref_engine else None
-    weights = run.config.algorithm.rollout_correction.weights(old.logp, rollout_logp, mask)
-    metrics = {"rollout/entropy": _token_mean(old.entropy, mask, run.dp_group)}
-    mismatch = mismatch_metrics(rollout_logp, old.logp, mask, group=run.dp_group)
+def old_logprobs(run: Run, batch: PolicyBatch) -> dict[str, float]:
+    """The trainer's log-probs and entropies of the sampled tokens before the update
+    (and the reference policy's, and the rollout correction's weights), filled into
+    ``batch``; returns the rollout entropy and the rollout/trainer mismatch."""
+    old = run.engine.forward_logprobs(batch.input_ids, batch.attention_mask)
+    batch.old_logp, batch.old_entropy = old.logp, old.entropy
+    if run.ref_engine is not None:
+        batch.ref_logp = run.ref_engine.forward_logprobs(batch.input_ids, batch.attention_mask).logp
+    batch.rollout_weights = run.config.algorithm.rollout_correction.weights(
+        batch.old_logp, batch.rollout_logp, batch.response_mask
+    )
+    group = run.engine.dp_group
+    metrics = {"rollout/entropy": _token_mean(batch.old_entropy, batch.response_mask, group)}
+    mismatch = mismatch_metrics(
+        batch.rollout_logp, batch.old_logp, batch.response_mask, group=group
+    )
     metrics.update({f"mismatch/{k}": v for k, v in mismatch.items()})
-    return LocalLogprobs(old, mask, rollout_logp, weights, ref), metrics
+    return metrics
 
 
 # ---------------------------------------------------------------------------- update
@@ -150,45 +169,34 @@ def _update_metrics(results: list[UpdateResult]) -> dict[str, float]:
     return out
 
 
-def update_policy(
-    run: Run, tensors: RolloutTensors, plan: MiniBatchPlan, local: LocalLogprobs
-) -> dict[str, float]:
+def update_policy(run: Run, batch: PolicyBatch, layout: MiniBatchLayout) -> dict[str, float]:
     """``ppo_epochs`` passes of one optimizer step per mini-batch."""
     results = []
     for _ in range(run.config.algorithm.ppo_epochs):
-        for k in range(plan.num_minibatches):
-            batch = plan.policy_batch(
-                k,
-                tensors,
-                local.old.logp,
-                rollout_weights_local=local.weights,
-                ref_logp_local=local.ref_logp,
-            )
+        for k in range(layout.num_minibatches):
             results.append(
                 ppo_update(
                     run.engine,
-                    batch,
+                    batch.rows(layout.minibatch(k)),
                     run.config.policy.loss,
-                    step=run.engine.scheduler.num_steps,
-                    dp_group=run.dp_group,
+                    step=run.engine.num_steps,
+                    dp_group=run.engine.dp_group,
                 )
             )
     return _update_metrics(results)
 
 
-def entropy_change(
-    run: Run, tensors: RolloutTensors, plan: MiniBatchPlan, local: LocalLogprobs
-) -> dict[str, float]:
+def entropy_change(run: Run, batch: PolicyBatch) -> dict[str, float]:
     """Measured change of the policy entropy on the step's tokens over the update phase,
     next to the first-order prediction ``-Cov(log pi, A)`` (the sampled-token form of
     :func:`covrl.ops.sampled_entropy_change` with step size 1: compare signs and
     correlation over steps, not magnitudes)."""
-    rows = plan.local_rows()
-    new = run.engine.forward_logprobs(tensors.input_ids[rows], tensors.attention_mask[rows])
-    before = _token_mean(local.old.entropy, local.mask, run.dp_group)
-    after = _token_mean(new.entropy, local.mask, run.dp_group)
+    group = run.engine.dp_group
+    new = run.engine.forward_logprobs(batch.input_ids, batch.attention_mask)
+    before = _token_mean(batch.old_entropy, batch.response_mask, group)
+    after = _token_mean(new.entropy, batch.response_mask, group)
     predicted = sampled_entropy_change(
-        local.old.logp, tensors.advantages[rows], 1.0, local.mask, group=run.dp_group
+        batch.old_logp, batch.advantages, 1.0, batch.response_mask, group=group
     )
     return {
         "entropy_dynamics/measured_change": after - before,
@@ -198,10 +206,11 @@ def entropy_change(
 
 
 # ---------------------------------------------------------------------------- validation
-def validate(run: Run, step: int) -> dict[str, float]:
+def validate(run: Run, step: int, timer: PhaseTimer | None = None) -> dict[str, float]:
     """Greedy accuracy and avg@k per data source on the validation prompts."""
     if run.val_data is None:
         return {}
+    timer = timer or PhaseTimer()
     cfg, v = run.config, run.config.validation
     records = run.val_data.records
     prompts = [r.prompt_ids for r in records]
@@ -213,13 +222,14 @@ def validate(run: Run, step: int) -> dict[str, float]:
     for i, (name, sampling) in enumerate(runs):
         sampling.max_tokens = cfg.sampling.max_tokens
         sampling.stop_token_ids = list(cfg.sampling.stop_token_ids)
-        gens = run.rollout.generate(
-            prompts, sampling, seed=generation_seed(cfg.trainer.seed, step, 1000 + i)
+        gens, sync = _generate(
+            run, prompts, sampling, generation_seed(cfg.trainer.seed, step, 1000 + i), timer
         )
-        batch = RolloutBatch.from_generations(gens, list(range(len(records))), sources, 0)
-        score_batch(batch, run.val_data, run.tokenizer, run.registry, run.rewards)
+        metrics.update(sync)
+        gens.annotate(list(range(len(records))), sources, group_offset=0)
+        score_batch(gens, run.val_data, run.tokenizer, run.registry, run.rewards)
         per_source: dict[str, list[float]] = {}
-        for source, acc in zip(batch.data_source, batch.acc, strict=True):
+        for source, acc in zip(gens.data_source, gens.acc, strict=True):
             per_source.setdefault(source, []).append(acc)
         for source, accs in per_source.items():
             metrics[f"val/{source}/{name}"] = sum(accs) / len(accs)
@@ -227,7 +237,7 @@ def validate(run: Run, step: int) -> dict[str, float]:
             metrics["val/accuracy"] = sum(sum(a) / len(a) for a in per_source.values()) / len(
                 per_source
             )
-            lengths = [len(r) for r in batch.response_ids]
+            lengths = gens.response_lengths
             metrics["val/response_length_mean"] = sum(lengths) / len(lengths)
     return metrics
 
@@ -235,13 +245,9 @@ def validate(run: Run, step: int) -> dict[str, float]:
 # ---------------------------------------------------------------------------- persistence
 def save(run: Run, step: int) -> None:
     """Checkpoint model, optimizer, scheduler, RNG states and the trainer state."""
-    checkpointing.save_checkpoint(
+    run.engine.save_checkpoint(
         run.checkpoint_root,
         step,
-        run.engine.model,
-        run.model_config,
-        optimizer=run.engine.optimizer,
-        scheduler=run.engine.scheduler,
         hf_source=run.config.policy.model_path,
         extra=trainer_state(run, step),
         overwrite=True,
@@ -251,11 +257,5 @@ def save(run: Run, step: int) -> None:
 def export_hf(run: Run) -> str:
     """The trained policy as a Hugging Face checkpoint directory (with the tokenizer)."""
     path = run.run_dir / HF_EXPORT_DIRNAME
-    save_hf_checkpoint(
-        run.engine.model,
-        run.model_config,
-        path,
-        copy_files_from=run.config.policy.model_path,
-        overwrite=True,
-    )
+    run.engine.export_hf(path, copy_files_from=run.config.policy.model_path)
     return str(path)

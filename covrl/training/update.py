@@ -24,7 +24,7 @@ stage's DP group holds the same tokens), and every rank returns the same result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,81 +39,13 @@ from covrl.algorithms import (
     policy_metric_sums,
     prepare_selection,
 )
-from covrl.models.engine import PolicyEngine, TokenOutputs
+from covrl.engine import PolicyEngine, TokenOutputs
 from covrl.parallel import Group, rank_and_size
+from covrl.training.batch import PolicyBatch
 
 # Loss statistics are reported as token means: summed per micro-batch and over DP as
 # (sum, count) pairs; this is the count's name in the engine's summed metrics.
 _TOKENS = "num_tokens"
-
-
-@dataclass
-class PolicyBatch:
-    """This rank's data-parallel shard of one optimizer mini-batch.
-
-    Attributes:
-        input_ids: ``[batch, seq]`` long, right-padded prompt + response.
-        attention_mask: ``[batch, seq]``, 1 on real tokens (then 0s per row).
-        response_mask: ``[batch, seq]`` bool, the tokens scored by the loss.
-        sample_index: ``[batch]`` long, each row's index in the global mini-batch
-            (unique over every DP rank; it names the row's tokens in the selection).
-        old_logp: ``[batch, seq]`` float32 log-probs of the policy that sampled the
-            response, from :meth:`PolicyEngine.forward_logprobs`.
-        advantages: ``[batch, seq]`` float32 per-token advantages.
-        ref_logp: ``[batch, seq]`` reference-policy log-probs, for
-            ``PolicyLossConfig.kl_coeff`` (also reported as ``ref_kl`` when given).
-        rollout_weights: ``[batch, seq]`` truncated importance weights of the rollout
-            correction; they multiply each token's surrogate term.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
-    sample_index: torch.Tensor
-    old_logp: torch.Tensor
-    advantages: torch.Tensor
-    ref_logp: torch.Tensor | None = None
-    rollout_weights: torch.Tensor | None = None
-
-    def to(self, device: torch.device) -> PolicyBatch:
-        """The batch with every tensor on ``device`` (the engine's)."""
-        return PolicyBatch(
-            **{
-                f.name: None if v is None else v.to(device, non_blocking=True)
-                for f in fields(self)
-                for v in [getattr(self, f.name)]
-            }
-        )
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first field with a wrong shape or dtype."""
-        if self.input_ids.dim() != 2:
-            raise ValueError(
-                f"PolicyBatch.input_ids must be [batch, seq], got {tuple(self.input_ids.shape)}"
-            )
-        shape = self.input_ids.shape
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("input_ids", "sample_index") or value is None:
-                continue
-            if value.shape != shape:
-                raise ValueError(
-                    f"PolicyBatch.{f.name} has shape {tuple(value.shape)}, expected "
-                    f"{tuple(shape)} (the shape of input_ids)"
-                )
-        if self.sample_index.shape != shape[:1]:
-            raise ValueError(
-                f"PolicyBatch.sample_index has shape {tuple(self.sample_index.shape)}, "
-                f"expected ({shape[0]},) (one index per row)"
-            )
-        if self.response_mask.dtype != torch.bool:
-            raise ValueError(
-                f"PolicyBatch.response_mask must be bool, got {self.response_mask.dtype}"
-            )
-        for name in ("input_ids", "sample_index"):
-            dtype = getattr(self, name).dtype
-            if dtype.is_floating_point or dtype == torch.bool:
-                raise ValueError(f"PolicyBatch.{name} must be an integer tensor, got {dtype}")
 
 
 @dataclass
@@ -157,6 +89,7 @@ def _check_engine(engine: PolicyEngine, config: PolicyLossConfig, dp_group) -> N
 def _select(
     engine: PolicyEngine,
     batch: PolicyBatch,
+    micro_batches: list[slice],
     config: PolicyLossConfig,
     step: int,
     dp_group,
@@ -168,12 +101,10 @@ def _select(
         return None, {}
     current = None
     if ec.logp_source == "current":
-        current = engine.forward_logprobs(batch.input_ids, batch.attention_mask).logp
+        current = engine.forward_logprobs(batch.input_ids, batch.attention_mask, micro_batches).logp
     token_ids = canonical_token_ids(batch.sample_index, batch.response_mask)
     # One selection batch per gradient micro-batch: with scope="microbatch" each selects
     # on its own, as the public implementation does; with "minibatch" the split is moot.
-    mbs = engine.config.micro_batch_size
-    parts = [slice(i, i + mbs) for i in range(0, batch.input_ids.shape[0], mbs)]
     result = prepare_selection(
         [
             SelectionBatch(
@@ -183,7 +114,7 @@ def _select(
                 token_ids=token_ids[m],
                 logp=None if current is None else current[m],
             )
-            for m in parts
+            for m in micro_batches
         ],
         config,
         step=step,
@@ -218,9 +149,13 @@ def ppo_update(
     pass and the loss count over ``dp_group``, megatron's schedule and optimizer step).
     """
     batch.validate()
+    if batch.old_logp is None:
+        raise ValueError("PolicyBatch.old_logp is None: the update needs the old log-probs")
     _check_engine(engine, config, dp_group)
     batch = batch.to(engine.device)
-    selected, selection_metrics = _select(engine, batch, config, step, dp_group)
+    # The engine's micro-batches, used by the selection and the gradient passes alike.
+    micro_batches = engine.micro_batches(len(batch))
+    selected, selection_metrics = _select(engine, batch, micro_batches, config, step, dp_group)
     count = global_loss_count([batch.response_mask], config.loss_agg_mode, dp_group)
 
     def loss_fn(out: TokenOutputs, micro: dict[str, torch.Tensor]):
@@ -266,7 +201,7 @@ def ppo_update(
     ):
         if value is not None:
             data[name] = value
-    step_result = engine.train_step(data, loss_fn)
+    step_result = engine.train_step(data, loss_fn, micro_batches)
 
     sums = step_result.metrics
     tokens = sums.pop(_TOKENS)

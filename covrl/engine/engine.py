@@ -1,4 +1,5 @@
-"""Policy engine: forward-only log-prob passes and training steps on megatron-core.
+"""Policy engine: forward-only log-prob passes, training steps, checkpoints and exports
+of a megatron-core policy.
 
 The engine owns a (possibly virtual-pipeline-chunked) ``GPTModel`` and runs batches
 through megatron-core's pipeline schedules: no pipelining at PP=1, 1F1B at PP>1, and
@@ -28,13 +29,18 @@ same cu_seqlens before the loss.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from covrl import checkpointing
 from covrl.algorithms.aggregation import megatron_loss_scale
+from covrl.models import PolicyModelConfig, export_hf_weights, save_hf_checkpoint
 from covrl.ops import vocab_parallel_logprob_entropy
 from covrl.parallel import get_device
 
@@ -87,21 +93,26 @@ class StepResult:
 
 
 class PolicyEngine:
-    """Runs forward-only and training passes of a megatron-core policy.
+    """Runs forward-only and training passes of a megatron-core policy, and owns its
+    state: parameters, optimizer, schedule, checkpoints and exports.
 
     Args:
         model: the model chunks of this rank (one per virtual pipeline stage), built
             with the parallel state of :func:`covrl.parallel.initialize`.
-        vocab_size: the true vocabulary size; columns beyond it (TP padding) never
-            enter the softmax.
+        model_config: the policy's architecture (its ``vocab_size`` is the true
+            vocabulary: columns beyond it, TP padding, never enter the softmax).
         optimizer: optimizer settings; None builds a forward-only engine.
         config: micro-batching, temperature and log-prob settings.
+
+    ``weights_version`` counts the changes of the parameters (successful optimizer
+    steps and checkpoint loads), so a consumer of the weights (the rollout engine) can
+    tell whether its copy is current.
     """
 
     def __init__(
         self,
         model: list[torch.nn.Module],
-        vocab_size: int,
+        model_config: PolicyModelConfig,
         optimizer: OptimizerConfig | None = None,
         config: EngineConfig | None = None,
     ) -> None:
@@ -109,28 +120,33 @@ class PolicyEngine:
         from megatron.core.transformer.module import Float16Module
 
         self.config = config or EngineConfig()
-        self.vocab_size = vocab_size
+        self.model_config = model_config
+        self.vocab_size = model_config.vocab_size
         self.model = list(model)
         # Batches are moved here, and every tensor a collective sees is made here: the
         # NCCL groups of a GPU run reject host tensors.
         self.device = get_device()
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.dp_group = ps.get_data_parallel_group()
         self.pp_size = ps.get_pipeline_model_parallel_world_size()
         self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
         self.is_last_stage = ps.is_pipeline_last_stage()
         self.last_stage_rank = ps.get_pipeline_model_parallel_last_rank()
-        self.model_config = self.model[0].config
-        if self.model_config.fp16:
+        self.weights_version = 0
+        # megatron's TransformerConfig of the chunks (schedules read it).
+        self.transformer_config = self.model[0].config
+        if self.transformer_config.fp16:
             raise ValueError("fp16 parameters are not supported (no loss scaling): use bf16")
-        if self.model_config.bf16 and not isinstance(self.model[0], Float16Module):
+        if self.transformer_config.bf16 and not isinstance(self.model[0], Float16Module):
             # As Megatron-LM's get_model: casts the fp32-created norms to bf16 and the
             # first stage's inputs / last stage's outputs across the boundary.
-            self.model = [Float16Module(self.model_config, m) for m in self.model]
+            self.model = [Float16Module(self.transformer_config, m) for m in self.model]
         if len(self.model) > 1 and self.pp_size == 2:
             # With two stages the previous and the next peer are the same rank, and the
             # interleaved schedule's batched send/recv pairs them up wrongly.
-            self.model_config.batch_p2p_comm = False
+            self.transformer_config.batch_p2p_comm = False
         self.optimizer = self.scheduler = None
         if optimizer is not None:
             self._setup_training(optimizer)
@@ -146,7 +162,7 @@ class PolicyEngine:
         from megatron.core.optimizer import get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        cfg = self.model_config
+        cfg = self.transformer_config
         bf16 = cfg.params_dtype == torch.bfloat16
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
@@ -158,11 +174,12 @@ class PolicyEngine:
         cfg.finalize_model_grads_func = finalize_model_grads
         no_sync = [m.no_sync for m in self.model]
         cfg.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        min_lr = settings.lr if settings.min_lr is None else settings.min_lr
         self.optimizer = get_megatron_optimizer(
             MegatronOptimizerConfig(
                 optimizer="adam",
                 lr=settings.lr,
-                min_lr=settings.min_lr if settings.min_lr is not None else settings.lr,
+                min_lr=min_lr,
                 weight_decay=settings.weight_decay,
                 adam_beta1=settings.adam_beta1,
                 adam_beta2=settings.adam_beta2,
@@ -174,7 +191,6 @@ class PolicyEngine:
             self.model,
             use_gloo_process_groups=False,
         )
-        min_lr = settings.min_lr if settings.min_lr is not None else settings.lr
         # Megatron sets each group's lr and weight decay (wd_mult=0 for norms and
         # biases) from the scheduler, also at construction.
         self.scheduler = OptimizerParamScheduler(
@@ -191,18 +207,47 @@ class PolicyEngine:
             wd_incr_style="constant",
         )
 
+    @property
+    def num_steps(self) -> int:
+        """Optimizer steps taken (the learning-rate schedule's position), also across a
+        checkpoint load; 0 for a forward-only engine."""
+        return self.scheduler.num_steps if self.scheduler is not None else 0
+
+    # ------------------------------------------------------------------ micro-batches
+    def micro_batches(self, num_rows: int) -> list[slice]:
+        """The micro-batches this engine runs ``num_rows`` rows of a batch in: row
+        slices of ``EngineConfig.micro_batch_size`` rows. Callers that work per
+        micro-batch (the selection's per-micro-batch scope) use these same slices."""
+        mbs = self.config.micro_batch_size
+        if num_rows % mbs:
+            raise ValueError(
+                f"batch size {num_rows} is not divisible by EngineConfig.micro_batch_size={mbs}"
+            )
+        n = num_rows // mbs
+        if len(self.model) > 1 and n % self.pp_size:
+            raise ValueError(
+                f"the interleaved pipeline schedule needs the number of micro-batches ({n}) "
+                f"to be a multiple of pipeline_model_parallel_size={self.pp_size}"
+            )
+        return [slice(i * mbs, (i + 1) * mbs) for i in range(n)]
+
     # ------------------------------------------------------------------ passes
     @torch.no_grad()
     def forward_logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        micro_batches: Sequence[slice] | None = None,
     ) -> TokenOutputs:
         """Log-probs and entropies of the policy on a batch, without gradients.
 
         Args:
             input_ids: ``[batch, seq]`` right-padded token ids.
             attention_mask: ``[batch, seq]``, 1 on real tokens.
+            micro_batches: row slices to run (default :meth:`micro_batches`).
         Returns:
-            :class:`TokenOutputs` with ``[batch, seq]`` tensors on every rank.
+            :class:`TokenOutputs` with ``[batch, seq]`` tensors on every rank, on this
+            engine's device.
         """
         batch = self._to_device({"input_ids": input_ids, "attention_mask": attention_mask})
         collected: list[TokenOutputs] = []
@@ -213,7 +258,7 @@ class PolicyEngine:
 
         for m in self.model:
             m.eval()
-        self._run(batch, collect, forward_only=True)
+        self._run(batch, collect, forward_only=True, micro_batches=micro_batches)
         b, s = input_ids.shape
         flat = torch.empty(2, b, s, dtype=torch.float32, device=self.device)
         if self.is_last_stage:
@@ -223,15 +268,21 @@ class PolicyEngine:
             dist.broadcast(flat, src=self.last_stage_rank, group=self.pp_group)
         return TokenOutputs(flat[0], flat[1])
 
-    def train_step(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> StepResult:
+    def train_step(
+        self,
+        batch: dict[str, torch.Tensor],
+        loss_fn: LossFn,
+        micro_batches: Sequence[slice] | None = None,
+    ) -> StepResult:
         """One optimizer step over this rank's shard of a mini-batch.
 
         ``loss_fn(outputs, micro_batch) -> (loss, metrics)`` is called once per
-        micro-batch on the last pipeline stage. The gradient of the step is that of
-        the *sum* of its returned losses over all micro-batches and all data-parallel
-        ranks, so the loss function normalises by global counts (e.g. token-mean:
-        divide by the mini-batch's total valid-token count over every DP rank).
-        Metrics (scalar tensors) are summed the same way.
+        micro-batch (``micro_batches``, default :meth:`micro_batches`) on the last
+        pipeline stage. The gradient of the step is that of the *sum* of its returned
+        losses over all micro-batches and all data-parallel ranks, so the loss function
+        normalises by global counts (e.g. token-mean: divide by the mini-batch's total
+        valid-token count over every DP rank). Metrics (scalar tensors) are summed the
+        same way.
         """
         if self.optimizer is None:
             raise RuntimeError("train_step needs an engine built with optimizer settings")
@@ -239,9 +290,13 @@ class PolicyEngine:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = self._run(self._to_device(batch), loss_fn, forward_only=False)
+        losses = self._run(
+            self._to_device(batch), loss_fn, forward_only=False, micro_batches=micro_batches
+        )
         update_successful, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
+        if update_successful:
+            self.weights_version += 1
         metrics = self._reduce_metrics(losses)
         return StepResult(
             loss=metrics.pop("loss"),
@@ -251,11 +306,70 @@ class PolicyEngine:
             metrics=metrics,
         )
 
+    # ------------------------------------------------------------------ state
+    def hf_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """The current weights as full Hugging Face tensors
+        (:func:`covrl.models.export_hf_weights`; collective over the model-parallel
+        group, which must consume the whole stream)."""
+        return export_hf_weights(self.model, self.model_config, dtype=dtype)
+
+    def save_checkpoint(
+        self,
+        root: str | os.PathLike,
+        iteration: int,
+        *,
+        hf_source: str | os.PathLike | None = None,
+        extra: dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Save parameters, optimizer, schedule and RNG states atomically as
+        ``<root>/iter_NNNNNNN`` (:func:`covrl.checkpointing.save_checkpoint`;
+        collective). ``extra``: the caller's JSON run state, returned on load."""
+        return checkpointing.save_checkpoint(
+            root,
+            iteration,
+            self.model,
+            self.model_config,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            hf_source=hf_source,
+            extra=extra,
+            overwrite=overwrite,
+        )
+
+    def load_checkpoint(
+        self, path: str | os.PathLike, *, load_optimizer: bool = True
+    ) -> checkpointing.CheckpointMetadata:
+        """Restore what :meth:`save_checkpoint` saved, at this engine's parallel layout
+        (:func:`covrl.checkpointing.load_checkpoint`; collective). Returns the
+        checkpoint's metadata (``extra`` holds the caller's state)."""
+        metadata = checkpointing.load_checkpoint(
+            path,
+            self.model,
+            self.model_config,
+            optimizer=self.optimizer if load_optimizer else None,
+            scheduler=self.scheduler if load_optimizer else None,
+        )
+        self.weights_version += 1
+        return metadata
+
+    def export_hf(
+        self, path: str | os.PathLike, *, copy_files_from: str | os.PathLike | None = None
+    ) -> Path:
+        """Write the policy as a Hugging Face checkpoint directory
+        (:func:`covrl.models.save_hf_checkpoint`: atomic, rank 0 writes; collective),
+        replacing an earlier export at ``path``."""
+        return save_hf_checkpoint(
+            self.model, self.model_config, path, copy_files_from=copy_files_from, overwrite=True
+        )
+
     # ------------------------------------------------------------------ internals
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def _split(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    def _split(
+        self, batch: dict[str, torch.Tensor], micro_batches: Sequence[slice] | None
+    ) -> list[dict[str, torch.Tensor]]:
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
         if input_ids.dim() != 2 or mask.shape != input_ids.shape:
             raise ValueError(
@@ -265,21 +379,12 @@ class PolicyEngine:
         # Right padding: once a row's mask drops to 0 it stays 0.
         if (mask[:, 1:] > mask[:, :-1]).any():
             raise ValueError("batch['attention_mask'] must be right-padded (1s then 0s per row)")
-        b, mbs = input_ids.shape[0], self.config.micro_batch_size
-        if b % mbs:
-            raise ValueError(
-                f"batch size {b} is not divisible by EngineConfig.micro_batch_size={mbs}"
-            )
-        n = b // mbs
-        if len(self.model) > 1 and n % self.pp_size:
-            raise ValueError(
-                f"the interleaved pipeline schedule needs the number of micro-batches ({n}) "
-                f"to be a multiple of pipeline_model_parallel_size={self.pp_size}"
-            )
+        b = input_ids.shape[0]
         for key, value in batch.items():
             if value.shape[0] != b:
                 raise ValueError(f"batch[{key!r}] has leading dim {value.shape[0]}, expected {b}")
-        return [{k: v[i * mbs : (i + 1) * mbs] for k, v in batch.items()} for i in range(n)]
+        slices = self.micro_batches(b) if micro_batches is None else list(micro_batches)
+        return [{k: v[sl] for k, v in batch.items()} for sl in slices]
 
     def _token_outputs(self, logits: torch.Tensor, input_ids: torch.Tensor) -> TokenOutputs:
         """``logits [mb, seq, vocab/tp]`` -> per-token outputs aligned with input_ids."""
@@ -301,11 +406,20 @@ class PolicyEngine:
         zero = logp.new_zeros(mb, 1)
         return TokenOutputs(torch.cat([zero, logp[:, :-1]], 1), torch.cat([zero, ent[:, :-1]], 1))
 
-    def _run(self, batch, loss_fn: LossFn, forward_only: bool) -> list[dict]:
+    def _run(
+        self,
+        batch,
+        loss_fn: LossFn,
+        forward_only: bool,
+        micro_batches: Sequence[slice] | None = None,
+    ) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        micro = self._split(batch)
+        micro = self._split(batch, micro_batches)
         seq = batch["input_ids"].shape[1]
+        mbs = micro[0]["input_ids"].shape[0]
+        if any(m["input_ids"].shape[0] != mbs for m in micro):
+            raise ValueError("micro-batches must have the same number of rows")
         scale = megatron_loss_scale(len(micro), self.dp_size)
         position_ids = torch.arange(seq, device=batch["input_ids"].device)
 
@@ -337,15 +451,13 @@ class PolicyEngine:
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=len(micro),
             seq_length=seq,
-            micro_batch_size=self.config.micro_batch_size,
+            micro_batch_size=mbs,
             forward_only=forward_only,
         )
 
     def _reduce_metrics(self, per_micro: list[dict]) -> dict[str, float]:
         """Sum metric dicts over micro-batches (last stage), then over DP, then share
         them with every pipeline stage."""
-        from megatron.core import parallel_state as ps
-
         keys = sorted(per_micro[0]) if per_micro else []
         n = torch.tensor([len(keys)], dtype=torch.long, device=self.device)
         if self.pp_size > 1:
@@ -354,7 +466,7 @@ class PolicyEngine:
         if self.is_last_stage:
             for m in per_micro:
                 values += torch.stack([m[k].double().reshape(()) for k in keys])
-        dist.all_reduce(values, group=ps.get_data_parallel_group())
+        dist.all_reduce(values, group=self.dp_group)
         if self.pp_size > 1:
             names = [keys]
             dist.broadcast_object_list(names, src=self.last_stage_rank, group=self.pp_group)
