@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from covrl.algorithms import PolicyLossConfig
+from covrl.algorithms import EntropyTargetConfig, PolicyLossConfig
 from covrl.config import ConfigError, RunConfig, load_config, save_config
 from covrl.training.cli import main
 
@@ -86,6 +86,75 @@ def test_required_keys_and_file_errors(tmp_path):
         load_config(_write(tmp_path, "policy: [unclosed\n"))
     with pytest.raises(ConfigError, match="unknown key polciy"):
         load_config(_write(tmp_path, "polciy:\n  tp: 2\n"))
+
+
+_TARGET = "policy.loss.entropy_control.target"
+
+
+def test_entropy_target_from_overrides_and_yaml(tmp_path):
+    assert load_config(None, REQUIRED).policy.loss.entropy_control.target is None
+    c = load_config(
+        None, [*REQUIRED, "policy.loss.entropy_control.method=kl_cov", f"{_TARGET}.value=0.3"]
+    )
+    assert c.policy.loss.entropy_control.target == EntropyTargetConfig(value=0.3)
+    scheduled = [
+        *REQUIRED,
+        "policy.loss.entropy_control.method=kl_cov",
+        f"{_TARGET}.schedule=cosine",
+        f"{_TARGET}.start=0.6",
+        f"{_TARGET}.end=0.25",
+        f"{_TARGET}.steps=100",
+        f"{_TARGET}.knob=beta",
+        f"{_TARGET}.knob_max=20",
+    ]
+    c = load_config(None, scheduled)
+    target = c.policy.loss.entropy_control.target
+    assert (target.schedule, target.steps, target.knob_bounds) == ("cosine", 100, (0.01, 20.0))
+    assert target.target_at(51) == pytest.approx(0.425)
+    assert load_config(save_config(c, tmp_path)) == c
+    path = _write(
+        tmp_path,
+        """
+policy:
+  model_path: /m
+  loss:
+    entropy_control:
+      method: clip_cov
+      target: {value: 0.2, knob_min: 1.0e-4, knob_max: 0.01}
+data: {train_files: [a.parquet]}
+trainer: {run_dir: /r}
+""",
+    )
+    assert load_config(path).policy.loss.entropy_control.target.knob_bounds == (1e-4, 0.01)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ([f"{_TARGET}.value=0.3"], "policy.loss.entropy_control: entropy_control.target needs"),
+        (["KL", f"{_TARGET}.value=-1"], "policy.loss.entropy_control.target: target.value=-1.0"),
+        (["KL", f"{_TARGET}.value=high"], f"{_TARGET}.value"),
+        (["KL", f"{_TARGET}.schedule=exp"], f"{_TARGET}.schedule"),
+        (["KL", f"{_TARGET}.schedule=linear", f"{_TARGET}.start=0.5"], "target.end=None"),
+        (["KL", f"{_TARGET}.steps=2.5"], f"{_TARGET}.steps"),
+        (["KL", f"{_TARGET}.value=0.3", f"{_TARGET}.knob_max=2"], "target.knob_max=2.0"),
+        (["KL", f"{_TARGET}.no_such=1"], f"unknown key {_TARGET}.no_such"),
+        (
+            [
+                f"{_TARGET}.value=0.3",
+                "policy.loss.entropy_control.method=clip_cov",
+                f"{_TARGET}.knob=beta",
+            ],
+            "knob='beta' drives KL-Cov's beta",
+        ),
+    ],
+)
+def test_entropy_target_bad_values_name_the_key(overrides, needle):
+    overrides = ["policy.loss.entropy_control.method=kl_cov" if o == "KL" else o for o in overrides]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*REQUIRED, *overrides])
+    message = str(info.value)
+    assert needle in message and "\n" not in message
 
 
 def test_layout_checks_and_warnings():

@@ -52,10 +52,12 @@ from covrl.algorithms.config import (
     AdvantageConfig,
     ClipCovConfig,
     EntropyControlConfig,
+    EntropyTargetConfig,
     KLCovConfig,
     PolicyLossConfig,
 )
 from covrl.algorithms.covariance import SelectionBatch, canonical_token_ids
+from covrl.algorithms.entropy_target import EntropyTargetController
 from covrl.algorithms.metrics import (
     covariance_summary,
     kth_largest,
@@ -80,6 +82,8 @@ __all__ = [
     "ClipCovConfig",
     "DynamicSamplingResult",
     "EntropyControlConfig",
+    "EntropyTargetConfig",
+    "EntropyTargetController",
     "KLCovConfig",
     "PolicyLossConfig",
     "PolicyLossOutput",
