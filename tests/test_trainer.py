@@ -2,7 +2,10 @@
 
 Five launches: a TP1 run optimising an *inverted* reward (its logs are also the
 reference of the resume check); the same run preempted (SIGUSR1), resumed and killed
-with SIGKILL, and resumed again; and the same run at TP2. The reward (does the
+with SIGKILL, and resumed again; and the same run at TP2. Every run holds an entropy
+target on KL-Cov's ratio (far above the policy's entropy at step 1, below it after), so
+the controller's knob, its state in the checkpoints and its TP invariance are checked
+by the same launches. The reward (does the
 response contain a digit?) is one a random policy meets about 60% of the time, so
 RL can move it either way within three steps.
 """
@@ -61,6 +64,21 @@ def _by_step(records: list[dict]) -> dict[int, dict]:
     return {r["step"]: r for r in records}
 
 
+# Target 8 nats at step 1 (above any entropy of a 64-token vocabulary: 4.16 at most),
+# 1 nat from step 2 on (below the random policy's ~3.5). A small kp keeps the knob off
+# its bounds, so it depends on the controller's integral: a resume that lost the
+# controller's state would log other knobs.
+KL_COV_RATIO = 2e-3  # the KL-Cov ratio default, the controller's starting knob
+ENTROPY_TARGET = {
+    "policy.loss.entropy_control.kl_cov.ratio": KL_COV_RATIO,
+    "policy.loss.entropy_control.target.schedule": "linear",
+    "policy.loss.entropy_control.target.start": 8.0,
+    "policy.loss.entropy_control.target.end": 1.0,
+    "policy.loss.entropy_control.target.steps": 1,
+    "policy.loss.entropy_control.target.kp": 0.5,
+}
+
+
 def _untimed(record: dict) -> dict:
     return {k: v for k, v in record.items() if not k.startswith(TIMING_PREFIXES)}
 
@@ -100,6 +118,7 @@ def runs(assets, tmp_path_factory):
         "trainer.save_freq": 1,
         "trainer.total_steps": 4,
         "policy.loss.entropy_control.method": "kl_cov",
+        **ENTROPY_TARGET,
     }
     out = {}
 
@@ -266,6 +285,25 @@ def test_layout_comparison_tolerates_rounding_not_errors():
     for tag, value in (("entropy_dynamics/measured_change", -0.05), ("train/loss", 0.1002)):
         with pytest.raises(AssertionError):
             assert_same_run(a, {**a, tag: value}, 3)
+
+
+@pytest.mark.parametrize("name", ["tp1", "tp2"])
+def test_entropy_target_moves_the_knob_toward_the_target(runs, name):
+    """Entropy below the target raises KL-Cov's ratio above its starting value; above
+    the target lowers it; the logged target follows the schedule."""
+    _check_rc(runs, name)
+    records = _by_step(read_jsonl(runs[name] / "metrics.jsonl"))
+    controlled = {s: r for s, r in records.items() if "entropy_control/knob" in r}
+    assert 1 in controlled and len(controlled) >= 2, sorted(controlled)
+    for step, r in controlled.items():
+        target = 8.0 if step == 1 else 1.0
+        assert r["entropy_control/target"] == target
+        assert math.isclose(r["entropy_control/error"], target - r["rollout/entropy"], abs_tol=1e-9)
+        if step == 1:
+            assert r["entropy_control/error"] > 0 and r["entropy_control/knob"] > KL_COV_RATIO
+        else:
+            assert r["entropy_control/error"] < 0 and r["entropy_control/knob"] < KL_COV_RATIO
+        assert 1e-5 < r["entropy_control/knob"] < 0.5  # off the bounds: set by the PI law
 
 
 def test_preemption_then_kill_then_resume_equals_uninterrupted(runs):

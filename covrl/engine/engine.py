@@ -9,8 +9,17 @@ optimizer (Adam, global-norm gradient clipping, lr/weight-decay schedule).
 
 Batch layout (this rank's data-parallel shard):
     ``input_ids [batch, seq]`` right-padded token ids, ``attention_mask [batch, seq]``
-    with 1 on real tokens. Any other entry with a leading ``batch`` dimension travels
-    with its micro-batch to the loss function.
+    with 1 on real tokens, and the rows' lengths (host ints; derived from the mask when
+    not given, at the cost of one device-to-host copy). Any other entry with a leading
+    ``batch`` dimension travels with its micro-batch to the loss function, trimmed like
+    the micro-batch to its longest row.
+
+Micro-batches (:meth:`PolicyEngine.micro_batches`, :mod:`covrl.engine.packing`): a
+fixed number of rows, sorted by length and each trimmed to its longest row, or a token
+budget (``EngineConfig.max_tokens_per_micro_batch``) with the rows of a micro-batch
+packed end to end (``[1, tokens]``, megatron's THD ``PackedSeqParams``) and no padding
+at all. Callers that work per micro-batch (the selection's per-micro-batch scope) use
+the same plan, so nothing is split twice.
 
 Per-token outputs are aligned with the token they score: ``logp[b, t] =
 log pi(input_ids[b, t] | input_ids[b, :t])`` and ``entropy[b, t]`` is the entropy of
@@ -21,10 +30,8 @@ stage, so every rank returns them.
 
 Padding: batches are right-padded and attention is causal, so a real token never
 attends to padding and the pad positions only need masking in the loss; no
-``[b, 1, s, s]`` mask is materialised. Packed (THD) sequences would go through the
-same forward step with ``PackedSeqParams`` (cu_seqlens per micro-batch) and a
-``[1, total_tokens]`` token layout; the per-token outputs would be unpacked with the
-same cu_seqlens before the loss.
+``[b, 1, s, s]`` mask is materialised on the padded path. Packed outputs are unpacked
+to the micro-batch's ``[rows, seq]`` before the loss.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import torch.distributed as dist
 
 from covrl import checkpointing
 from covrl.algorithms.aggregation import megatron_loss_scale
+from covrl.engine.packing import MicroBatch, PackedSequences, plan_micro_batches
 from covrl.models import PolicyModelConfig, export_hf_weights, save_hf_checkpoint
 from covrl.ops import vocab_parallel_logprob_entropy
 from covrl.parallel import get_device
@@ -65,7 +73,13 @@ class OptimizerConfig:
 
 @dataclass
 class EngineConfig:
+    # Rows per micro-batch (rows sorted by length, each micro-batch trimmed to its
+    # longest row). Used when max_tokens_per_micro_batch is None.
     micro_batch_size: int = 1
+    # Token budget of a micro-batch: sequences are packed end to end with no padding
+    # (THD; Transformer Engine attention on CUDA, a block-diagonal causal mask on the
+    # local spec) and micro-batches formed first-fit decreasing. None: fixed size.
+    max_tokens_per_micro_batch: int | None = None
     temperature: float = 1.0
     # Rows of the [tokens, vocab/tp] working buffer of the log-prob/entropy function
     # (None: the function's device-dependent default, a few MiB on CPU).
@@ -147,6 +161,12 @@ class PolicyEngine:
             # With two stages the previous and the next peer are the same rank, and the
             # interleaved schedule's batched send/recv pairs them up wrongly.
             self.transformer_config.batch_p2p_comm = False
+        # Micro-batches are trimmed or packed to their own length, and the pipeline
+        # stages exchange each activation's shape before it. The interleaved schedule
+        # does not exchange shapes correctly: its micro-batches keep one shape.
+        self.uniform_shapes = len(self.model) > 1
+        self.transformer_config.variable_seq_lengths = self.pp_size > 1 and not self.uniform_shapes
+        self.tp_size = ps.get_tensor_model_parallel_world_size()
         self.optimizer = self.scheduler = None
         if optimizer is not None:
             self._setup_training(optimizer)
@@ -214,22 +234,21 @@ class PolicyEngine:
         return self.scheduler.num_steps if self.scheduler is not None else 0
 
     # ------------------------------------------------------------------ micro-batches
-    def micro_batches(self, num_rows: int) -> list[slice]:
-        """The micro-batches this engine runs ``num_rows`` rows of a batch in: row
-        slices of ``EngineConfig.micro_batch_size`` rows. Callers that work per
-        micro-batch (the selection's per-micro-batch scope) use these same slices."""
-        mbs = self.config.micro_batch_size
-        if num_rows % mbs:
-            raise ValueError(
-                f"batch size {num_rows} is not divisible by EngineConfig.micro_batch_size={mbs}"
-            )
-        n = num_rows // mbs
-        if len(self.model) > 1 and n % self.pp_size:
-            raise ValueError(
-                f"the interleaved pipeline schedule needs the number of micro-batches ({n}) "
-                f"to be a multiple of pipeline_model_parallel_size={self.pp_size}"
-            )
-        return [slice(i * mbs, (i + 1) * mbs) for i in range(n)]
+    def micro_batches(self, lengths: Sequence[int]) -> list[MicroBatch]:
+        """The micro-batches this engine runs a batch with rows of ``lengths`` tokens in
+        (see the module docstring). Deterministic, so every rank of a model-parallel
+        group plans the same."""
+        return plan_micro_batches(
+            lengths,
+            micro_batch_size=self.config.micro_batch_size,
+            max_tokens=self.config.max_tokens_per_micro_batch,
+            multiple_of=self.pp_size if len(self.model) > 1 else 1,
+        )
+
+    @staticmethod
+    def row_lengths(attention_mask: torch.Tensor) -> list[int]:
+        """The rows' lengths from a right-padded mask (one device-to-host copy)."""
+        return attention_mask.sum(dim=1).tolist()
 
     # ------------------------------------------------------------------ passes
     @torch.no_grad()
@@ -237,19 +256,23 @@ class PolicyEngine:
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        micro_batches: Sequence[slice] | None = None,
+        micro_batches: Sequence[MicroBatch] | None = None,
+        *,
+        lengths: Sequence[int] | None = None,
     ) -> TokenOutputs:
         """Log-probs and entropies of the policy on a batch, without gradients.
 
         Args:
             input_ids: ``[batch, seq]`` right-padded token ids.
             attention_mask: ``[batch, seq]``, 1 on real tokens.
-            micro_batches: row slices to run (default :meth:`micro_batches`).
+            micro_batches: the plan to run (default :meth:`micro_batches` of the rows).
+            lengths: the rows' lengths (default: read from ``attention_mask``).
         Returns:
             :class:`TokenOutputs` with ``[batch, seq]`` tensors on every rank, on this
-            engine's device.
+            engine's device (0 at padding).
         """
         batch = self._to_device({"input_ids": input_ids, "attention_mask": attention_mask})
+        plan = self._plan(batch, micro_batches, lengths)
         collected: list[TokenOutputs] = []
 
         def collect(out: TokenOutputs, micro):
@@ -258,12 +281,13 @@ class PolicyEngine:
 
         for m in self.model:
             m.eval()
-        self._run(batch, collect, forward_only=True, micro_batches=micro_batches)
+        self._run(batch, plan, collect, forward_only=True)
         b, s = input_ids.shape
-        flat = torch.empty(2, b, s, dtype=torch.float32, device=self.device)
+        flat = torch.zeros(2, b, s, dtype=torch.float32, device=self.device)
         if self.is_last_stage:
-            flat[0] = torch.cat([c.logp for c in collected], dim=0)
-            flat[1] = torch.cat([c.entropy for c in collected], dim=0)
+            for mb, out in zip(plan, collected, strict=True):
+                mb.put(flat[0], out.logp)
+                mb.put(flat[1], out.entropy)
         if self.pp_size > 1:
             dist.broadcast(flat, src=self.last_stage_rank, group=self.pp_group)
         return TokenOutputs(flat[0], flat[1])
@@ -272,13 +296,16 @@ class PolicyEngine:
         self,
         batch: dict[str, torch.Tensor],
         loss_fn: LossFn,
-        micro_batches: Sequence[slice] | None = None,
+        micro_batches: Sequence[MicroBatch] | None = None,
+        *,
+        lengths: Sequence[int] | None = None,
     ) -> StepResult:
         """One optimizer step over this rank's shard of a mini-batch.
 
         ``loss_fn(outputs, micro_batch) -> (loss, metrics)`` is called once per
-        micro-batch (``micro_batches``, default :meth:`micro_batches`) on the last
-        pipeline stage. The gradient of the step is that of the *sum* of its returned
+        micro-batch (``micro_batches``, default :meth:`micro_batches` of the rows'
+        ``lengths``) on the last pipeline stage, with the micro-batch's rows of every
+        batch entry, trimmed to its longest row (``[rows, seq_len]``). The gradient of the step is that of the *sum* of its returned
         losses over all micro-batches and all data-parallel ranks, so the loss function
         normalises by global counts (e.g. token-mean: divide by the mini-batch's total
         valid-token count over every DP rank). Metrics (scalar tensors) are summed the
@@ -290,9 +317,9 @@ class PolicyEngine:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = self._run(
-            self._to_device(batch), loss_fn, forward_only=False, micro_batches=micro_batches
-        )
+        batch = self._to_device(batch)
+        plan = self._plan(batch, micro_batches, lengths)
+        losses = self._run(batch, plan, loss_fn, forward_only=False)
         update_successful, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         if update_successful:
@@ -367,24 +394,47 @@ class PolicyEngine:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def _split(
-        self, batch: dict[str, torch.Tensor], micro_batches: Sequence[slice] | None
-    ) -> list[dict[str, torch.Tensor]]:
+    def _plan(
+        self,
+        batch: dict[str, torch.Tensor],
+        micro_batches: Sequence[MicroBatch] | None,
+        lengths: Sequence[int] | None,
+    ) -> list[MicroBatch]:
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
         if input_ids.dim() != 2 or mask.shape != input_ids.shape:
             raise ValueError(
                 f"batch['input_ids'] must be [batch, seq] and batch['attention_mask'] the same "
                 f"shape; got {tuple(input_ids.shape)} and {tuple(mask.shape)}"
             )
-        # Right padding: once a row's mask drops to 0 it stays 0.
-        if (mask[:, 1:] > mask[:, :-1]).any():
-            raise ValueError("batch['attention_mask'] must be right-padded (1s then 0s per row)")
         b = input_ids.shape[0]
         for key, value in batch.items():
             if value.shape[0] != b:
                 raise ValueError(f"batch[{key!r}] has leading dim {value.shape[0]}, expected {b}")
-        slices = self.micro_batches(b) if micro_batches is None else list(micro_batches)
-        return [{k: v[sl] for k, v in batch.items()} for sl in slices]
+        if micro_batches is not None:
+            return list(micro_batches)
+        if lengths is None:
+            # Right padding: once a row's mask drops to 0 it stays 0.
+            if (mask[:, 1:] > mask[:, :-1]).any():
+                raise ValueError(
+                    "batch['attention_mask'] must be right-padded (1s then 0s per row)"
+                )
+            lengths = self.row_lengths(mask)
+        if len(lengths) != b:
+            raise ValueError(f"{len(lengths)} lengths for a batch of {b} rows")
+        return self.micro_batches(lengths)
+
+    def _vocab_outputs(self, logits: torch.Tensor, target: torch.Tensor):
+        """``logits [tokens, vocab/tp]``, ``target [tokens]`` -> log-prob and entropy
+        ``[tokens]`` of the true vocabulary (TP all-reduces, no vocabulary gather)."""
+        return vocab_parallel_logprob_entropy(
+            logits,
+            target,
+            tp_group=self.tp_group,
+            vocab_size=self.vocab_size,
+            temperature=self.config.temperature,
+            chunk_size=self.config.logprob_chunk_size,
+            entropy_requires_grad=self.config.entropy_requires_grad,
+        )
 
     def _token_outputs(self, logits: torch.Tensor, input_ids: torch.Tensor) -> TokenOutputs:
         """``logits [mb, seq, vocab/tp]`` -> per-token outputs aligned with input_ids."""
@@ -393,44 +443,53 @@ class PolicyEngine:
         # (a dummy target 0, dropped below), which keeps the logits a free view.
         target = torch.zeros_like(input_ids)
         target[:, :-1] = input_ids[:, 1:]
-        logp, ent = vocab_parallel_logprob_entropy(
-            logits.reshape(mb * s, v_local),
-            target.reshape(-1),
-            tp_group=self.tp_group,
-            vocab_size=self.vocab_size,
-            temperature=self.config.temperature,
-            chunk_size=self.config.logprob_chunk_size,
-            entropy_requires_grad=self.config.entropy_requires_grad,
-        )
+        logp, ent = self._vocab_outputs(logits.reshape(mb * s, v_local), target.reshape(-1))
         logp, ent = logp.view(mb, s), ent.view(mb, s)
         zero = logp.new_zeros(mb, 1)
         return TokenOutputs(torch.cat([zero, logp[:, :-1]], 1), torch.cat([zero, ent[:, :-1]], 1))
 
+    def _packed_outputs(
+        self, logits: torch.Tensor, packed: PackedSequences, seq_len: int
+    ) -> TokenOutputs:
+        """``logits [1, total, vocab/tp]`` of a pack -> ``[rows, seq_len]`` outputs."""
+        logp, ent = self._vocab_outputs(logits.reshape(packed.total, -1), packed.next_tokens())
+        return TokenOutputs(packed.unpack(logp, seq_len), packed.unpack(ent, seq_len))
+
     def _run(
-        self,
-        batch,
-        loss_fn: LossFn,
-        forward_only: bool,
-        micro_batches: Sequence[slice] | None = None,
+        self, batch, plan: list[MicroBatch], loss_fn: LossFn, forward_only: bool
     ) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        micro = self._split(batch, micro_batches)
-        seq = batch["input_ids"].shape[1]
-        mbs = micro[0]["input_ids"].shape[0]
-        if any(m["input_ids"].shape[0] != mbs for m in micro):
-            raise ValueError("micro-batches must have the same number of rows")
+        packing = self.config.max_tokens_per_micro_batch is not None
+        # Sequence parallelism splits the packed tokens over TP ranks.
+        multiple = self.tp_size if self.transformer_config.sequence_parallel else 1
+        # One shape for all micro-batches where the schedule needs it: the longest.
+        width = max(mb.seq_len for mb in plan) if self.uniform_shapes else None
+        min_total = max(mb.num_tokens for mb in plan) if self.uniform_shapes else 0
+        micro = [{k: mb.take(v, width) for k, v in batch.items()} for mb in plan]
         scale = megatron_loss_scale(len(micro), self.dp_size)
-        position_ids = torch.arange(seq, device=batch["input_ids"].device)
 
         def forward_step(data_iterator, model):
-            data = next(data_iterator)
+            mb, data = next(data_iterator)
             ids = data["input_ids"]
-            pos = position_ids.unsqueeze(0).expand(ids.shape[0], -1)
-            output = model(ids, pos, attention_mask=None)
+            if packing:
+                packed = PackedSequences.pack(ids, mb.lengths, multiple, min_total)
+                output = model(
+                    packed.input_ids,
+                    packed.position_ids,
+                    attention_mask=None,
+                    packed_seq_params=packed.params(),
+                )
+            else:
+                pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+                output = model(ids, pos, attention_mask=None)
 
             def loss_func(logits):
-                loss, metrics = loss_fn(self._token_outputs(logits, ids), data)
+                if packing:
+                    outputs = self._packed_outputs(logits, packed, ids.shape[1])
+                else:
+                    outputs = self._token_outputs(logits, ids)
+                loss, metrics = loss_fn(outputs, data)
                 reported = {"loss": loss.detach().clone()}
                 reported.update(
                     {
@@ -444,14 +503,22 @@ class PolicyEngine:
 
             return output, loss_func
 
-        iterators = [iter(micro) for _ in self.model] if len(self.model) > 1 else iter(micro)
+        pairs = list(zip(plan, micro, strict=True))
+        iterators = [iter(pairs) for _ in self.model] if len(self.model) > 1 else iter(pairs)
+        # Under variable_seq_lengths megatron reads each activation's shape; otherwise
+        # every micro-batch has these (uniform shapes, or no pipeline at all).
+        first = plan[0]
+        if packing:
+            seq = -(-max(first.num_tokens, min_total) // multiple) * multiple
+        else:
+            seq = width or first.seq_len
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iterators,
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=len(micro),
             seq_length=seq,
-            micro_batch_size=mbs,
+            micro_batch_size=1 if packing else len(first.rows),
             forward_only=forward_only,
         )
 

@@ -38,17 +38,22 @@ def use_transformer_engine() -> bool:
 
 def layer_spec(transformer_engine: bool | None = None):
     """The GPT layer spec: Transformer Engine when available, else megatron's local
-    modules with torch RMSNorm."""
+    modules with torch RMSNorm and :class:`~covrl.models.attention.PackedDotProductAttention`."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    from covrl.models.attention import PackedDotProductAttention
+
     if transformer_engine is None:
         transformer_engine = use_transformer_engine()
     if transformer_engine:
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    # Packed (THD) sequences on the local spec too (TE's attention handles them on CUDA).
+    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    return spec
 
 
 def build_model(

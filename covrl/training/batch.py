@@ -8,12 +8,11 @@ generation calls. :func:`rank_batch` turns them, once, into this rank's
 :class:`PolicyBatch` on the engine's device.
 
 Layout (:class:`MiniBatchLayout`): the ``N`` samples form ``num_minibatches``
-consecutive mini-batches of ``M`` samples (whole groups); each mini-batch is split
-evenly over the ``dp`` data-parallel ranks, rank ``r`` holding samples
-``[k*M + r*M/dp, k*M + (r+1)*M/dp)`` of mini-batch ``k``. The rank's batch has its
-shares of every mini-batch, in mini-batch order (``[L, S]``, ``L = num_minibatches *
-M / dp`` rows); :meth:`MiniBatchLayout.minibatch` is the row slice of mini-batch
-``k`` in it, and :meth:`PolicyBatch.rows` its view. Every row knows its index in its
+consecutive mini-batches of ``M`` samples (whole groups); each mini-batch is split over
+the ``dp`` data-parallel ranks with near-equal token counts (``M / dp`` samples each,
+unless micro-batches are packed by a token budget). The rank's batch has its shares of
+every mini-batch, in mini-batch order (``[L, S]``); :meth:`MiniBatchLayout.minibatch`
+is the row slice of mini-batch ``k`` in it, and :meth:`PolicyBatch.rows` its view. Every row knows its index in its
 mini-batch (``sample_index``), which names its tokens in the Clip-Cov / KL-Cov
 selection; there is no other index space.
 """
@@ -27,6 +26,7 @@ import torch
 
 from covrl.algorithms import compute_advantages, dynamic_sampling_filter
 from covrl.algorithms.config import AdvantageConfig
+from covrl.engine.packing import balanced_partition
 from covrl.rollout import Generations
 
 __all__ = [
@@ -62,6 +62,11 @@ class PolicyBatch:
             ``PolicyLossConfig.kl_coeff`` (also reported as ``ref_kl`` when given).
         rollout_weights: ``[batch, seq]`` truncated importance weights of the rollout
             correction; they multiply each token's surrogate term.
+        old_logp_version: the engine's ``weights_version`` when ``old_logp`` was
+            computed: while the engine still has it, ``old_logp`` are also the current
+            log-probs, and the update skips its no-grad forward.
+        lengths: each row's prompt + response tokens (host ints; the engine plans its
+            micro-batches from them without reading the mask back from the device).
     """
 
     input_ids: torch.Tensor
@@ -74,6 +79,8 @@ class PolicyBatch:
     old_entropy: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
     rollout_weights: torch.Tensor | None = None
+    old_logp_version: int | None = None
+    lengths: list[int] | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -81,7 +88,7 @@ class PolicyBatch:
     def _map(self, fn) -> PolicyBatch:
         return PolicyBatch(
             **{
-                f.name: None if v is None else fn(v)
+                f.name: fn(v) if isinstance(v, torch.Tensor) else v
                 for f in fields(self)
                 for v in [getattr(self, f.name)]
             }
@@ -93,7 +100,10 @@ class PolicyBatch:
 
     def rows(self, rows: slice) -> PolicyBatch:
         """A view of the rows ``rows`` (no copy)."""
-        return self._map(lambda v: v[rows])
+        view = self._map(lambda v: v[rows])
+        if self.lengths is not None:
+            view.lengths = self.lengths[rows]
+        return view
 
     def validate(self) -> None:
         """Raise ValueError naming the first field with a wrong shape or dtype."""
@@ -104,7 +114,7 @@ class PolicyBatch:
         shape = self.input_ids.shape
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("input_ids", "sample_index") or value is None:
+            if f.name in ("input_ids", "sample_index") or not isinstance(value, torch.Tensor):
                 continue
             if value.shape != shape:
                 raise ValueError(
@@ -115,6 +125,10 @@ class PolicyBatch:
             raise ValueError(
                 f"PolicyBatch.sample_index has shape {tuple(self.sample_index.shape)}, "
                 f"expected ({shape[0]},) (one index per row)"
+            )
+        if self.lengths is not None and len(self.lengths) != shape[0]:
+            raise ValueError(
+                f"PolicyBatch.lengths has {len(self.lengths)} entries for {shape[0]} rows"
             )
         if self.response_mask.dtype != torch.bool:
             raise ValueError(
@@ -172,38 +186,69 @@ class PolicyBatch:
             sample_index=torch.tensor(index, dtype=torch.long),
             advantages=adv,
             rollout_logp=rollout_logp,
+            lengths=lengths,
         )
 
 
 @dataclass(frozen=True)
 class MiniBatchLayout:
     """``num_minibatches`` mini-batches of ``rows_per_minibatch`` samples over ``dp_size``
-    data-parallel ranks (see the module docstring)."""
+    data-parallel ranks (see the module docstring).
+
+    ``lengths`` (each sample's prompt + response tokens) balances the ranks: each
+    mini-batch's samples go to the ranks longest first, each to the rank with the
+    fewest tokens so far (:func:`covrl.engine.packing.balanced_partition`), with
+    ``rows_per_minibatch / dp_size`` samples per rank unless ``equal_rows`` is False
+    (packed micro-batches need no equal row counts). Without ``lengths`` rank ``r``
+    holds the contiguous samples ``[k*M + r*M/dp, k*M + (r+1)*M/dp)``.
+    """
 
     num_minibatches: int
     rows_per_minibatch: int
     dp_size: int
     dp_rank: int
+    lengths: tuple[int, ...] | None = None
+    equal_rows: bool = True
 
     def __post_init__(self) -> None:
-        if self.rows_per_minibatch % self.dp_size:
+        if self.equal_rows and self.rows_per_minibatch % self.dp_size:
             raise ValueError(
                 f"{self.rows_per_minibatch} rows per mini-batch do not split over "
                 f"{self.dp_size} data-parallel ranks"
             )
+        if self.lengths is not None and len(self.lengths) < self.num_samples:
+            raise ValueError(
+                f"{len(self.lengths)} lengths for {self.num_samples} samples "
+                f"({self.num_minibatches} mini-batches of {self.rows_per_minibatch})"
+            )
+        shares = [self._share(k) for k in range(self.num_minibatches)]
+        object.__setattr__(self, "_shares", shares)
+        starts = [0]
+        for share in shares:
+            starts.append(starts[-1] + len(share))
+        object.__setattr__(self, "_starts", starts)
 
     @property
-    def rows_per_rank(self) -> int:
-        return self.rows_per_minibatch // self.dp_size
+    def num_samples(self) -> int:
+        return self.num_minibatches * self.rows_per_minibatch
 
-    def rank_samples(self, minibatch: int) -> range:
-        """The step's sample indices this rank holds of ``minibatch``."""
-        start = minibatch * self.rows_per_minibatch + self.dp_rank * self.rows_per_rank
-        return range(start, start + self.rows_per_rank)
+    def _share(self, minibatch: int) -> list[int]:
+        first = minibatch * self.rows_per_minibatch
+        if self.lengths is None:
+            per_rank = self.rows_per_minibatch // self.dp_size
+            start = first + self.dp_rank * per_rank
+            return list(range(start, start + per_rank))
+        window = self.lengths[first : first + self.rows_per_minibatch]
+        parts = balanced_partition(window, self.dp_size, equal_size=self.equal_rows)
+        return [first + i for i in parts[self.dp_rank]]
+
+    def rank_samples(self, minibatch: int) -> list[int]:
+        """The step's sample indices this rank holds of ``minibatch`` (ascending)."""
+        return list(self._shares[minibatch])
 
     def minibatch(self, minibatch: int) -> slice:
         """The rows of ``minibatch`` in this rank's batch."""
-        return slice(minibatch * self.rows_per_rank, (minibatch + 1) * self.rows_per_rank)
+        return slice(self._starts[minibatch], self._starts[minibatch + 1])
 
 
 def step_advantages(gens: Generations, config: AdvantageConfig) -> list[torch.Tensor]:

@@ -59,12 +59,12 @@ def train_step(run: Run, step: int) -> dict[str, float]:
             run.colocation.train_phase()
             batch, layout = policy_batch(run, samples)
             with timer("old_logprob"):
-                metrics.update(old_logprobs(run, batch))
+                metrics.update(old_logprobs(run, batch, layout))
             with timer("update"):
-                metrics.update(update_policy(run, batch, layout))
+                metrics.update(update_policy(run, batch, layout, step, metrics["rollout/entropy"]))
             if _due(step, cfg.trainer.entropy_change_freq):
                 with timer("entropy_change"):
-                    metrics.update(entropy_change(run, batch))
+                    metrics.update(entropy_change(run, batch, layout))
         else:
             metrics["train/updates"] = 0.0
         if run.val_data is not None and (

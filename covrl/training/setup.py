@@ -18,6 +18,7 @@ from typing import Any
 import torch.distributed as dist
 
 from covrl import checkpointing
+from covrl.algorithms import EntropyTargetController
 from covrl.analysis import EntropyLawMonitor
 from covrl.config import ConfigError, RunConfig, save_config, to_yaml
 from covrl.data import DataError, EpochSampler, PromptDataset, load_prompt_dataset, load_tokenizer
@@ -64,6 +65,8 @@ class Run:
     colocation: Colocation
     logger: MetricsLogger
     monitor: EntropyLawMonitor
+    # Holds policy.loss.entropy_control.target, when set.
+    entropy_target: EntropyTargetController | None
     total_steps: int
     start_step: int = 0
 
@@ -169,6 +172,7 @@ def trainer_state(run: Run, step: int) -> dict:
             "step": step,
             "sampler": run.sampler.state_dict(),
             "entropy_law": run.monitor.state_dict(),
+            "entropy_target": run.entropy_target.state_dict() if run.entropy_target else None,
             "config": to_yaml(run.config),
         }
     }
@@ -227,6 +231,8 @@ def build_run(config: RunConfig, resume: str = "auto") -> Run:
     # vLLM starts with dummy weights: the first rollout syncs the trainer's.
     rollout = RolloutEngine(config.policy.model_path, config.rollout, dummy_weights=True)
     monitor = EntropyLawMonitor()
+    control = config.policy.loss.entropy_control
+    entropy_target = EntropyTargetController(control) if control.target is not None else None
 
     total = config.trainer.total_steps or config.trainer.total_epochs * sampler.batches_per_epoch
     start_step = 0
@@ -244,6 +250,8 @@ def build_run(config: RunConfig, resume: str = "auto") -> Run:
         except ValueError as exc:
             raise checkpointing.CheckpointError(f"{resume_from}: {exc}") from None
         monitor.load_state_dict(state["entropy_law"])
+        if entropy_target is not None and state.get("entropy_target") is not None:
+            entropy_target.load_state_dict(state["entropy_target"])
 
     logger = MetricsLogger(
         config.trainer.run_dir,
@@ -275,6 +283,7 @@ def build_run(config: RunConfig, resume: str = "auto") -> Run:
         colocation=Colocation(engine, rollout, synced=False),
         logger=logger,
         monitor=monitor,
+        entropy_target=entropy_target,
         total_steps=total,
         start_step=start_step,
     )

@@ -106,13 +106,18 @@ def collect_rollouts(run: Run, step: int, timer: PhaseTimer) -> tuple[Generation
 
 
 def policy_batch(run: Run, samples: Generations) -> tuple[PolicyBatch, MiniBatchLayout]:
-    """This rank's batch of the step's samples and its mini-batch layout."""
+    """This rank's batch of the step's samples and its mini-batch layout (the ranks'
+    shares balanced by tokens)."""
     cfg = run.config
     layout = MiniBatchLayout(
         num_minibatches=samples.num_groups // cfg.algorithm.ppo_mini_batch_size,
         rows_per_minibatch=cfg.algorithm.ppo_mini_batch_size * cfg.sampling.n,
         dp_size=run.engine.dp_size,
         dp_rank=run.engine.dp_rank,
+        lengths=tuple(
+            len(p) + len(r) for p, r in zip(samples.prompt_ids, samples.response_ids, strict=True)
+        ),
+        equal_rows=cfg.policy.engine.max_tokens_per_micro_batch is None,
     )
     batch = rank_batch(
         samples,
@@ -125,14 +130,30 @@ def policy_batch(run: Run, samples: Generations) -> tuple[PolicyBatch, MiniBatch
 
 
 # ---------------------------------------------------------------------------- log-probs
-def old_logprobs(run: Run, batch: PolicyBatch) -> dict[str, float]:
+def _logprobs(
+    engine, batch: PolicyBatch, layout: MiniBatchLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``engine``'s log-probs and entropies of the batch, mini-batch by mini-batch (the
+    micro-batches the updates will use, so an unchanged policy gives them bit for bit)."""
+    logp = torch.zeros_like(batch.advantages)
+    entropy = torch.zeros_like(batch.advantages)
+    for k in range(layout.num_minibatches):
+        rows = layout.minibatch(k)
+        part = batch.rows(rows)
+        out = engine.forward_logprobs(part.input_ids, part.attention_mask, lengths=part.lengths)
+        logp[rows], entropy[rows] = out.logp, out.entropy
+    return logp, entropy
+
+
+def old_logprobs(run: Run, batch: PolicyBatch, layout: MiniBatchLayout) -> dict[str, float]:
     """The trainer's log-probs and entropies of the sampled tokens before the update
     (and the reference policy's, and the rollout correction's weights), filled into
     ``batch``; returns the rollout entropy and the rollout/trainer mismatch."""
-    old = run.engine.forward_logprobs(batch.input_ids, batch.attention_mask)
-    batch.old_logp, batch.old_entropy = old.logp, old.entropy
+    engine = run.engine
+    batch.old_logp, batch.old_entropy = _logprobs(engine, batch, layout)
+    batch.old_logp_version = engine.weights_version
     if run.ref_engine is not None:
-        batch.ref_logp = run.ref_engine.forward_logprobs(batch.input_ids, batch.attention_mask).logp
+        batch.ref_logp, _ = _logprobs(run.ref_engine, batch, layout)
     batch.rollout_weights = run.config.algorithm.rollout_correction.weights(
         batch.old_logp, batch.rollout_logp, batch.response_mask
     )
@@ -169,8 +190,18 @@ def _update_metrics(results: list[UpdateResult]) -> dict[str, float]:
     return out
 
 
-def update_policy(run: Run, batch: PolicyBatch, layout: MiniBatchLayout) -> dict[str, float]:
-    """``ppo_epochs`` passes of one optimizer step per mini-batch."""
+def update_policy(
+    run: Run, batch: PolicyBatch, layout: MiniBatchLayout, step: int, entropy: float
+) -> dict[str, float]:
+    """``ppo_epochs`` passes of one optimizer step per mini-batch. With an entropy
+    target, the controller first sets the step's knob from the rollout entropy (one
+    value for the whole step, the same on every rank)."""
+    loss = run.config.policy.loss
+    control = {}
+    if run.entropy_target is not None:
+        run.entropy_target.update(step, entropy)
+        loss = run.entropy_target.apply(loss)
+        control = run.entropy_target.metrics()
     results = []
     for _ in range(run.config.algorithm.ppo_epochs):
         for k in range(layout.num_minibatches):
@@ -178,23 +209,23 @@ def update_policy(run: Run, batch: PolicyBatch, layout: MiniBatchLayout) -> dict
                 ppo_update(
                     run.engine,
                     batch.rows(layout.minibatch(k)),
-                    run.config.policy.loss,
+                    loss,
                     step=run.engine.num_steps,
                     dp_group=run.engine.dp_group,
                 )
             )
-    return _update_metrics(results)
+    return {**_update_metrics(results), **control}
 
 
-def entropy_change(run: Run, batch: PolicyBatch) -> dict[str, float]:
+def entropy_change(run: Run, batch: PolicyBatch, layout: MiniBatchLayout) -> dict[str, float]:
     """Measured change of the policy entropy on the step's tokens over the update phase,
     next to the first-order prediction ``-Cov(log pi, A)`` (the sampled-token form of
     :func:`covrl.ops.sampled_entropy_change` with step size 1: compare signs and
     correlation over steps, not magnitudes)."""
     group = run.engine.dp_group
-    new = run.engine.forward_logprobs(batch.input_ids, batch.attention_mask)
+    _, new_entropy = _logprobs(run.engine, batch, layout)
     before = _token_mean(batch.old_entropy, batch.response_mask, group)
-    after = _token_mean(new.entropy, batch.response_mask, group)
+    after = _token_mean(new_entropy, batch.response_mask, group)
     predicted = sampled_entropy_change(
         batch.old_logp, batch.advantages, 1.0, batch.response_mask, group=group
     )

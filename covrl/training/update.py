@@ -40,6 +40,7 @@ from covrl.algorithms import (
     prepare_selection,
 )
 from covrl.engine import PolicyEngine, TokenOutputs
+from covrl.engine.packing import MicroBatch
 from covrl.parallel import Group, rank_and_size
 from covrl.training.batch import PolicyBatch
 
@@ -89,7 +90,7 @@ def _check_engine(engine: PolicyEngine, config: PolicyLossConfig, dp_group) -> N
 def _select(
     engine: PolicyEngine,
     batch: PolicyBatch,
-    micro_batches: list[slice],
+    micro_batches: list[MicroBatch],
     config: PolicyLossConfig,
     step: int,
     dp_group,
@@ -101,18 +102,25 @@ def _select(
         return None, {}
     current = None
     if ec.logp_source == "current":
-        current = engine.forward_logprobs(batch.input_ids, batch.attention_mask, micro_batches).logp
+        if batch.old_logp_version == engine.weights_version:
+            # No optimizer step since the old log-prob pass: they are the current ones
+            # (the same forward on the same micro-batches), nothing new to compute.
+            current = batch.old_logp
+        else:
+            current = engine.forward_logprobs(
+                batch.input_ids, batch.attention_mask, micro_batches
+            ).logp
     token_ids = canonical_token_ids(batch.sample_index, batch.response_mask)
     # One selection batch per gradient micro-batch: with scope="microbatch" each selects
     # on its own, as the public implementation does; with "minibatch" the split is moot.
     result = prepare_selection(
         [
             SelectionBatch(
-                advantages=batch.advantages[m],
-                old_logp=batch.old_logp[m],
-                mask=batch.response_mask[m],
-                token_ids=token_ids[m],
-                logp=None if current is None else current[m],
+                advantages=m.take(batch.advantages),
+                old_logp=m.take(batch.old_logp),
+                mask=m.take(batch.response_mask),
+                token_ids=m.take(token_ids),
+                logp=None if current is None else m.take(current),
             )
             for m in micro_batches
         ],
@@ -120,7 +128,11 @@ def _select(
         step=step,
         group=dp_group,
     )
-    selected = None if result.masks is None else torch.cat(result.masks, dim=0)
+    if result.masks is None:
+        return None, result.metrics
+    selected = torch.zeros_like(batch.response_mask)
+    for m, mask in zip(micro_batches, result.masks, strict=True):
+        m.put(selected, mask)
     return selected, result.metrics
 
 
@@ -154,7 +166,8 @@ def ppo_update(
     _check_engine(engine, config, dp_group)
     batch = batch.to(engine.device)
     # The engine's micro-batches, used by the selection and the gradient passes alike.
-    micro_batches = engine.micro_batches(len(batch))
+    lengths = batch.lengths or engine.row_lengths(batch.attention_mask)
+    micro_batches = engine.micro_batches(lengths)
     selected, selection_metrics = _select(engine, batch, micro_batches, config, step, dp_group)
     count = global_loss_count([batch.response_mask], config.loss_agg_mode, dp_group)
 
