@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 
 from covrl.config import load_config
-from covrl.tasks import reproduce
-from covrl.tasks.reproduce import PAPER, RECIPE, ReproduceError, default_plan, run_plan
-from covrl.tasks.reproduce_report import (
-    ReportInputs,
-    plateau_start,
-    write_report,
-)
+from experiments.reproduce import runner
+from experiments.reproduce.numbers import plateau_start
+from experiments.reproduce.paper import SETTINGS as PAPER
+from experiments.reproduce.plan import RECIPE, default_plan
+from experiments.reproduce.report import ReportInputs, write_report
+from experiments.reproduce.runner import ReproduceError, run_plan
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -103,7 +102,7 @@ def _fake_command(fail_names):
 
 def test_runner_keeps_finished_runs_and_names_the_failed_log(tmp_path, monkeypatch):
     specs = default_plan((1,), sweep=False, paper=False)
-    monkeypatch.setattr(reproduce, "_command", _fake_command(set()))
+    monkeypatch.setattr(runner, "_command", _fake_command(set()))
     logs: list[str] = []
     seconds = run_plan(specs, out=tmp_path, config=CONFIG, shared=[], total_steps=1,
                        jobs=2, log=logs.append, poll_s=0.05)  # fmt: skip
@@ -118,7 +117,7 @@ def test_runner_keeps_finished_runs_and_names_the_failed_log(tmp_path, monkeypat
                     poll_s=0.05) == {}  # fmt: skip
     assert all("kept" in line for line in logs)
     # A failing run stops the plan with its log file named.
-    monkeypatch.setattr(reproduce, "_command", _fake_command({"clip_cov_s1"}))
+    monkeypatch.setattr(runner, "_command", _fake_command({"clip_cov_s1"}))
     with pytest.raises(ReproduceError, match=r"clip_cov_s1 failed \(exit 3\).*clip_cov_s1\.log"):
         run_plan(specs, out=tmp_path, config=CONFIG, shared=[], total_steps=1, force=True,
                  jobs=1, log=logs.append, poll_s=0.05)  # fmt: skip

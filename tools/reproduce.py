@@ -6,7 +6,7 @@ Usage::
                               [--report docs/reproduce.md] [--report-only] [--dry-run]
 
 Runs GRPO, GRPO + clip-higher, Clip-Cov and KL-Cov for each seed, a KL-Cov (k, beta)
-sweep and the paper's own Clip-Cov / KL-Cov settings (``covrl.tasks.reproduce``), each a
+sweep and the paper's own Clip-Cov / KL-Cov settings (``experiments/reproduce/``), each a
 ``covrl.training.cli`` job with one process, two at a time; then writes the report
 (markdown and PNGs) from the runs' metrics. Runs that already finished with the same
 command are kept, so running it again only redoes what is missing. The task assets must
@@ -26,14 +26,19 @@ import sys
 import time
 from pathlib import Path
 
-from covrl.tasks.reproduce import (
+from covrl.tasks.tiny import DEFAULT_ROOT
+
+# The harness lives in the checkout's experiments/ folder, not in the installed package.
+REPO = str(Path(__file__).resolve().parents[1])
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+from experiments.reproduce.plan import default_plan  # noqa: E402
+from experiments.reproduce.runner import (  # noqa: E402
     ReproduceError,
-    default_plan,
     read_record,
     record_path,
     run_plan,
 )
-from covrl.tasks.tiny import DEFAULT_ROOT
 
 CONFIG = "examples/tiny_kl_cov.yaml"
 REDO_FLAGS = ("--report-only", "--force")
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
               f"`python tools/build_tiny_task.py --root {root}` (or `make train`)", file=sys.stderr)  # fmt: skip
         return 1
 
-    from covrl.tasks.reproduce_report import ReportInputs, write_report
+    from experiments.reproduce.report import ReportInputs, write_report
 
     out = Path(args.out)
     wall = None
