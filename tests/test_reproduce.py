@@ -76,6 +76,20 @@ def test_missing_base_model_is_one_clear_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "no base model" in err and "build_tiny_task" in err
 
 
+def test_kept_reports_link_each_other(tmp_path):
+    """Each report kept in docs/ is written with links to the others, and the committed
+    copies carry them; a report written anywhere else links nothing."""
+    for path in reproduce_tool.KEPT_REPORTS:
+        report = REPO / path
+        related = reproduce_tool.related_reports(report)
+        assert len(related) == len(reproduce_tool.KEPT_REPORTS) - 1
+        text = report.read_text()
+        for what, link in related:
+            assert (report.parent / link).is_file(), link
+            assert f"[{what}]({link})" in text, path
+    assert reproduce_tool.related_reports(tmp_path / "docs" / "reproduce.md") == []
+
+
 # ---------------------------------------------------------------------------- runner
 FAKE_RUN = r"""
 import json, sys, pathlib
@@ -175,10 +189,12 @@ def test_report_numbers_match_independent_computations(tmp_path):
                                       acc_scale=0.9 if s.method == "kl_cov" else 1.0)  # fmt: skip
     inputs = ReportInputs(specs=specs, out_dir=tmp_path / "runs", total_steps=T, val_k=8,
                           command="make reproduce", seconds={s.name: 60.0 for s in specs},
-                          wall=(600.0, 12), build=None)  # fmt: skip
+                          wall=(600.0, 12), build=None,
+                          related=[("a longer run", "long.md")])  # fmt: skip
     md = tmp_path / "docs" / "reproduce.md"
     text = write_report(inputs, md)
     assert md.read_text() == text
+    assert "\nOther reports of these experiments: [a longer run](long.md).\n" in text
 
     # Entropy at the plateau: mean over the last quarter, by hand.
     start = plateau_start(T)

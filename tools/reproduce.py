@@ -42,6 +42,11 @@ from experiments.reproduce.runner import (  # noqa: E402
 
 CONFIG = "examples/tiny_kl_cov.yaml"
 REDO_FLAGS = ("--report-only", "--force")
+# The reports kept in the repository (paths from its root); each links the others.
+KEPT_REPORTS = {
+    "docs/reproduce.md": "80 steps, seeds 1 and 2, the KL-Cov sweep and the paper's settings",
+    "docs/reproduce_long.md": "the four methods over 160 steps, seed 1",
+}
 
 
 def shared_overrides(root: Path, steps: int, val_k: int, test_freq: int) -> list[str]:
@@ -59,6 +64,16 @@ def shared_overrides(root: Path, steps: int, val_k: int, test_freq: int) -> list
         f"validation.test_freq={test_freq}",
         f"validation.k={val_k}",
     ]
+
+
+def related_reports(report: Path) -> list[tuple[str, str]]:
+    """``(description, link)`` of the other kept reports when ``report`` is one of them
+    (links relative to its folder); none for a report written anywhere else."""
+    kept = {(Path(REPO) / path).resolve(): what for path, what in KEPT_REPORTS.items()}
+    here = report.resolve()
+    if here not in kept:
+        return []
+    return [(what, os.path.relpath(p, here.parent)) for p, what in kept.items() if p != here]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         "make reproduce" if "MAKELEVEL" in os.environ else f"python tools/reproduce.py {given}"
     )
     inputs = ReportInputs(specs=specs, out_dir=out, total_steps=args.steps, val_k=args.val_k,
-                          command=command, seconds=seconds, wall=wall, build=build)  # fmt: skip
+                          command=command, seconds=seconds, wall=wall, build=build,
+                          related=related_reports(Path(args.report)))  # fmt: skip
     try:
         write_report(inputs, args.report)
     except ValueError as exc:

@@ -68,6 +68,7 @@ class ReportInputs:
     seconds: dict[str, float]  # per run, from the runner (reproduce.json)
     wall: tuple[float, int] | None  # (seconds, runs) of the last call that ran runs
     build: dict | None  # build.json of the task assets
+    related: Sequence[tuple[str, str]] = ()  # (description, link) of other reports
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,11 @@ def _setup_section(m: Measured, inputs: ReportInputs) -> list[str]:
         "figure on it is computed from the metrics of the runs listed at the end. "
         "Re-running the command rewrites it.",
         "",
+    ]
+    if inputs.related:
+        links = "; ".join(f"[{what}]({link})" for what, link in inputs.related)
+        lines += [f"Other reports of these experiments: {links}.", ""]
+    lines += [
         "## Set-up",
         "",
         "- Task, tokenizer and base model: the built-in two-sum task (`docs/tiny_task.md`).",
