@@ -102,6 +102,7 @@ def _expect_error(fn, *args, **kwargs) -> str:
 # ---------------------------------------------------------------------------- save launch
 def _save_body(ctx, hf: dict[str, Path], root: Path):
     from covrl import checkpointing as ck
+    from covrl.checkpointing import save as ck_save
     from covrl.models import PolicyModelConfig, build_model, load_hf_weights
 
     out: dict = {}
@@ -164,25 +165,25 @@ def _save_body(ctx, hf: dict[str, Path], root: Path):
 
     crash: dict = {}
     save = dict(optimizer=engine.optimizer, scheduler=engine.scheduler)
-    saved = (ck.fsync_tree, ck._remove_quietly, ck.write_text_atomic)
+    saved = (ck_save.fsync_tree, ck_save._remove_quietly, ck_save.write_text_atomic)
     try:
         # a) after all shards are written, before the rename: error on every rank,
         #    the temporary directory removed.
-        ck.fsync_tree = boom
+        ck_save.fsync_tree = boom
         crash["a_error"] = _expect_error(ck.save_checkpoint, train, 2, engine.model, config, **save)
         crash["a"] = state()
         # b) the same as a hard crash there: nothing cleans up.
-        ck._remove_quietly = lambda path: None
+        ck_save._remove_quietly = lambda path: None
         crash["b_error"] = _expect_error(ck.save_checkpoint, train, 2, engine.model, config, **save)
         crash["b"] = state()
         crash["b_explicit"] = _expect_error(ck.resolve_checkpoint, train, 2)
         # c) after the rename, before the tracker update.
-        ck.fsync_tree, ck._remove_quietly, _ = saved
-        ck.write_text_atomic = boom
+        ck_save.fsync_tree, ck_save._remove_quietly, _ = saved
+        ck_save.write_text_atomic = boom
         crash["c_error"] = _expect_error(ck.save_checkpoint, train, 3, engine.model, config, **save)
         crash["c"] = state()
     finally:
-        ck.fsync_tree, ck._remove_quietly, ck.write_text_atomic = saved
+        ck_save.fsync_tree, ck_save._remove_quietly, ck_save.write_text_atomic = saved
     # d) the next good save removes the leftovers of b).
     ck.save_checkpoint(train, 4, engine.model, config, **save)
     crash["d"] = state()

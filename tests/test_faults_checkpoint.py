@@ -98,6 +98,7 @@ def _param(chunks) -> torch.Tensor:
 
 def _kill_points_body(ctx, hf: Path, root: Path, shots: Path):
     from covrl import checkpointing as ck
+    from covrl.checkpointing.save import _tidy_root
     from covrl.models import PolicyModelConfig, build_model, load_hf_weights
 
     config = PolicyModelConfig.from_hf(hf)
@@ -136,7 +137,7 @@ def _kill_points_body(ctx, hf: Path, root: Path, shots: Path):
             ck.load_checkpoint(shot, probe, config, iteration=1)
             case["iter1_after_next_save"] = "new" if torch.equal(_param(probe), new) else "old"
         else:
-            ck._tidy_root(shot)  # what the next save does first
+            _tidy_root(shot)  # what the next save does first
         case["after_tidy"] = sorted(os.listdir(shot))
         case["complete_after_tidy"] = ck.list_checkpoints(shot)
         out["cases"][shot.name] = case
@@ -345,6 +346,7 @@ def _fill(disk: Path, leave: int) -> Path:
 
 def _disk_body(ctx, hf: Path, disk: Path):
     from covrl import checkpointing as ck
+    from covrl.checkpointing import save as ck_save
     from covrl.models import PolicyModelConfig, build_model, load_hf_weights, save_hf_checkpoint
 
     config = PolicyModelConfig.from_hf(hf)
@@ -361,12 +363,12 @@ def _disk_body(ctx, hf: Path, disk: Path):
     out["preflight"] = _expect_error(ck.save_checkpoint, root, 2, chunks, config)
     out["preflight_state"] = state()
     # Space that vanishes during the write (another writer): megatron-core's writer fails.
-    saved = ck._check_free_space
-    ck._check_free_space = lambda *args: None
+    saved = ck_save._check_free_space
+    ck_save._check_free_space = lambda *args: None
     try:
         out["midway"] = _expect_error(ck.save_checkpoint, root, 2, chunks, config)
     finally:
-        ck._check_free_space = saved
+        ck_save._check_free_space = saved
     out["midway_state"] = state()
     try:
         save_hf_checkpoint(chunks, config, disk / "hf")

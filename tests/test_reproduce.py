@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 
 from covrl.config import load_config
-from covrl.tasks import reproduce
-from covrl.tasks.reproduce import PAPER, RECIPE, ReproduceError, default_plan, run_plan
-from covrl.tasks.reproduce_report import (
-    ReportInputs,
-    plateau_start,
-    write_report,
-)
+from experiments.reproduce import runner
+from experiments.reproduce.numbers import plateau_start
+from experiments.reproduce.paper import SETTINGS as PAPER
+from experiments.reproduce.plan import RECIPE, default_plan
+from experiments.reproduce.report import ReportInputs, write_report
+from experiments.reproduce.runner import ReproduceError, run_plan
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -77,6 +76,20 @@ def test_missing_base_model_is_one_clear_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "no base model" in err and "build_tiny_task" in err
 
 
+def test_kept_reports_link_each_other(tmp_path):
+    """Each report kept in docs/ is written with links to the others, and the committed
+    copies carry them; a report written anywhere else links nothing."""
+    for path in reproduce_tool.KEPT_REPORTS:
+        report = REPO / path
+        related = reproduce_tool.related_reports(report)
+        assert len(related) == len(reproduce_tool.KEPT_REPORTS) - 1
+        text = report.read_text()
+        for what, link in related:
+            assert (report.parent / link).is_file(), link
+            assert f"[{what}]({link})" in text, path
+    assert reproduce_tool.related_reports(tmp_path / "docs" / "reproduce.md") == []
+
+
 # ---------------------------------------------------------------------------- runner
 FAKE_RUN = r"""
 import json, sys, pathlib
@@ -103,7 +116,7 @@ def _fake_command(fail_names):
 
 def test_runner_keeps_finished_runs_and_names_the_failed_log(tmp_path, monkeypatch):
     specs = default_plan((1,), sweep=False, paper=False)
-    monkeypatch.setattr(reproduce, "_command", _fake_command(set()))
+    monkeypatch.setattr(runner, "_command", _fake_command(set()))
     logs: list[str] = []
     seconds = run_plan(specs, out=tmp_path, config=CONFIG, shared=[], total_steps=1,
                        jobs=2, log=logs.append, poll_s=0.05)  # fmt: skip
@@ -118,7 +131,7 @@ def test_runner_keeps_finished_runs_and_names_the_failed_log(tmp_path, monkeypat
                     poll_s=0.05) == {}  # fmt: skip
     assert all("kept" in line for line in logs)
     # A failing run stops the plan with its log file named.
-    monkeypatch.setattr(reproduce, "_command", _fake_command({"clip_cov_s1"}))
+    monkeypatch.setattr(runner, "_command", _fake_command({"clip_cov_s1"}))
     with pytest.raises(ReproduceError, match=r"clip_cov_s1 failed \(exit 3\).*clip_cov_s1\.log"):
         run_plan(specs, out=tmp_path, config=CONFIG, shared=[], total_steps=1, force=True,
                  jobs=1, log=logs.append, poll_s=0.05)  # fmt: skip
@@ -176,10 +189,12 @@ def test_report_numbers_match_independent_computations(tmp_path):
                                       acc_scale=0.9 if s.method == "kl_cov" else 1.0)  # fmt: skip
     inputs = ReportInputs(specs=specs, out_dir=tmp_path / "runs", total_steps=T, val_k=8,
                           command="make reproduce", seconds={s.name: 60.0 for s in specs},
-                          wall=(600.0, 12), build=None)  # fmt: skip
+                          wall=(600.0, 12), build=None,
+                          related=[("a longer run", "long.md")])  # fmt: skip
     md = tmp_path / "docs" / "reproduce.md"
     text = write_report(inputs, md)
     assert md.read_text() == text
+    assert "\nOther reports of these experiments: [a longer run](long.md).\n" in text
 
     # Entropy at the plateau: mean over the last quarter, by hand.
     start = plateau_start(T)

@@ -6,7 +6,7 @@ Usage::
                               [--report docs/reproduce.md] [--report-only] [--dry-run]
 
 Runs GRPO, GRPO + clip-higher, Clip-Cov and KL-Cov for each seed, a KL-Cov (k, beta)
-sweep and the paper's own Clip-Cov / KL-Cov settings (``covrl.tasks.reproduce``), each a
+sweep and the paper's own Clip-Cov / KL-Cov settings (``experiments/reproduce/``), each a
 ``covrl.training.cli`` job with one process, two at a time; then writes the report
 (markdown and PNGs) from the runs' metrics. Runs that already finished with the same
 command are kept, so running it again only redoes what is missing. The task assets must
@@ -26,17 +26,27 @@ import sys
 import time
 from pathlib import Path
 
-from covrl.tasks.reproduce import (
+from covrl.tasks.tiny import DEFAULT_ROOT
+
+# The harness lives in the checkout's experiments/ folder, not in the installed package.
+REPO = str(Path(__file__).resolve().parents[1])
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+from experiments.reproduce.plan import default_plan  # noqa: E402
+from experiments.reproduce.runner import (  # noqa: E402
     ReproduceError,
-    default_plan,
     read_record,
     record_path,
     run_plan,
 )
-from covrl.tasks.tiny import DEFAULT_ROOT
 
 CONFIG = "examples/tiny_kl_cov.yaml"
 REDO_FLAGS = ("--report-only", "--force")
+# The reports kept in the repository (paths from its root); each links the others.
+KEPT_REPORTS = {
+    "docs/reproduce.md": "80 steps, seeds 1 and 2, the KL-Cov sweep and the paper's settings",
+    "docs/reproduce_long.md": "the four methods over 160 steps, seed 1",
+}
 
 
 def shared_overrides(root: Path, steps: int, val_k: int, test_freq: int) -> list[str]:
@@ -54,6 +64,16 @@ def shared_overrides(root: Path, steps: int, val_k: int, test_freq: int) -> list
         f"validation.test_freq={test_freq}",
         f"validation.k={val_k}",
     ]
+
+
+def related_reports(report: Path) -> list[tuple[str, str]]:
+    """``(description, link)`` of the other kept reports when ``report`` is one of them
+    (links relative to its folder); none for a report written anywhere else."""
+    kept = {(Path(REPO) / path).resolve(): what for path, what in KEPT_REPORTS.items()}
+    here = report.resolve()
+    if here not in kept:
+        return []
+    return [(what, os.path.relpath(p, here.parent)) for p, what in kept.items() if p != here]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
               f"`python tools/build_tiny_task.py --root {root}` (or `make train`)", file=sys.stderr)  # fmt: skip
         return 1
 
-    from covrl.tasks.reproduce_report import ReportInputs, write_report
+    from experiments.reproduce.report import ReportInputs, write_report
 
     out = Path(args.out)
     wall = None
@@ -141,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         "make reproduce" if "MAKELEVEL" in os.environ else f"python tools/reproduce.py {given}"
     )
     inputs = ReportInputs(specs=specs, out_dir=out, total_steps=args.steps, val_k=args.val_k,
-                          command=command, seconds=seconds, wall=wall, build=build)  # fmt: skip
+                          command=command, seconds=seconds, wall=wall, build=build,
+                          related=related_reports(Path(args.report)))  # fmt: skip
     try:
         write_report(inputs, args.report)
     except ValueError as exc:

@@ -43,97 +43,25 @@ Not modelled: the CUDA context, NCCL buffers and allocator fragmentation (a plan
 ``fits`` only with ``reserve_gib``, default 4 GiB, left free), vLLM's activation and
 CUDA-graph memory (inside its budget, taken from the KV cache).
 
-``python -m covrl.scaling --config examples/qwen2.5-32b_kl_cov.yaml --nodes 4
---gpus-per-node 8 [key=value ...]`` prints the layout and the estimate; the Slurm dry
-run (``COVRL_DRY_RUN=1``) calls it.
+The parameter and byte counts come from :mod:`covrl.scaling.params`.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from covrl.models.hf_config import PolicyModelConfig
+from covrl.scaling.params import (
+    activation_bytes_per_token_layer,
+    kv_bytes_per_token,
+    stage_params,
+    total_params,
+)
 
 GIB = 2**30
 
-__all__ = [
-    "PUBLISHED_CONFIGS",
-    "Layout",
-    "MemoryEstimate",
-    "estimate_memory",
-    "main",
-    "model_config",
-]
-
-
-# Parameter and memory counts of a PolicyModelConfig (Qwen2/Llama: SwiGLU MLP, grouped-
-# query attention, RMSNorm); vocabulary padded as megatron pads it.
-def layer_params(model: PolicyModelConfig) -> int:
-    h, d, f = model.hidden_size, model.head_dim, model.ffn_hidden_size
-    q, kv = model.num_attention_heads * d, model.num_query_groups * d
-    attn = h * (q + 2 * kv) + q * h + ((q + 2 * kv) if model.add_qkv_bias else 0)
-    return attn + 3 * h * f + 2 * h  # SwiGLU (gate, up, down) and two RMSNorms
-
-
-def total_params(model: PolicyModelConfig, tp: int | None = None) -> int:
-    """All parameters; with ``tp``, the vocabulary padded for that TP size."""
-    vocab = model.vocab_size if tp is None else model.padded_vocab_size(tp)
-    n_emb = 1 if model.tie_word_embeddings else 2
-    return (
-        model.num_layers * layer_params(model)
-        + n_emb * vocab * model.hidden_size
-        + model.hidden_size
-    )
-
-
-def stage_params(model: PolicyModelConfig, tp: int, pp: int) -> int:
-    """Parameters on one GPU of the largest pipeline stage (first or last)."""
-    h = model.hidden_size
-    emb = model.padded_vocab_size(tp) * h // tp
-    if pp == 1:
-        embeddings = emb * (1 if model.tie_word_embeddings else 2) + h
-    else:
-        # First stage: input embedding; last stage: output layer (a copy when tied) and
-        # the final norm.
-        embeddings = emb + h
-    norms = 2 * h  # replicated over TP
-    layers = math.ceil(model.num_layers / pp)
-    return layers * ((layer_params(model) - norms) // tp + norms) + embeddings
-
-
-def activation_bytes_per_token_layer(model: PolicyModelConfig, tp: int) -> int:
-    h, f = model.hidden_size, model.ffn_hidden_size
-    gd = model.num_query_groups * model.head_dim
-    return 8 * h + (4 * h + 4 * gd + 6 * f) // tp
-
-
-def kv_bytes_per_token(model: PolicyModelConfig, vllm_tp: int) -> int:
-    """bf16 K and V of every layer for one token, on one GPU of a vLLM TP group."""
-    heads = max(1, model.num_query_groups // vllm_tp)  # replicated when g < r
-    return 2 * model.num_layers * heads * model.head_dim * 2
-
-
-_QWEN25 = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-    "attention_dropout": 0.0, "rope_theta": 1000000.0, "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16", "use_sliding_window": False, "vocab_size": 152064,
-    "max_position_embeddings": 131072,
-}  # fmt: skip
-# The published config.json values of the paper's base models (the fields that matter).
-PUBLISHED_CONFIGS: dict[str, dict] = {
-    "qwen2.5-7b": {
-        **_QWEN25, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-        "num_attention_heads": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
-    },
-    "qwen2.5-32b": {
-        **_QWEN25, "hidden_size": 5120, "intermediate_size": 27648, "num_hidden_layers": 64,
-        "num_attention_heads": 40, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
-    },
-}  # fmt: skip
+__all__ = ["GIB", "Layout", "MemoryEstimate", "estimate_memory"]
 
 
 @dataclass(frozen=True)
@@ -255,72 +183,3 @@ def estimate_memory(model: PolicyModelConfig, layout: Layout) -> MemoryEstimate:
         gpu_memory=gpu,
         reserve=int(layout.reserve_gib * GIB),
     )
-
-
-def model_config(model_path: str) -> PolicyModelConfig:
-    """The model at ``<model_path>/config.json``; else a published config matched by the
-    directory name (so a plan can be printed before the weights are downloaded)."""
-    if (Path(model_path) / "config.json").is_file():
-        return PolicyModelConfig.from_hf(model_path)
-    name = Path(model_path.rstrip("/")).name.lower()
-    for key, config in PUBLISHED_CONFIGS.items():
-        if name.startswith(key):
-            return PolicyModelConfig.from_hf(config)
-    raise ValueError(
-        f"policy.model_path={model_path}: no config.json there and no published config for "
-        f"{name!r} (built in: {', '.join(PUBLISHED_CONFIGS)})"
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m covrl.scaling",
-        description="Print a run's parallel layout and per-GPU memory estimate.",
-    )
-    parser.add_argument("--config", required=True, help="run config YAML (examples/...)")
-    parser.add_argument("--nodes", type=int, required=True)
-    parser.add_argument("--gpus-per-node", type=int, required=True)
-    parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
-    parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
-    args = parser.parse_args(argv)
-
-    from covrl.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-        model = model_config(cfg.policy.model_path)
-        layout = Layout(
-            nodes=args.nodes,
-            gpus_per_node=args.gpus_per_node,
-            tp=cfg.policy.tp,
-            pp=cfg.policy.pp,
-            vpp=cfg.policy.vpp,
-            micro_batch_size=cfg.policy.engine.micro_batch_size,
-            seq_length=cfg.data.max_prompt_length + cfg.sampling.max_tokens,
-            vllm_tp=cfg.rollout.tensor_parallel_size,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization or 0.5,
-            gpu_memory_gib=args.gpu_memory_gib,
-        )
-        dp = cfg.check_layout(layout.world_size)
-        est = estimate_memory(model, layout)
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(
-        f"layout: {layout.nodes} nodes x {layout.gpus_per_node} GPUs = {layout.world_size}; "
-        f"train TP={layout.tp} PP={layout.pp}"
-        + (f" VPP={layout.vpp}" if layout.vpp else "")
-        + f" DP={dp}; vLLM TP={layout.vllm_tp} ({layout.world_size // layout.vllm_tp} replicas)"
-    )
-    print(
-        f"micro-batch {layout.micro_batch_size} x {layout.seq_length} tokens "
-        f"(max prompt {cfg.data.max_prompt_length} + max response {cfg.sampling.max_tokens}); "
-        f"vLLM gpu_memory_utilization={layout.gpu_memory_utilization}"
-    )
-    print(f"per-GPU memory estimate ({layout.gpu_memory_gib:g} GiB GPUs, covrl/scaling.py):")
-    print(est.table())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

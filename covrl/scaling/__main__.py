@@ -1,0 +1,7 @@
+"""``python -m covrl.scaling``: see :mod:`covrl.scaling.cli`."""
+
+import sys
+
+from covrl.scaling.cli import main
+
+sys.exit(main())

@@ -1,0 +1,124 @@
+"""The report's numbers: what it reads from each run's ``metrics.jsonl`` and how.
+
+Tags (written by the trainer):
+
+- ``rollout/entropy``: the policy's mean entropy (nats/token) over the step's rollout
+  response tokens, ``H``;
+- ``val/two_sum/avg@k``: sampled (temperature 1) validation accuracy, the ``R`` of the
+  entropy law; ``val/accuracy``: greedy validation accuracy;
+- ``entropy_dynamics/{predicted,measured}_change``: ``-Cov(log pi, A)`` of the step's
+  tokens and the entropy change the update phase actually made on them;
+- ``cov/top_*``: the covariance quantiles of a mini-batch, averaged over the step's
+  mini-batches (Table 1 of the paper);
+- ``cov/selected_*``, ``cov/prob_mean``: where the Clip-Cov / KL-Cov tokens sit.
+
+Definitions (stated in the report too): GRPO's *plateau* is the last quarter of the
+steps; a run's entropy "at the plateau" is its mean ``H`` over those steps; its *final
+accuracy* is the mean of its last three validation evaluations. Every function returns
+nan where a run logs nothing to compute from.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from covrl.analysis import RunLog, Series, align, read_jsonl
+from experiments.reproduce.plan import RunSpec
+
+ENTROPY = "rollout/entropy"
+GREEDY = "val/accuracy"
+PREDICTED = "entropy_dynamics/predicted_change"
+MEASURED = "entropy_dynamics/measured_change"
+COV_TAGS = ("cov/top_0.02%", "cov/top_0.2%", "cov/top_2%", "cov/top_20%", "cov/top_50%")
+SELECTION_TAGS = (
+    "cov/selected_fraction",
+    "cov/selected_positive_adv_fraction",
+    "cov/selected_prob_mean",
+    "cov/prob_mean",
+)
+PLATEAU_FRACTION = 0.25
+FINAL_EVALS = 3
+
+
+def accuracy_tag(val_k: int) -> str:
+    """The sampled validation accuracy of the two-sum task with ``val_k`` samples."""
+    return f"val/two_sum/avg@{val_k}"
+
+
+def load_runs(specs: Sequence[RunSpec], out_dir: str | os.PathLike) -> dict[str, RunLog]:
+    out_dir = Path(out_dir)
+    return {s.name: read_jsonl(out_dir / s.name / "metrics.jsonl", name=s.name) for s in specs}
+
+
+def values(run: RunLog, tag: str, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, values)`` of ``tag`` from step ``first`` on, finite values only."""
+    if not run.has(tag):
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    s = run.series(tag)
+    keep = (s.steps >= first) & np.isfinite(s.values)
+    return s.steps[keep], s.values[keep]
+
+
+def plateau_start(total_steps: int) -> int:
+    """First step of the plateau window (the last quarter of the steps)."""
+    return total_steps - max(1, round(total_steps * PLATEAU_FRACTION)) + 1
+
+
+def nan_mean(x: np.ndarray) -> float:
+    """The mean, nan for no values."""
+    return float(x.mean()) if len(x) else math.nan
+
+
+def window_mean(run: RunLog, tag: str, total_steps: int) -> float:
+    """Mean of ``tag`` over the plateau window (nan if it logs nothing there)."""
+    return nan_mean(values(run, tag, plateau_start(total_steps))[1])
+
+
+def window_entropy(run: RunLog, total_steps: int) -> float:
+    return window_mean(run, ENTROPY, total_steps)
+
+
+def first_entropy(run: RunLog) -> float:
+    _, h = values(run, ENTROPY)
+    return float(h[0]) if len(h) else math.nan
+
+
+def final_accuracy(run: RunLog, tag: str) -> float:
+    return nan_mean(values(run, tag)[1][-FINAL_EVALS:])
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return math.nan
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def same_sign(x: np.ndarray, y: np.ndarray) -> float:
+    """The share of pairs whose signs agree (nan for none)."""
+    return nan_mean(np.sign(x) == np.sign(y))
+
+
+def paired_points(runs: Sequence[RunLog], tag_x: str, tag_y: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` at the steps where a run logs both tags with finite values, pooled over
+    ``runs`` (e.g. entropy and validation accuracy at the validation steps)."""
+    xs, ys = [], []
+    for run in runs:
+        _, x, y = align(Series(*values(run, tag_x)), Series(*values(run, tag_y)))
+        xs.append(x)
+        ys.append(y)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def ratio(x: float, y: float) -> float:
+    """``x / y``, nan when either is missing or ``y`` is zero."""
+    return x / y if y and np.isfinite(x) and np.isfinite(y) else math.nan
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    """A table cell: ``x`` to ``digits`` decimals, ``n/a`` when missing."""
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
