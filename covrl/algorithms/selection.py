@@ -125,11 +125,11 @@ def _selected_sums(
     """Local float64 ``[#selected with A > mean A, sum of their p, sum of p over every
     valid token]`` (``p = exp(logp)``, the covariance's log-prob)."""
     sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
-    for fields_, sel in zip(tokens.segments, tokens.flat_parts(selected), strict=True):
-        prob = fields_["cov_logp"].double().exp()
-        sums[0] += (fields_["advantages"][sel].double() > mean_adv).sum()
+    for seg, sel in zip(tokens.segments, tokens.flat_parts(selected), strict=True):
+        prob = seg["cov_logp"].double().exp()
+        sums[0] += (seg["advantages"][sel].double() > mean_adv).sum()
         sums[1] += prob[sel].sum()
-        sums[2] += prob[fields_["mask"]].sum()
+        sums[2] += prob[seg["mask"]].sum()
     return sums
 
 
