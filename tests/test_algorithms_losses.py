@@ -17,7 +17,6 @@ from covrl.algorithms import (
     aggregate_loss,
     compute_policy_loss,
     global_loss_count,
-    loss_terms,
     megatron_loss_scale,
     policy_metric_sums,
     reduce_metric_sums,
@@ -243,21 +242,6 @@ def test_megatron_scaling_composes_to_the_minibatch_gradient():
     assert avg == pytest.approx(g_full.item(), rel=1e-6)
 
 
-def test_loss_terms_for_per_token_loss_path():
-    # Megatron's calculate_per_token_loss=True: sum of numerators / sum of counts.
-    logp, old, adv, _, _, mask, _ = _data(5)
-    tok = compute_policy_loss(
-        logp, old_logp=old, advantages=adv, mask=mask, config=CONFIGS["ppo"]
-    ).token_loss
-    for mode, const in MODES:
-        num0, c0 = loss_terms(tok[:3], mask[:3], mode, const)
-        num1, c1 = loss_terms(tok[3:], mask[3:], mode, const)
-        expect = aggregate_loss(
-            tok, mask, mode, global_loss_count([mask], mode, SINGLE_PROCESS), const
-        )
-        assert ((num0 + num1) / (c0 + c1)).item() == pytest.approx(expect.item(), rel=1e-6)
-
-
 def test_metric_sums_against_reference():
     logp, old, adv, ent, _, mask, _ = _data(6)
     cfg = CONFIGS["dual_clip_2"]
@@ -472,8 +456,7 @@ def test_non_finite_log_ratio_of_finite_inputs_is_an_error():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_padding_zeroer_matches_masked(dtype):
-    from covrl.algorithms._common import PaddingZeroer
-    from covrl.ops.masking import masked
+    from covrl.ops.masking import PaddingZeroer, masked
 
     g = torch.Generator().manual_seed(9)
     mask = torch.rand(5, 7, generator=g) < 0.6

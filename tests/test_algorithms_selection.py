@@ -17,13 +17,11 @@ from covrl.algorithms import (
     canonical_token_ids,
     covariance_summary,
     global_loss_count,
-    kth_largest,
     prepare_selection,
-    select_top_k,
-    uniform_keys,
+    selection_count,
 )
-from covrl.algorithms._common import selection_count
-from covrl.algorithms.metrics import float_to_ordered_int
+from covrl.ops import kth_largest, select_top_k, uniform_keys
+from covrl.ops.order_statistics import float_to_ordered_int
 from covrl.parallel import SINGLE_PROCESS
 from tests.token_fixtures import (
     DATASETS,
@@ -313,7 +311,7 @@ def test_block_size_does_not_change_the_selection(monkeypatch, block, method, ds
     """Tiny blocks: blocks spanning micro-batches, KL-Cov's running top-K across blocks
     (and its rescan when the cut falls among ties), Clip-Cov candidates from many
     blocks; the selection, counts and covariance summary stay those of the reference."""
-    import covrl.algorithms.selection as selection
+    import covrl.ops.token_blocks as token_blocks
 
     samples = make_samples(ds, seed=1)
     mbs = split(samples, 1, 0, 3, 7)
@@ -324,7 +322,7 @@ def test_block_size_does_not_change_the_selection(monkeypatch, block, method, ds
         expected[ratio] = prepare_selection(
             selection_batches(mbs), cfg, step=3, group=SINGLE_PROCESS
         )
-    monkeypatch.setitem(selection._BLOCK_SLOTS, "cpu", block)
+    monkeypatch.setitem(token_blocks._BLOCK_SLOTS, "cpu", block)
     for ratio in ratios:
         res = prepare_selection(
             selection_batches(mbs), _cfg(method, ratio), step=3, group=SINGLE_PROCESS
@@ -346,7 +344,7 @@ def test_block_size_does_not_change_the_selection(monkeypatch, block, method, ds
 
 
 def test_ordered_int_round_trip_and_order_on_random_bits():
-    from covrl.algorithms.metrics import ordered_int_to_float
+    from covrl.ops.order_statistics import ordered_int_to_float
 
     g = torch.Generator().manual_seed(4)
     bits = torch.randint(-(2**63), 2**63 - 1, (20_000,), generator=g, dtype=torch.int64)
@@ -395,12 +393,12 @@ def test_covariance_summary_same_from_every_pass(monkeypatch, ds):
     """The summary fed from KL-Cov's or Clip-Cov's selection pass, or from its own
     pass (method none, micro-batch scope), at any block size and split, is the
     mini-batch's and matches the covariance computed by sorting."""
-    import covrl.algorithms.selection as selection
+    import covrl.ops.token_blocks as token_blocks
 
     samples = make_samples(ds, seed=2)
     reference = None
     for block in [1, 5, 64, 1 << 16]:
-        monkeypatch.setitem(selection._BLOCK_SLOTS, "cpu", block)
+        monkeypatch.setitem(token_blocks._BLOCK_SLOTS, "cpu", block)
         for n_mb in [1, 3]:
             mbs = split(samples, 1, 0, n_mb, 5)
             for method, scope in [

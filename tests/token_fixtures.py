@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from covrl.algorithms import canonical_token_ids, uniform_keys
+from covrl.algorithms import canonical_token_ids
+from covrl.ops import uniform_keys
 
 DATASETS = ("continuous", "ties")
 

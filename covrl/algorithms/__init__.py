@@ -44,8 +44,6 @@ from covrl.algorithms.advantages import (
 from covrl.algorithms.aggregation import (
     aggregate_loss,
     global_loss_count,
-    local_loss_count,
-    loss_terms,
     megatron_loss_scale,
 )
 from covrl.algorithms.config import (
@@ -55,12 +53,11 @@ from covrl.algorithms.config import (
     EntropyTargetConfig,
     KLCovConfig,
     PolicyLossConfig,
+    selection_count,
 )
-from covrl.algorithms.covariance import SelectionBatch, canonical_token_ids
 from covrl.algorithms.entropy_target import EntropyTargetController
 from covrl.algorithms.metrics import (
     covariance_summary,
-    kth_largest,
     policy_metric_sums,
     reduce_metric_sums,
 )
@@ -70,12 +67,8 @@ from covrl.algorithms.policy_loss import (
     kl_penalty,
     ppo_surrogate,
 )
-from covrl.algorithms.selection import (
-    SelectionResult,
-    prepare_selection,
-    select_top_k,
-    uniform_keys,
-)
+from covrl.algorithms.selection import SelectionResult, prepare_selection
+from covrl.algorithms.tokens import SelectionBatch, canonical_token_ids
 
 __all__ = [
     "AdvantageConfig",
@@ -99,9 +92,6 @@ __all__ = [
     "global_loss_count",
     "grpo_advantages",
     "kl_penalty",
-    "kth_largest",
-    "local_loss_count",
-    "loss_terms",
     "megatron_loss_scale",
     "policy_metric_sums",
     "ppo_surrogate",
@@ -109,6 +99,5 @@ __all__ = [
     "reduce_metric_sums",
     "reinforce_pp_baseline_advantages",
     "rloo_advantages",
-    "select_top_k",
-    "uniform_keys",
+    "selection_count",
 ]

@@ -12,15 +12,11 @@ ranks is the mini-batch loss, and the summed gradients do not depend on the spli
   sequences with at least one valid token; ``C = loss_norm_constant`` (e.g. the
   maximum response length), 1 when None.
 
-Composition with Megatron-Core (0.16):
-
-* ``calculate_per_token_loss=False`` (default): the schedule divides each micro-batch
-  loss by ``num_microbatches`` and DDP averages gradients over the DP group, so the
-  loss given to Megatron must be ``aggregate_loss(...) * megatron_loss_scale(M, dp)``
-  (``= M * dp``); the resulting gradient is exactly the mini-batch loss gradient.
-* ``calculate_per_token_loss=True``: return ``(numerator, count)`` from
-  :func:`loss_terms` as the loss function's ``(loss, num_tokens)``; Megatron sums
-  gradients over micro-batches and DP and divides them by the all-reduced count.
+Composition with Megatron-Core (0.16), with ``calculate_per_token_loss=False`` (its
+default, what :class:`covrl.models.engine.PolicyEngine` runs): the schedule divides
+each micro-batch loss by ``num_microbatches`` and DDP averages gradients over the DP
+group, so the loss given to Megatron is ``aggregate_loss(...) * megatron_loss_scale(M,
+dp)`` (``= M * dp``); the resulting gradient is exactly the mini-batch loss gradient.
 """
 
 from __future__ import annotations
@@ -39,13 +35,10 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"loss_agg_mode={mode!r} is not one of {list(LOSS_AGG_MODES)}")
 
 
-def local_loss_count(mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """This micro-batch's share of the normaliser (int64 scalar). ``mask`` is ``[b, s]``."""
+def _local_count(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """This micro-batch's share of the normaliser (int64 scalar); bool ``mask`` ``[b, s]``."""
     _check_mode(mode)
-    m = as_bool_mask(mask)
-    if mode == "token-mean":
-        return m.sum()
-    return m.any(dim=-1).sum()
+    return mask.sum() if mode == "token-mean" else mask.any(dim=-1).sum()
 
 
 def global_loss_count(masks: Sequence[torch.Tensor], mode: str, group: Group) -> torch.Tensor:
@@ -59,19 +52,8 @@ def global_loss_count(masks: Sequence[torch.Tensor], mode: str, group: Group) ->
     device = masks[0].device if len(masks) else torch.device("cpu")
     total = torch.zeros((), dtype=torch.int64, device=device)
     for mask in masks:
-        total += local_loss_count(mask, mode)
+        total += _local_count(as_bool_mask(mask), mode)
     return all_reduce(total, group)
-
-
-def loss_terms(
-    token_loss: torch.Tensor,
-    mask: torch.Tensor,
-    mode: str,
-    norm_constant: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(numerator, count)`` of one micro-batch; ``token_loss`` and ``mask`` are ``[b, s]``."""
-    m = as_bool_mask(mask)
-    return _numerator(token_loss, m, mode, norm_constant), local_loss_count(m, mode)
 
 
 def _numerator(

@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Literal, get_args
-
-# Selection counts: ``floor(ratio * N)`` is taken on the decimal value of ``ratio``
-# (exactly, so ``0.29 * 100`` is 29). The public implementation's ``int(ratio * N)``
-# rounds the binary product and is one token short for some N (28 there). Both methods'
-# counts and the covariance summary's top fractions use this rule.
 
 EntropyControlMethod = Literal["none", "clip_cov", "kl_cov"]
 SelectionScope = Literal["minibatch", "microbatch"]
@@ -28,6 +24,20 @@ TargetKnob = Literal["ratio", "beta"]
 
 LOSS_AGG_MODES: tuple[str, ...] = get_args(LossAggMode)
 KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
+
+
+def selection_count(ratio: float, num_tokens: int) -> int:
+    """How many of a scope's ``N`` tokens a ratio selects: ``max(1, floor(ratio * N))``
+    for ``N > 0``, else 0.
+
+    The product is taken on the decimal value of ``ratio`` (exactly, so ``0.29 * 100``
+    is 29). The public implementation's ``int(ratio * N)`` rounds the binary product
+    and is one token short for some N (28 there). Both methods' counts and the
+    covariance summary's top fractions use this rule.
+    """
+    if num_tokens <= 0:
+        return 0
+    return max(1, int(Fraction(repr(float(ratio))) * num_tokens))
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -1,16 +1,11 @@
 """Per-step metrics: covariance summary (paper, Table 1) and policy-loss statistics.
 
 Covariance summary: the mean covariance and the mean of the top ``f`` fraction of
-tokens, over the whole scope (all micro-batches, all ranks of the group). The top-``K``
-mean only needs the exact global ``K``-th largest value ``v*``:
-``(sum_{v > v*} v + (K - #{v > v*}) v*) / K``. ``v*`` is found by a radix select on
-order-preserving int64 images of the float64 values: four rounds of 16-bit digits, each
-one all-reduce of an int64 histogram, whatever ``K`` is (50% of the
-tokens costs the same as 0.02%); the first round covers every token once for all
-fractions, later rounds only the tokens sharing the chosen prefix.
-:class:`CovarianceSummary` runs the first round block by block (with a histogram of
-value sums per digit, for the sums above each bucket) and reads back only the chosen
-buckets, so no whole-scope temporary is built.
+tokens (``K = max(1, floor(f N))``), over the whole scope (all micro-batches, all
+ranks of the group), from the exact global ``K``-th largest covariance: a radix select
+whose cost does not depend on ``K`` (:class:`covrl.ops.order_statistics.TopMeans`).
+The selection pass feeds it block by block (:class:`CovarianceSummary`), so no
+whole-scope temporary is built.
 
 Loss statistics are accumulated per micro-batch as ``(sum, count)`` pairs (the
 Megatron reporting convention) and reduced once per step by
@@ -23,168 +18,21 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from covrl.algorithms._common import selection_count
+from covrl.algorithms.config import selection_count
 from covrl.algorithms.policy_loss import PolicyLossOutput
 from covrl.ops.masking import masked
+from covrl.ops.order_statistics import TopMeans
 from covrl.parallel.groups import Group, all_reduce
-
-_LOW63 = 0x7FFFFFFFFFFFFFFF
-
-
-def float_to_ordered_int(x: torch.Tensor) -> torch.Tensor:
-    """float64 -> int64 with the same order (for finite values; -0.0 sorts below 0.0)."""
-    bits = x.contiguous().view(torch.int64)
-    return (bits >> 63).bitwise_and_(_LOW63).bitwise_xor_(bits)  # negative: flip all but the sign
-
-
-def ordered_int_to_float(k: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`float_to_ordered_int`."""
-    return (k >> 63).bitwise_and_(_LOW63).bitwise_xor_(k).view(torch.float64)
-
-
-_DIGIT_BITS = 16
-_NUM_BINS = 1 << _DIGIT_BITS
-_TOP_SHIFT = 64 - _DIGIT_BITS
-
-
-def _top_digits_(keys: torch.Tensor) -> torch.Tensor:
-    """The top 16-bit digit of int64 ``keys``, ordered 0..65535, computed in place.
-
-    The arithmetic shift is signed; the offset orders the digits.
-    """
-    return keys.bitwise_right_shift_(_TOP_SHIFT).add_(_NUM_BINS // 2)
-
-
-# The top digit of -inf (and of negative NaNs only): the bin of padding, below every
-# finite value's.
-_PAD_DIGIT = int(
-    _top_digits_(float_to_ordered_int(torch.tensor([float("-inf")], dtype=torch.float64)))[0]
-)
-
-
-def _flat_cat(segments: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The segments flattened and concatenated (a view for a single segment)."""
-    return (
-        segments[0].reshape(-1)
-        if len(segments) == 1
-        else torch.cat([s.reshape(-1) for s in segments])
-    )
-
-
-def _choose_digits(
-    hist: torch.Tensor, remaining: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One radix round: the digit holding each query's ``remaining``-th largest key.
-
-    Args:
-        hist: ``[m, 65536]`` int64 counts of the query's keys per digit (global).
-        remaining: ``[m]`` 1-based ranks among those keys.
-
-    Returns:
-        ``[m]`` chosen digits and ``[m]`` ranks within them.
-    """
-    at_least = hist.flip(1).cumsum(1)  # at_least[:, i] = #{digit >= 65535 - i}
-    i = torch.searchsorted(at_least, remaining.unsqueeze(1)).squeeze(1)
-    i = i.clamp(max=_NUM_BINS - 1)
-    above = at_least.gather(1, (i - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-    return _NUM_BINS - 1 - i, remaining - torch.where(i > 0, above, 0)
-
-
-def _split_bucket(pool: torch.Tensor, prefix: torch.Tensor) -> list[torch.Tensor]:
-    """``[c]`` keys of the chosen top digits -> per query ``j``, those with top digit
-    ``prefix[j]`` (signed, as ``keys >> 48``)."""
-    top = pool >> _TOP_SHIFT
-    return [pool[top == p] for p in prefix.tolist()]
-
-
-def _radix_refine(
-    cands: list[torch.Tensor],
-    prefix: torch.Tensor,
-    remaining: torch.Tensor,
-    group: Group,
-) -> torch.Tensor:
-    """The three lower radix rounds, after the top digit is chosen.
-
-    Args:
-        cands: per query, this rank's keys with the query's top digit.
-        prefix: ``[m]`` chosen top digits (signed, as ``keys >> 48``).
-        remaining: ``[m]`` 1-based ranks within those keys (global).
-
-    Returns:
-        ``[m]`` int64 keys, identical on every rank.
-    """
-    for level in range(_TOP_SHIFT // _DIGIT_BITS - 1, -1, -1):
-        shift = _DIGIT_BITS * level
-        hist = torch.stack(
-            [torch.bincount((c >> shift) & (_NUM_BINS - 1), minlength=_NUM_BINS) for c in cands]
-        )
-        all_reduce(hist, group)
-        digit, remaining = _choose_digits(hist, remaining)
-        prefix = (prefix << _DIGIT_BITS) | digit
-        cands = [c[(c >> shift) == prefix[j]] for j, c in enumerate(cands)]
-    return prefix
-
-
-def _radix_select(keys: torch.Tensor, ranks: Sequence[int], group: Group) -> torch.Tensor:
-    """Exact ``r``-th largest of a scope's int64 keys (``keys`` ``[n]``: this rank's).
-
-    Four rounds of 16-bit digits, most significant first; each round one all-reduce of
-    an int64 histogram. The first round's histogram over all keys serves every query;
-    later rounds only see the keys that share the query's chosen prefix (usually a
-    small fraction), ``[len(ranks), 65536]``.
-
-    Returns ``[len(ranks)]`` int64, identical on every rank.
-    """
-    m = len(ranks)
-    remaining = torch.tensor(list(ranks), dtype=torch.int64, device=keys.device)
-    top = _top_digits_(keys.clone())
-    hist = all_reduce(torch.bincount(top, minlength=_NUM_BINS).unsqueeze(0), group)
-    digit, remaining = _choose_digits(hist.expand(m, _NUM_BINS), remaining)
-    # One pass over all keys pools every query's bucket (a lookup table of the chosen
-    # digits); split the pool per query.
-    chosen = torch.zeros(_NUM_BINS, dtype=torch.bool, device=keys.device)
-    chosen[digit] = True
-    prefix = digit - _NUM_BINS // 2
-    return _radix_refine(_split_bucket(keys[chosen[top]], prefix), prefix, remaining, group)
-
-
-def kth_largest(keys: Sequence[torch.Tensor], ranks: Sequence[int], group: Group) -> torch.Tensor:
-    """Exact ``r``-th largest int64 key of a scope, for each rank ``r``.
-
-    Args:
-        keys: this rank's segments of int64 keys (any shapes).
-        ranks: 1-based ranks, each ``1 <= r <= total count over the group``.
-        group: the ranks holding the rest of the scope (``SINGLE_PROCESS``: this process only).
-
-    Returns:
-        ``[len(ranks)]`` int64 keys, identical on every rank.
-    """
-    return _radix_select(_flat_cat(keys), ranks, group)
 
 
 def _pct_label(f: float) -> str:
     return f"{f * 100:g}%"
 
 
-def _sum_above(hist: torch.Tensor, digit: torch.Tensor) -> torch.Tensor:
-    """``[m]``: ``sum(hist[d + 1:])`` for each ``d`` of ``digit`` (``hist`` ``[65536]``)."""
-    suffix = hist.flip(0).cumsum(0).flip(0)  # suffix[d] = sum(hist[d:])
-    return torch.cat([suffix[1:], suffix.new_zeros(1)]).index_select(0, digit)
-
-
 class CovarianceSummary:
-    """Table-1 covariance summary of a scope whose values arrive block by block.
+    """Table-1 covariance summary of a scope whose covariances arrive block by block.
 
-    Blocks are fed once with :meth:`add` (the round-1 radix pass); :meth:`result`
-    then reads back only the values in each query's chosen top-digit bucket, through
-    a callback, so no whole-scope float or int64 temporary is built.
-
-    Per block of ``c`` values, :meth:`add` keeps the ``[c]`` int32 top digits and adds
-    to a float64 ``[2, 65536]`` histogram of counts and value sums per top digit. The
-    sums of the values above a query's bucket come from the sums histogram; inside
-    the bucket, from its candidates. The ``K``-th largest value is exact (a radix
-    select); the sums are float64 sums whose last bits depend on the order of
-    summation.
+    Feed every block once with :meth:`add`, then read :meth:`result`.
 
     Args:
         fractions: top fractions, e.g. ``(2e-4, 2e-3, 2e-2, 0.2, 0.5)``.
@@ -193,24 +41,12 @@ class CovarianceSummary:
 
     def __init__(self, fractions: Sequence[float], device: torch.device):
         self.fractions = tuple(fractions)
-        self.hist = torch.zeros(2, _NUM_BINS, dtype=torch.float64, device=device)
-        self.digits: list[torch.Tensor] = []
-        self._one = torch.ones((), dtype=torch.float64, device=device)
+        self._top = TopMeans(device)
 
-    def add(self, values: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        """Feed the next block.
-
-        Args:
-            values: ``[c]`` float64; ``-inf`` at entries outside the scope, unless
-                ``valid`` is given.
-            valid: ``[c]`` bool, False at entries outside the scope (any value there).
-        """
-        top = _top_digits_(float_to_ordered_int(values))
-        if valid is not None:
-            top = torch.where(valid, top, top.new_tensor(_PAD_DIGIT), out=top)
-        self.hist[0].scatter_add_(0, top, self._one.expand(top.numel()))
-        self.hist[1].scatter_add_(0, top, values)
-        self.digits.append(top.to(torch.int32))
+    def add(self, cov: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Feed the next block: ``[c]`` float64 covariances, ``-inf`` outside the scope
+        unless ``[c]`` bool ``valid`` is given."""
+        self._top.add(cov, valid)
 
     def result(
         self,
@@ -220,46 +56,18 @@ class CovarianceSummary:
     ) -> dict[str, float]:
         """``cov/mean`` and ``cov/top_<pct>`` over the scope, identical on every rank.
 
-        Three radix rounds on the bucket candidates, two all-reduces of the summary's
-        own and one host sync besides.
-
         Args:
             num_tokens: the scope's valid-token count (the same on every rank).
-            values_at: ``values_at(i, pos)`` gives block ``i``'s values (as fed to
-                :meth:`add`) at its ``[p]`` int64 positions ``pos``, all in the scope.
+            values_at: ``values_at(i, pos)`` gives block ``i``'s covariances (as fed
+                to :meth:`add`) at its ``[p]`` int64 positions ``pos``.
             group: the ranks holding the rest of the scope (``SINGLE_PROCESS``: this process only).
         """
         names = ["cov/mean"] + [f"cov/top_{_pct_label(f)}" for f in self.fractions]
         if num_tokens == 0:
             return dict.fromkeys(names, 0.0)
         ks = [selection_count(f, num_tokens) for f in self.fractions]
-        m, device = len(ks), self.hist.device
-        hist = all_reduce(self.hist, group)
-        hist[:, : _PAD_DIGIT + 1] = 0  # padding (ranks stay <= N, so never chosen)
-        ranks = torch.tensor(ks, dtype=torch.int64, device=device)
-        digit, remaining = _choose_digits(hist[0].long().expand(m, _NUM_BINS), ranks)
-        chosen = torch.zeros(_NUM_BINS, dtype=torch.bool, device=device)
-        chosen[digit] = True
-        pool = [
-            float_to_ordered_int(values_at(i, torch.nonzero(chosen[d]).squeeze(1)))
-            for i, d in enumerate(self.digits)
-        ]
-        prefix = digit - _NUM_BINS // 2
-        buckets = _split_bucket(_flat_cat(pool), prefix)
-        kth = _radix_refine(buckets, prefix, remaining, group)
-        # Inside each bucket: the sum and count of the candidates above v*.
-        inside = torch.zeros(2 * m, dtype=torch.float64, device=device)
-        for j, b in enumerate(buckets):
-            b = b[b > kth[j]]
-            inside[j] = ordered_int_to_float(b).sum()
-            inside[m + j] = b.numel()
-        all_reduce(inside, group)
-        above = inside[:m] + _sum_above(hist[1], digit)
-        count = inside[m:] + _sum_above(hist[0], digit)
-        k_t = ranks.double()
-        top = (above + (k_t - count) * ordered_int_to_float(kth)) / k_t
-        mean = hist[1].sum().reshape(1) / num_tokens
-        return dict(zip(names, torch.cat([mean, top]).tolist(), strict=True))
+        values = self._top.result(num_tokens, ks, values_at, group)
+        return dict(zip(names, values.tolist(), strict=True))
 
 
 def covariance_summary(

@@ -38,7 +38,6 @@ class PolicyLossOutput:
         log_ratio: ``logp - logp_old`` (detached, unclamped, 0 at padding).
         clipped: PPO ratio clip active (gradient 0 through the ratio).
         dual_clipped: dual-clip active (``A < 0`` and ``-A r > -A c``).
-        selected: tokens the entropy-control method acted on (all False for ``none``).
         mask: the bool response mask.
     """
 
@@ -46,7 +45,6 @@ class PolicyLossOutput:
     log_ratio: torch.Tensor
     clipped: torch.Tensor
     dual_clipped: torch.Tensor
-    selected: torch.Tensor
     mask: torch.Tensor
 
 
@@ -313,6 +311,5 @@ def compute_policy_loss(
         log_ratio=log_ratio,
         clipped=clipped,
         dual_clipped=dual_clipped,
-        selected=sel,
         mask=m,
     )

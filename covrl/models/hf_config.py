@@ -51,7 +51,10 @@ _DTYPES = {
 }
 
 
-def _dtype(value: Any, field_name: str) -> torch.dtype:
+def parse_dtype(value: Any, field_name: str) -> torch.dtype:
+    """A parameter dtype from a ``torch.dtype`` or its name (``"bfloat16"``,
+    ``"torch.float16"``, ``"half"``...); ValueError naming ``field_name`` unless it is
+    float32, bfloat16 or float16."""
     if isinstance(value, torch.dtype):
         dtype = value
     elif isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
@@ -171,10 +174,10 @@ class PolicyModelConfig:
             f"a divisor of num_attention_heads={heads}",
         )
         if params_dtype is not None:
-            dtype = _dtype(params_dtype, "params_dtype")
+            dtype = parse_dtype(params_dtype, "params_dtype")
         else:
             raw = get("dtype") or get("torch_dtype") or "float32"
-            dtype = _dtype(raw, "dtype")
+            dtype = parse_dtype(raw, "dtype")
         return cls(
             model_type=model_type,
             num_layers=get("num_hidden_layers"),

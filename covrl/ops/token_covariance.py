@@ -116,6 +116,24 @@ def covariance_means(
     return CovarianceMeans.from_sums(sums, values)
 
 
+def centered_product(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    means: CovarianceMeans,
+    *,
+    overwrite_inputs: bool = False,
+) -> torch.Tensor:
+    """float64 ``(logp - mean_logp) * (A - mean_adv)``, elementwise (any shape): the
+    covariance term of each token, the one kernel behind every covariance in covrl.
+
+    ``overwrite_inputs``: the caller's ``logp`` and ``advantages`` are fresh temporaries
+    that may be overwritten (a float64 one is then used in place, not copied).
+    """
+    copy = not overwrite_inputs
+    cov = logp.detach().to(torch.float64, copy=copy).sub_(means.mean_logp)
+    return cov.mul_(advantages.detach().to(torch.float64, copy=copy).sub_(means.mean_adv))
+
+
 def token_covariance(
     logp: torch.Tensor,
     advantages: torch.Tensor,
@@ -124,7 +142,4 @@ def token_covariance(
     fill: float = 0.0,
 ) -> torch.Tensor:
     """``[b, s]`` float64 covariance terms ``(logp - mean) * (A - mean)``; ``fill`` at padding."""
-    # Fresh float64 copies (``copy=True``: a float64 input must not be modified).
-    cov = logp.detach().to(torch.float64, copy=True).sub_(means.mean_logp)
-    cov.mul_(advantages.detach().to(torch.float64, copy=True).sub_(means.mean_adv))
-    return cov.masked_fill_(~as_bool_mask(mask), fill)
+    return centered_product(logp, advantages, means).masked_fill_(~as_bool_mask(mask), fill)

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from covrl.models import PolicyModelConfig, export_hf_weights
-from covrl.models.hf_config import _dtype as parse_dtype
+from covrl.models.hf_config import parse_dtype
 from covrl.parallel import get_device
 from covrl.rollout.config import RolloutConfig, SamplingConfig
 from covrl.rollout.generations import (

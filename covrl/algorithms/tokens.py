@@ -69,7 +69,7 @@ class SelectionBatch:
 
     def validate(self) -> None:
         """Shape checks (finiteness is checked through the scope sums, see
-        :func:`covariance_means`)."""
+        :func:`covrl.ops.token_covariance.check_scope_sums`)."""
         check_same_shape(
             "advantages",
             self.advantages,
