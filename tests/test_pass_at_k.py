@@ -181,7 +181,7 @@ def test_cli_help_and_input_errors(cli, tmp_path, capsys):
             cli(argv)
         assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--model", "--data", "--config", "--n", "--reward-source", "--labels"):
+    for option in ("--model", "--data", "--config", "--num-samples", "--reward-source", "--labels"):
         assert option in text
     assert "45+28 and 28+45 are two answers" in text
 
@@ -228,7 +228,7 @@ def evaluated(tmp_path_factory):
         assets["model"],
         "--data",
         assets["val"],
-        "--n",
+        "-n",
         str(N),
         "--max-prompts",
         str(PROMPTS),

@@ -16,7 +16,7 @@ more such JSONs.
     python tools/pass_at_k.py eval --model outputs/tiny_kl_cov/hf \
         --config outputs/tiny_kl_cov/config.yaml --out outputs/pass_at_k/kl_cov.json
     # any checkpoint and prompt file, no config
-    python tools/pass_at_k.py eval --model MODEL_DIR --data prompts.parquet --n 16 \
+    python tools/pass_at_k.py eval --model MODEL_DIR --data prompts.parquet -n 16 \
         --max-tokens 1024 --out result.json
     python tools/pass_at_k.py plot outputs/pass_at_k/base.json outputs/pass_at_k/kl_cov.json \
         --labels base,kl_cov --out outputs/pass_at_k/pass_at_k.png
@@ -121,7 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--out", required=True, type=Path, help="output JSON file")
     ev.add_argument(
-        "--n",
+        "-n",
+        "--num-samples",
+        dest="n",
         type=_positive_int,
         default=DEFAULT_N,
         help="samples per prompt; pass@k is reported for k = 1..n (default: %(default)s)",
