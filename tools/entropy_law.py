@@ -33,19 +33,8 @@ from covrl.analysis import (
     load_run,
     summarize_run,
 )
+from covrl.analysis.plots import add_figure_arguments
 from covrl.analysis.run_logs import SOURCES
-
-
-def _size(text: str) -> tuple[float, float]:
-    try:
-        w, h = (float(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected WIDTHxHEIGHT in inches, e.g. 8x5, got {text!r}"
-        ) from None
-    if w <= 0 or h <= 0:
-        raise argparse.ArgumentTypeError(f"width and height must be positive, got {text!r}")
-    return w, h
 
 
 def _fraction(text: str) -> float:
@@ -125,14 +114,7 @@ def _parser() -> argparse.ArgumentParser:
         "OUT/cov_<run>.png for runs logging cov/ scalars.",
     )
     plot.add_argument("--out", required=True, type=Path, help="output directory")
-    plot.add_argument(
-        "--size",
-        type=_size,
-        default=(8.0, 5.0),
-        metavar="WxH",
-        help="figure size in inches (default: 8x5)",
-    )
-    plot.add_argument("--dpi", type=int, default=100, help="pixels per inch (default: %(default)s)")
+    add_figure_arguments(plot)
     plot.add_argument("--log-entropy", action="store_true", help="log scale for the entropy axis")
 
     cmp_ = sub.add_parser(

@@ -1,8 +1,10 @@
-"""Analysis of training runs: the entropy-performance law ``R = -a exp(H) + b``.
+"""Analysis of training runs: the entropy-performance law ``R = -a exp(H) + b``, and
+pass@k and answer diversity of a policy's samples.
 
 ``entropy_law``: the closed-form fit, held-out prediction error and the live
 :class:`EntropyLawMonitor`; ``run_logs``: TensorBoard / JSON lines / CSV scalar logs;
-``report``: per-run analysis and the markdown comparison; ``plots``: PNG figures
+``report``: per-run analysis and the markdown comparison; ``pass_at_k``: the unbiased
+pass@k estimator and distinct correct answers per prompt; ``plots``: PNG figures
 (matplotlib is imported only when a figure is drawn).
 """
 
@@ -15,6 +17,16 @@ from covrl.analysis.entropy_law import (
     fit_entropy_law,
     fit_prefix,
     prediction_error,
+)
+from covrl.analysis.pass_at_k import (
+    PassAtKError,
+    PassAtKResult,
+    PromptResult,
+    answer_key,
+    count_distinct_correct,
+    mean_pass_at_k,
+    pass_at_k_curve,
+    summarize,
 )
 from covrl.analysis.report import (
     DEFAULT_ACCURACY_TAG,
@@ -47,6 +59,9 @@ __all__ = [
     "EntropyLawMonitor",
     "EntropyLawMonitorConfig",
     "HeldOutError",
+    "PassAtKError",
+    "PassAtKResult",
+    "PromptResult",
     "RunAnalysis",
     "RunLog",
     "RunLogError",
@@ -56,14 +71,19 @@ __all__ = [
     "align",
     "analysis_dict",
     "analyze_run",
+    "answer_key",
     "compare_table",
+    "count_distinct_correct",
     "fit_entropy_law",
     "fit_prefix",
     "format_analysis",
     "load_run",
+    "mean_pass_at_k",
+    "pass_at_k_curve",
     "prediction_error",
     "read_csv",
     "read_jsonl",
     "read_tensorboard",
+    "summarize",
     "summarize_run",
 ]

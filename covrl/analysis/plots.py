@@ -1,4 +1,4 @@
-"""PNG figures of the entropy law and of training runs (matplotlib, headless).
+"""PNG figures of the entropy law, of training runs and of pass@k (matplotlib, headless).
 
 Figures are built on :class:`matplotlib.figure.Figure` directly (the Agg canvas), so
 nothing depends on a display or on pyplot's global state. Each figure is exactly
@@ -13,12 +13,43 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from covrl.analysis.pass_at_k import PassAtKResult
 from covrl.analysis.report import DEFAULT_TAGS, RunAnalysis, Tags
 from covrl.analysis.run_logs import RunLog
 
 DEFAULT_SIZE = (8.0, 5.0)
 DEFAULT_DPI = 100
 COV_PREFIX = "cov/"
+
+
+def figure_size(text: str) -> tuple[float, float]:
+    """A command-line figure size ``WxH`` in inches (``8x5``) -> ``(w, h)``."""
+    import argparse
+
+    try:
+        w, h = (float(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected WIDTHxHEIGHT in inches, e.g. 8x5, got {text!r}"
+        ) from None
+    if w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(f"width and height must be positive, got {text!r}")
+    return w, h
+
+
+def add_figure_arguments(parser) -> None:
+    """``--size WxH`` and ``--dpi`` of an ``argparse`` parser that draws figures."""
+    w, h = DEFAULT_SIZE
+    parser.add_argument(
+        "--size",
+        type=figure_size,
+        default=DEFAULT_SIZE,
+        metavar="WxH",
+        help=f"figure size in inches (default: {w:g}x{h:g})",
+    )
+    parser.add_argument(
+        "--dpi", type=int, default=DEFAULT_DPI, help="pixels per inch (default: %(default)s)"
+    )
 
 
 def new_figure(size: tuple[float, float], dpi: int, nrows: int = 1, sharex: bool = False):
@@ -196,4 +227,53 @@ def plot_covariance(
         ax.legend(loc="best", fontsize=8, ncol=2)
     axes[0].set_title(f"{run.name}: token covariance Cov(log π, A) over training")
     axes[-1].set_xlabel("step")
+    return save_figure(fig, path, dpi)
+
+
+def plot_pass_at_k(
+    results: Sequence[tuple[str, PassAtKResult]],
+    path: str | os.PathLike,
+    *,
+    size: tuple[float, float] = DEFAULT_SIZE,
+    dpi: int = DEFAULT_DPI,
+) -> str:
+    """pass@k against k (log x, powers of two marked) for each ``(label, result)`` (top),
+    and each result's distinct correct answers per prompt, prompts sorted by it (bottom)."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    fig, (ax_k, ax_d) = new_figure(size, dpi, nrows=2)
+    n_max = max(r.n for _, r in results)
+    for i, (label, r) in enumerate(results):
+        k = np.arange(1, r.n + 1)
+        ax_k.plot(
+            k,
+            r.pass_at_k,
+            color=f"C{i}",
+            lw=1.8,
+            label=f"{label}: pass@1 {r.at(1):.3f}, pass@{r.n} {r.at(r.n):.3f}",
+        )
+        distinct = sorted((p.distinct_correct for p in r.prompts), reverse=True)
+        ax_d.step(
+            np.arange(1, len(distinct) + 1),
+            distinct,
+            where="mid",
+            color=f"C{i}",
+            lw=1.5,
+            label=f"{label}: mean {r.mean_distinct_correct:.2f} of n = {r.n}",
+        )
+    ax_k.set_xscale("log", base=2)
+    ticks = [2**e for e in range(int(np.log2(n_max)) + 1)]
+    ax_k.xaxis.set_major_locator(FixedLocator(ticks))
+    ax_k.xaxis.set_minor_locator(NullLocator())
+    ax_k.set_xticklabels([str(t) for t in ticks])
+    ax_k.set_xlim(1, n_max)
+    ax_k.set_xlabel("k (samples per prompt)")
+    ax_k.set_ylabel("pass@k")
+    ax_k.set_title("pass@k (unbiased estimator) and distinct correct answers")
+    ax_d.set_xlabel("prompt (sorted by distinct correct answers)")
+    ax_d.set_ylabel("distinct correct\nanswers per prompt")
+    ax_d.set_ylim(bottom=0)
+    for ax in (ax_k, ax_d):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
     return save_figure(fig, path, dpi)

@@ -138,20 +138,32 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def parse_answer(solution_str: str) -> tuple[int, int] | None:
+    """The answer ``(a, b)`` of the last ``\\boxed{a+b}`` in ``solution_str`` when both
+    are 2-digit numbers (10..99, no leading zero; spaces around them are allowed), else
+    None.
+
+    An answer is an *ordered* pair: ``45+28`` and ``28+45`` are two answers, as
+    :func:`solutions` and ``num_solutions`` count them.
+    """
+    boxed = last_boxed(solution_str)
+    if boxed is None:
+        return None
+    match = _PAIR_RE.fullmatch(boxed)
+    if match is None:
+        return None
+    a_str, b_str = match.groups()
+    if any(len(x) != 2 or x[0] == "0" for x in (a_str, b_str)):
+        return None
+    return int(a_str), int(b_str)
+
+
 def compute_score(solution_str: str, ground_truth: str | int, extra_info: dict | None = None):
     """1.0 if the last ``\\boxed{a+b}`` in ``solution_str`` holds two 2-digit numbers
     (10..99, no leading zero) that sum to ``ground_truth``, else 0.0."""
     del extra_info  # the score depends on the answer and the target only
-    boxed = last_boxed(solution_str)
-    if boxed is None:
-        return 0.0
-    match = _PAIR_RE.fullmatch(boxed)
-    if match is None:
-        return 0.0
-    a_str, b_str = match.groups()
-    if any(len(x) != 2 or x[0] == "0" for x in (a_str, b_str)):
-        return 0.0
-    return 1.0 if int(a_str) + int(b_str) == int(ground_truth) else 0.0
+    answer = parse_answer(solution_str)
+    return 1.0 if answer is not None and sum(answer) == int(ground_truth) else 0.0
 
 
 def corpus(config: TwoSumConfig) -> list[str]:
