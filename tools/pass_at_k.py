@@ -536,7 +536,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             # vLLM's shutdown destroys every process group (and with it rank 0's store):
             # this rank's heartbeat stops first, and nothing is destroyed twice.
             liveness.stop()
-            engine.llm.llm_engine.engine_core.shutdown()
+            engine.shutdown()
 
 
 def _write(
