@@ -59,6 +59,12 @@ class PolicyConfig:
     tokenizer files with a chat template). ``dtype``: parameter dtype (``float32`` or
     ``bfloat16``); None keeps the checkpoint's. ``tp``/``pp``/``vpp``: Megatron tensor,
     pipeline and virtual-pipeline sizes; the data-parallel size is ``world / (tp * pp)``.
+
+    Memory: ``sequence_parallel`` splits the activations outside attention and the MLP
+    (norms, dropout, residuals) over the TP ranks along the sequence (needs ``tp > 1``);
+    ``recompute_granularity`` trades compute for activation memory: ``selective``
+    recomputes the core attention in the backward pass, ``full`` whole layers
+    (``recompute_method`` ``uniform`` or ``block``, ``recompute_num_layers`` per unit).
     """
 
     model_path: str = MISSING
@@ -67,6 +73,10 @@ class PolicyConfig:
     pp: int = 1
     vpp: int | None = None
     make_vocab_size_divisible_by: int = 128
+    sequence_parallel: bool = False
+    recompute_granularity: str | None = None
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
     engine: EngineConfig = field(default_factory=EngineConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
@@ -74,9 +84,34 @@ class PolicyConfig:
     def parallel(self) -> ParallelConfig:
         return ParallelConfig(self.tp, self.pp, self.vpp)
 
+    def transformer_overrides(self) -> dict:
+        """megatron ``TransformerConfig`` fields these settings set."""
+        out: dict = {"sequence_parallel": self.sequence_parallel}
+        if self.recompute_granularity is not None:
+            out["recompute_granularity"] = self.recompute_granularity
+            if self.recompute_granularity == "full":
+                out["recompute_method"] = self.recompute_method
+                out["recompute_num_layers"] = self.recompute_num_layers
+        return out
+
     def __post_init__(self) -> None:
         if self.dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}: expected float32, bfloat16 or null")
+        if self.sequence_parallel and self.tp < 2:
+            raise ValueError(
+                f"sequence_parallel=true needs tensor parallelism: tp={self.tp} (set tp >= 2)"
+            )
+        if self.recompute_granularity not in (None, "selective", "full"):
+            raise ValueError(
+                f"recompute_granularity={self.recompute_granularity!r}: expected selective, "
+                "full or null"
+            )
+        if self.recompute_method not in ("uniform", "block"):
+            raise ValueError(
+                f"recompute_method={self.recompute_method!r}: expected uniform or block"
+            )
+        if self.recompute_num_layers < 1:
+            raise ValueError(f"recompute_num_layers={self.recompute_num_layers} must be >= 1")
 
 
 @dataclass

@@ -19,7 +19,11 @@ from covrl.checkpointing.metadata import (
     check_model_config,
 )
 from covrl.checkpointing.rng import _load_rng
-from covrl.checkpointing.state_dict import _model_keys, _sharded_state_dict
+from covrl.checkpointing.state_dict import (
+    _distributed_optimizers,
+    _model_keys,
+    _sharded_state_dict,
+)
 from covrl.models.hf_config import PolicyModelConfig
 from covrl.models.hf_weights import unwrap_model
 
@@ -78,6 +82,13 @@ def load_checkpoint(
                 f"{path}: checkpoint has no {what} state (saved without it); load without "
                 "it (optimizer: load_optimizer=False)"
             )
+    distributed = bool(with_optimizer and _distributed_optimizers(optimizer))
+    if with_optimizer and metadata.distributed_optimizer != distributed:
+        raise CheckpointError(
+            f"{path}: the optimizer state was saved with use_distributed_optimizer="
+            f"{str(metadata.distributed_optimizer).lower()}; load it with the same setting, or "
+            "load the weights only (load_optimizer=False)"
+        )
     _verify_checksums(path, metadata, digest=verify)
 
     state = _sharded_state_dict(

@@ -44,6 +44,8 @@ class CheckpointMetadata:
     hf_source: str | None = None
     has_rng: bool = False  # rng/rank_<r>.pt of every rank
     has_checksums: bool = False  # checksums.json
+    # The optimizer state is megatron's distributed optimizer's (its own layout).
+    distributed_optimizer: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     format: str = _FORMAT
     format_version: int = _FORMAT_VERSION

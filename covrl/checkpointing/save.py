@@ -44,7 +44,7 @@ from covrl.checkpointing.metadata import (
     _parallel_layout,
 )
 from covrl.checkpointing.space import _check_free_space
-from covrl.checkpointing.state_dict import _sharded_state_dict
+from covrl.checkpointing.state_dict import _distributed_optimizers, _sharded_state_dict
 from covrl.checkpointing.writer import _writer_processes_die_with_rank
 from covrl.models.hf_config import PolicyModelConfig
 from covrl.utils.atomic_io import (
@@ -144,6 +144,7 @@ def save_checkpoint(
         extra=dict(extra or {}),
         has_rng=rng,
         has_checksums=True,
+        distributed_optimizer=bool(optimizer is not None and _distributed_optimizers(optimizer)),
     )
     metadata_text = metadata.to_json()  # fails early on a non-serialisable extra
 

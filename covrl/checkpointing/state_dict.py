@@ -5,7 +5,11 @@ Keys of the nested dict (values are sharded by megatron-core):
     ``model`` (one chunk) or ``model0`` .. ``model{V-1}`` (virtual pipeline chunks):
         ``chunk.sharded_state_dict()``
     ``optimizer``: ``optimizer.sharded_state_dict(model state)`` (Adam moments and fp32
-        main parameters keyed by their parameter's global key; the step in common)
+        main parameters keyed by their parameter's global key; the step in common). The
+        distributed optimizer's state is saved in megatron's ``fully_reshardable``
+        layout (per parameter, like the plain optimizer's), so it too loads at any
+        layout, also with another data-parallel size or without the distributed
+        optimizer.
     ``opt_param_scheduler``: ``scheduler.state_dict()``
 
 Tensors are stored under the *global* keys of the models' ``sharded_state_dict()``
@@ -40,7 +44,28 @@ def _sharded_state_dict(
     if optimizer is not None:
         # The optimizer's state is keyed by its parameters' sharded tensors.
         model_state = {k: state[k] for k in _model_keys(len(model_chunks))}
-        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+        kwargs = {}
+        distributed = _distributed_optimizers(optimizer)
+        if distributed:
+            kwargs["metadata"] = {"distrib_optim_sharding_type": "fully_reshardable"}
+        if is_loading:
+            for inner in distributed:
+                if not inner.optimizer.state:
+                    # A fresh distributed optimizer has no Adam state (nor step) to load
+                    # into yet; megatron fills it with placeholders that the load
+                    # overwrites, as it does for its own FSDP checkpoints.
+                    inner._init_optimizer_states_with_dummy_values()
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=is_loading, **kwargs
+        )
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     return state
+
+
+def _distributed_optimizers(optimizer) -> list:
+    """The megatron ``DistributedOptimizer``s in ``optimizer`` (chained or not)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o for o in inner if isinstance(o, DistributedOptimizer)]

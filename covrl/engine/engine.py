@@ -66,6 +66,10 @@ class OptimizerConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    # Shard the optimizer state (fp32 main weights, Adam moments) over the data-parallel
+    # ranks (megatron's distributed optimizer, ZeRO-1): gradients are reduce-scattered,
+    # updated parameters all-gathered.
+    use_distributed_optimizer: bool = False
     lr_warmup_steps: int = 0
     lr_decay_steps: int = 1  # only used by non-constant styles
     lr_decay_style: str = "constant"  # constant | linear | cosine | inverse-square-root
@@ -185,7 +189,9 @@ class PolicyEngine:
         cfg = self.transformer_config
         bf16 = cfg.params_dtype == torch.bfloat16
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=settings.use_distributed_optimizer,
         )
         self.model = [
             DistributedDataParallel(cfg, ddp_config, chunk, disable_bucketing=(i > 0))
@@ -205,6 +211,7 @@ class PolicyEngine:
                 adam_beta2=settings.adam_beta2,
                 adam_eps=settings.adam_eps,
                 clip_grad=settings.clip_grad,
+                use_distributed_optimizer=settings.use_distributed_optimizer,
                 bf16=bf16,
                 params_dtype=cfg.params_dtype,
             ),
@@ -461,12 +468,17 @@ class PolicyEngine:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         packing = self.config.max_tokens_per_micro_batch is not None
-        # Sequence parallelism splits the packed tokens over TP ranks.
+        # Sequence parallelism splits the tokens (packed or per row) over TP ranks.
         multiple = self.tp_size if self.transformer_config.sequence_parallel else 1
+        if not packing and multiple > 1:
+            batch = _pad_columns(batch, multiple)
         # One shape for all micro-batches where the schedule needs it: the longest.
         width = max(mb.seq_len for mb in plan) if self.uniform_shapes else None
         min_total = max(mb.num_tokens for mb in plan) if self.uniform_shapes else 0
-        micro = [{k: mb.take(v, width) for k, v in batch.items()} for mb in plan]
+        micro = [
+            {k: mb.take(v, _round_up(width or mb.seq_len, multiple)) for k, v in batch.items()}
+            for mb in plan
+        ]
         scale = megatron_loss_scale(len(micro), self.dp_size)
 
         def forward_step(data_iterator, model):
@@ -509,9 +521,9 @@ class PolicyEngine:
         # every micro-batch has these (uniform shapes, or no pipeline at all).
         first = plan[0]
         if packing:
-            seq = -(-max(first.num_tokens, min_total) // multiple) * multiple
+            seq = _round_up(max(first.num_tokens, min_total), multiple)
         else:
-            seq = width or first.seq_len
+            seq = _round_up(width or first.seq_len, multiple)
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iterators,
@@ -540,3 +552,22 @@ class PolicyEngine:
             keys = names[0]
             dist.broadcast(values, src=self.last_stage_rank, group=self.pp_group)
         return dict(zip(keys, values.tolist(), strict=True))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _pad_columns(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
+    """Right-pad every ``[batch, seq, ...]`` entry to a multiple of ``multiple`` columns
+    (sequence parallelism splits each row's positions over the TP ranks)."""
+    s = batch["input_ids"].shape[1]
+    extra = _round_up(s, multiple) - s
+    if not extra:
+        return batch
+    out = {}
+    for k, v in batch.items():
+        if v.dim() >= 2 and v.shape[1] == s:
+            v = torch.cat([v, v.new_zeros(v.shape[0], extra, *v.shape[2:])], dim=1)
+        out[k] = v
+    return out

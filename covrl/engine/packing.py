@@ -54,9 +54,10 @@ class MicroBatch:
         return rows[:, : width or self.seq_len] if t.dim() >= 2 else rows
 
     def put(self, dst: torch.Tensor, values: torch.Tensor) -> None:
-        """Write ``[rows, seq_len]`` values back into this micro-batch's place in the
-        ``[batch, seq]`` tensor ``dst``."""
-        dst[self.index(dst.device), : values.shape[1]] = values
+        """Write ``[rows, width]`` values back into this micro-batch's place in the
+        ``[batch, seq]`` tensor ``dst`` (columns beyond ``seq``, padding, are dropped)."""
+        width = min(values.shape[1], dst.shape[1])
+        dst[self.index(dst.device), :width] = values[:, :width]
 
 
 def plan_micro_batches(

@@ -45,15 +45,35 @@ def layer_spec(transformer_engine: bool | None = None):
     )
 
     from covrl.models.attention import PackedDotProductAttention
+    from covrl.models.norm import LocalRMSNorm
 
     if transformer_engine is None:
         transformer_engine = use_transformer_engine()
     if transformer_engine:
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    # Packed (THD) sequences on the local spec too (TE's attention handles them on CUDA).
+    # Packed (THD) sequences on the local spec too (TE's attention handles them on CUDA),
+    # and norms that allow sequence parallelism (megatron's local fallback refuses it).
     spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    spec.submodules.input_layernorm = LocalRMSNorm
+    spec.submodules.pre_mlp_layernorm = LocalRMSNorm
     return spec
+
+
+def _block_spec(spec, tf_config, vp_stage: int | None, transformer_engine: bool):
+    """The decoder's spec: the layer spec per layer of this stage and, on the local
+    spec, the final norm too as :class:`~covrl.models.norm.LocalRMSNorm`."""
+    if transformer_engine:
+        return spec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    from covrl.models.norm import LocalRMSNorm
+
+    layers = get_num_layers_to_build(tf_config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=LocalRMSNorm)
 
 
 def build_model(
@@ -108,6 +128,8 @@ def build_model(
             f"parallel state {state}"
         )
     tf_config = config.transformer_config(parallel, **transformer_overrides)
+    if transformer_engine is None:
+        transformer_engine = use_transformer_engine()
     spec = layer_spec(transformer_engine)
     vpp = parallel.virtual_pipeline_model_parallel_size
     chunks = []
@@ -115,7 +137,7 @@ def build_model(
         vp = vp_stage if vpp is not None else None
         model = GPTModel(
             config=tf_config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=_block_spec(spec, tf_config, vp, transformer_engine),
             vocab_size=config.padded_vocab_size(tp),
             max_sequence_length=config.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),

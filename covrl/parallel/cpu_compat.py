@@ -8,8 +8,9 @@ never edits megatron-core's files, and is listed here with the calls that need i
    - ``utils.GlobalMemoryBuffer.get_tensor`` (TP all-gather/reduce-scatter buffers),
    - ``pipeline_parallel.p2p_communication`` (shape tensors, batched p2p sync),
    - ``dist_checkpointing`` save (synchronize before writing).
-   -> ``current_device`` returns ordinal 0 (which shim 3 maps to ``cpu`` wherever it is
-   used as a device), ``synchronize`` is a no-op.
+   -> ``current_device`` returns the CPU device itself (usable as a device also inside
+   custom autograd backward functions, which run without shim 3's mode), ``synchronize``
+   is a no-op.
 2. The model-parallel RNG tracker (``tensor_parallel.random``) stores and restores CUDA
    generator states; attention always forks it, and ``model_parallel_cuda_manual_seed``
    seeds it. -> the tracker's state getter/setter and ``add`` work on the CPU default
@@ -23,9 +24,18 @@ never edits megatron-core's files, and is listed here with the calls that need i
    training) sorts parameters by ``torch.cuda.{BFloat16,Half,Float}Tensor``.
    -> the same mode makes a no-argument ``Tensor.type()`` report the CUDA type name.
 
+5. Activation recomputation re-runs the forward inside autograd's backward, where no
+   torch function mode is active (``tensor_parallel.random.CheckpointFunction``).
+   -> its backward runs under the mode of shim 3.
+6. Without Apex or Transformer Engine megatron's distributed optimizer wraps torch's
+   Adam, which keeps a per-parameter ``step`` tensor; loading its fully reshardable
+   checkpoint state copies every state tensor by name and fails on ``step`` (restored
+   from the parameter groups just before). -> the copy skips a ``step`` the loaded
+   state does not carry.
+
 The function mode is thread-local in PyTorch; it is pushed on the thread that calls
-:func:`apply` (the training thread). Not covered on CPU: sequence parallelism (needs
-Apex LayerNorm) and the distributed optimizer (CUDA tensor type checks).
+:func:`apply` (the training thread). Sequence parallelism runs too: its norms are
+covrl's (:mod:`covrl.models.norm`), since megatron's local fallback norm refuses it.
 """
 
 from __future__ import annotations
@@ -111,7 +121,10 @@ def apply() -> bool:
         if _applied:
             return True
         # 1. current device / synchronize.
-        torch.cuda.current_device = lambda: 0  # type: ignore[assignment]
+        # The host itself, not ordinal 0: autograd runs custom backward functions
+        # without the function mode below, and megatron's sequence-parallel backward
+        # allocates with device=torch.cuda.current_device().
+        torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
         torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
 
         # 2. RNG tracker on the CPU generator.
@@ -124,6 +137,31 @@ def apply() -> bool:
         # 3 and 4. Device rewriting and CUDA type names.
         _mode = CudaToCpuMode()
         _mode.__enter__()
+
+        # 5. Recomputed forwards inside backward.
+        recompute_backward = mpu_random.CheckpointFunction.backward
+
+        def backward(ctx, *args):
+            with CudaToCpuMode():
+                return recompute_backward(ctx, *args)
+
+        mpu_random.CheckpointFunction.backward = staticmethod(backward)
+
+        # 6. torch Adam's per-parameter step in the distributed optimizer's load.
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+
+        def set_main_param_and_optimizer_states(self, model_param, tensors):
+            group, order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[group]["params"][order]]
+            if "step" in state and "step" not in tensors:
+                tensors = {**tensors, "step": state["step"]}
+            return set_states(self, model_param, tensors)
+
+        DistributedOptimizer._set_main_param_and_optimizer_states = (
+            set_main_param_and_optimizer_states
+        )
         _applied = True
     return True
 

@@ -127,7 +127,9 @@ def _build_policy(
     config: RunConfig, model_config: PolicyModelConfig, *, trainable: bool
 ) -> PolicyEngine:
     path = config.policy.model_path
-    chunks = build_model(model_config, config.policy.parallel())
+    chunks = build_model(
+        model_config, config.policy.parallel(), **config.policy.transformer_overrides()
+    )
     load_hf_weights(chunks, model_config, path)
     return PolicyEngine(
         chunks,
