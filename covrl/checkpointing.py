@@ -83,7 +83,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from covrl.models.hf_config import PolicyModelConfig
 from covrl.models.hf_weights import unwrap_model
-from covrl.parallel import get_device
+from covrl.parallel import get_device, raise_if_any_rank
 from covrl.utils import checksums
 from covrl.utils.atomic_io import (
     describe_write_error,
@@ -96,6 +96,7 @@ from covrl.utils.atomic_io import (
     temporary_sibling,
     write_text_atomic,
 )
+from covrl.utils.errors import type_and_message
 
 logger = logging.getLogger(__name__)
 
@@ -518,7 +519,7 @@ def _check_free_space(root: Path, final: Path, state: dict[str, Any]) -> None:
                 f"saving checkpoint {final} failed: no space left on the device of {root}: "
                 f"the checkpoint needs about {wanted / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free"
             )
-    _broadcast_status(status)
+    raise_if_any_rank(status, dist.group.WORLD, error_type=CheckpointError)
 
 
 _fork_guard_active = False
@@ -624,14 +625,6 @@ def _sharded_state_dict(
     return state
 
 
-def _broadcast_status(status: str | None) -> None:
-    """Share rank 0's error (or None) with every rank and raise it everywhere."""
-    box = [status]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise CheckpointError(box[0])
-
-
 # ---------------------------------------------------------------------------- save
 def save_checkpoint(
     root: str | os.PathLike,
@@ -691,7 +684,7 @@ def save_checkpoint(
     metadata_text = metadata.to_json()  # fails early on a non-serialisable extra
 
     # Rank 0 prepares the temporary directory and shares its name.
-    box: list[Any] = [None, None]
+    status, box = None, [None]
     if dist.get_rank() == 0:
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -700,13 +693,12 @@ def save_checkpoint(
                 raise FileExistsError(f"{final} exists (pass overwrite=True to replace it)")
             tmp = temporary_sibling(final)
             tmp.mkdir()
-            box = [None, os.fspath(tmp)]
+            box = [os.fspath(tmp)]
         except Exception as exc:  # noqa: BLE001 - raised on every rank below
-            box = [f"saving checkpoint {final} failed: {describe_write_error(exc, root)}", None]
+            status = f"saving checkpoint {final} failed: {describe_write_error(exc, root)}"
+    raise_if_any_rank(status, dist.group.WORLD, error_type=CheckpointError)
     dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise CheckpointError(box[0])
-    tmp = Path(box[1])
+    tmp = Path(box[0])
 
     state = _sharded_state_dict(model_chunks, optimizer, scheduler, is_loading=False)
     try:
@@ -728,7 +720,7 @@ def save_checkpoint(
     if status is not None:
         status = f"saving checkpoint {final} failed: {status}"
         _remove_quietly(tmp)  # (rank 0)
-    _broadcast_status(status)
+    raise_if_any_rank(status, dist.group.WORLD, error_type=CheckpointError)
     status = None
 
     # Rank 0 commits: completion marker, fsync, rename, tracker.
@@ -748,7 +740,7 @@ def save_checkpoint(
         except Exception as exc:  # noqa: BLE001 - raised on every rank below
             status = f"saving checkpoint {final} failed: {describe_write_error(exc, root)}"
             _remove_quietly(tmp)
-    _broadcast_status(status)
+    raise_if_any_rank(status, dist.group.WORLD, error_type=CheckpointError)
     return final
 
 
@@ -822,8 +814,7 @@ def load_checkpoint(
             state, os.fspath(path), strict=StrictHandling.RETURN_UNEXPECTED
         )
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - one line, naming it
-        cause = _root_cause(exc)
-        message = " ".join(f"{type(cause).__name__}: {cause}".split())
+        message = type_and_message(_root_cause(exc))
         raise CheckpointError(f"{path}: cannot read the checkpoint ({message})") from exc
     if absent:
         raise CheckpointError(

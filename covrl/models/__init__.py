@@ -3,13 +3,8 @@ checkpoints (:mod:`~covrl.models.hf_config` the architecture,
 :mod:`~covrl.models.model` the model chunks, :mod:`~covrl.models.hf_weights` streamed
 weight loading and export) and the :class:`PolicyEngine` that runs them."""
 
-from covrl.models.engine import (
-    EngineConfig,
-    OptimizerConfig,
-    PolicyEngine,
-    StepResult,
-    TokenOutputs,
-)
+from covrl.models.config import EngineConfig, EnginePassConfig, OptimizerConfig
+from covrl.models.engine import PolicyEngine, StepResult, TokenOutputs
 from covrl.models.hf_config import (
     PolicyModelConfig,
     validate_parallel_layout,
@@ -30,6 +25,7 @@ from covrl.models.model import build_model, layer_spec, use_transformer_engine
 
 __all__ = [
     "EngineConfig",
+    "EnginePassConfig",
     "OptimizerConfig",
     "PolicyEngine",
     "StepResult",

@@ -74,7 +74,9 @@ def collect_rollouts(run: Run, step: int, timer: PhaseTimer) -> tuple[RolloutBat
             gens, indices, [r.data_source for r in records], group_offset=num_gen * target
         )
         with timer("reward"):
-            timeouts += score_batch(batch, run.train_data, run.tokenizer, run.registry, run.rewards)
+            timeouts += score_batch(
+                batch, run.train_data, run.tokenizer, run.registry, run.rewards, dist.group.WORLD
+            )
         num_gen += 1
         generated = batch if generated is None else (generated.extend(batch) or generated)
         if dynamic:
@@ -217,7 +219,7 @@ def validate(run: Run, step: int) -> dict[str, float]:
             prompts, sampling, seed=generation_seed(cfg.trainer.seed, step, 1000 + i)
         )
         batch = RolloutBatch.from_generations(gens, list(range(len(records))), sources, 0)
-        score_batch(batch, run.val_data, run.tokenizer, run.registry, run.rewards)
+        score_batch(batch, run.val_data, run.tokenizer, run.registry, run.rewards, dist.group.WORLD)
         per_source: dict[str, list[float]] = {}
         for source, acc in zip(batch.data_source, batch.acc, strict=True):
             per_source.setdefault(source, []).append(acc)
