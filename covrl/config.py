@@ -2,7 +2,7 @@
 
 One :class:`RunConfig` describes a training run. It nests the dataclasses the parts
 already define (``PolicyLossConfig``, ``AdvantageConfig``, ``OptimizerConfig``,
-``EngineConfig``, the rollout engine's ``RolloutConfig`` / ``SamplingConfig``) and adds
+``EnginePassConfig``, the rollout engine's ``RolloutConfig`` / ``SamplingConfig``) and adds
 the sections only the trainer needs. :func:`load_config` reads a YAML file, merges
 ``key.sub=value`` overrides on top (OmegaConf structured configs: types are checked
 against the dataclasses' annotations) and instantiates the tree, so every
@@ -26,9 +26,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from covrl.algorithms import AdvantageConfig, PolicyLossConfig
-from covrl.engine import EngineConfig, OptimizerConfig
-from covrl.parallel import ParallelConfig
+from covrl.engine.config import EngineConfig, EnginePassConfig, OptimizerConfig
+from covrl.parallel import DistributedTimeouts, ParallelConfig
 from covrl.rollout import RolloutConfig, RolloutCorrectionConfig, SamplingConfig
+from covrl.utils.errors import first_line
 
 __all__ = [
     "AlgorithmConfig",
@@ -65,6 +66,8 @@ class PolicyConfig:
     ``recompute_granularity`` trades compute for activation memory: ``selective``
     recomputes the core attention in the backward pass, ``full`` whole layers
     (``recompute_method`` ``uniform`` or ``block``, ``recompute_num_layers`` per unit).
+    ``engine``: micro-batching and log-prob passes; the engine's temperature is
+    ``sampling.temperature`` (:meth:`RunConfig.engine_config`), set once.
     """
 
     model_path: str = MISSING
@@ -77,7 +80,7 @@ class PolicyConfig:
     recompute_granularity: str | None = None
     recompute_method: str = "uniform"
     recompute_num_layers: int = 1
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    engine: EnginePassConfig = field(default_factory=EnginePassConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
 
@@ -112,6 +115,15 @@ class PolicyConfig:
             )
         if self.recompute_num_layers < 1:
             raise ValueError(f"recompute_num_layers={self.recompute_num_layers} must be >= 1")
+        if isinstance(self.engine, EngineConfig):
+            raise ValueError(
+                f"engine={self.engine!r}: expected an EnginePassConfig (the run's temperature "
+                "is sampling.temperature)"
+            )
+        try:
+            self.parallel()
+        except ValueError as exc:
+            raise ValueError(f"tp={self.tp}, pp={self.pp}, vpp={self.vpp}: {exc}") from None
 
 
 @dataclass
@@ -210,6 +222,8 @@ class ValidationConfig:
     def __post_init__(self) -> None:
         if self.test_freq < 0 or self.k < 0:
             raise ValueError(f"test_freq={self.test_freq} and k={self.k} must be >= 0")
+        # The avg@k samples' settings, checked now rather than at the first validation.
+        SamplingConfig(n=max(self.k, 1), temperature=self.temperature, top_p=self.top_p)
 
 
 @dataclass
@@ -251,6 +265,20 @@ class TrainerConfig:
         for name in ("total_epochs", "save_freq", "entropy_change_freq"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        try:
+            self.timeouts()
+        except ValueError as exc:
+            raise ValueError(
+                f"setup_timeout_s={self.setup_timeout_s}, collective_timeout_s="
+                f"{self.collective_timeout_s}, dead_after_s={self.dead_after_s}: {exc}"
+            ) from None
+
+    def timeouts(self) -> DistributedTimeouts:
+        return DistributedTimeouts(
+            setup_s=self.setup_timeout_s,
+            collective_s=self.collective_timeout_s,
+            dead_after_s=self.dead_after_s,
+        )
 
 
 @dataclass
@@ -264,17 +292,28 @@ class RunConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
+    def __post_init__(self) -> None:
+        t = self.sampling.temperature
+        if not t > 0:
+            raise ValueError(
+                f"sampling.temperature={t!r}: expected a value > 0 (the policy's log-probs "
+                "are those of the sampling distribution, log_softmax(logits / temperature))"
+            )
+
+    # ------------------------------------------------------------------ derived settings
+    def timeouts(self) -> DistributedTimeouts:
+        """The process groups' timeouts and heartbeat (from ``trainer``)."""
+        return self.trainer.timeouts()
+
+    def engine_config(self) -> EngineConfig:
+        """The policy engine's settings: ``policy.engine`` with ``sampling.temperature``."""
+        passes = {
+            f.name: getattr(self.policy.engine, f.name)
+            for f in dataclasses.fields(EnginePassConfig)
+        }
+        return EngineConfig(**passes, temperature=self.sampling.temperature)
+
     # ------------------------------------------------------------------ cross-checks
-    def timeouts(self):
-        from covrl.parallel import DistributedTimeouts
-
-        t = self.trainer
-        return DistributedTimeouts(
-            setup_s=t.setup_timeout_s,
-            collective_s=t.collective_timeout_s,
-            dead_after_s=t.dead_after_s,
-        )
-
     def check_layout(self, world_size: int) -> int:
         """Check the batch sizes against the parallel layout; returns the DP size.
 
@@ -284,7 +323,7 @@ class RunConfig:
         parallel = self.policy.parallel()
         try:
             dp = parallel.data_parallel_size(world_size)
-            self.rollout.validate(world_size)
+            self.rollout.check_world_size(world_size)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         a, d = self.algorithm, self.data
@@ -318,16 +357,22 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------- loading
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+# Keys a run config does not take, with what to set instead.
+REPLACED_KEYS = {
+    "policy.engine.temperature": (
+        "the temperature is set once, by sampling.temperature (the policy's log-probs are "
+        "those of the sampling distribution): set sampling.temperature instead"
+    ),
+}
 
 
 def _omegaconf_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(exc, "full_key", None)
-    msg = _one_line(exc)
+    msg = first_line(exc)
     if type(exc).__name__ == "MissingMandatoryValue" and key:
         return ConfigError(f"{source}: {key} is required (no value given)")
+    if type(exc).__name__ == "ConfigKeyError" and key in REPLACED_KEYS:
+        return ConfigError(f"{source}: {key} is not a setting: {REPLACED_KEYS[key]}")
     if type(exc).__name__ == "ConfigKeyError" and key:
         return ConfigError(f"{source}: unknown key {key} ({msg})")
     return ConfigError(f"{source}: {key}: {msg}" if key else f"{source}: {msg}")
@@ -352,7 +397,7 @@ def _instantiate(cls: type, node: DictConfig, path: str) -> Any:
     try:
         obj = cls(**kwargs)
     except ValueError as exc:
-        raise ConfigError(f"{path or 'config'}: {_one_line(exc)}") from None
+        raise ConfigError(f"{path or 'config'}: {first_line(exc)}") from None
     # Tuples arrive as lists from OmegaConf: restore the declared container type.
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -379,7 +424,7 @@ def load_config(
         try:
             loaded = OmegaConf.load(p)
         except Exception as exc:  # noqa: BLE001 - yaml errors of every kind
-            raise ConfigError(f"{p}: cannot parse YAML: {_one_line(exc)}") from None
+            raise ConfigError(f"{p}: cannot parse YAML: {first_line(exc)}") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{p}: expected a mapping at the top level")
         layers.append((str(p), loaded))
@@ -401,18 +446,7 @@ def load_config(
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:
         raise _omegaconf_error(exc, "interpolation") from None
-    config = _instantiate(RunConfig, merged, "")
-    # Sections whose checks are validate() methods rather than __post_init__.
-    for check in (
-        config.sampling.validate,
-        config.algorithm.rollout_correction.validate,
-        lambda: config.timeouts().validate(),
-    ):
-        try:
-            check()
-        except ValueError as exc:
-            raise ConfigError(_one_line(exc)) from None
-    return config
+    return _instantiate(RunConfig, merged, "")
 
 
 def to_yaml(config: RunConfig) -> str:

@@ -24,8 +24,10 @@
 #                         (default: "-m covrl.training.cli")
 #   COVRL_NPROC_PER_NODE  ranks per node (default: the job's GPUs per node, else 8)
 #   COVRL_MASTER_PORT     rendezvous port on the first node (default: from the job id)
-#   COVRL_TORCHRUN        torchrun executable (default: torchrun)
-#   COVRL_PYTHON          python for the dry-run estimate (default: python3)
+#   COVRL_TORCHRUN        torchrun executable (default: $COVRL_HOME/.venv/bin/torchrun when
+#                         the checkout has that virtual environment, else torchrun on PATH)
+#   COVRL_PYTHON          python for the dry-run estimate (default: $COVRL_HOME/.venv/bin/python
+#                         when present, else python3 on PATH)
 #   COVRL_SHUTDOWN_TIMEOUT  seconds torchrun waits for ranks after SIGTERM before SIGKILL
 #                         (default 600: time for the preemption checkpoint)
 #   COVRL_GPU_MEMORY_GIB  GPU memory for the dry-run estimate (default 80)
@@ -85,6 +87,17 @@ export PYTHONUNBUFFERED=1
 BACKEND_VARS=(OMP_NUM_THREADS CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_ASYNC_ERROR_HANDLING NCCL_DEBUG
     NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME PYTHONUNBUFFERED)
 
+# ---------------------------------------------------------------- python environment
+# The checkout's virtual environment (`make install`) when it has one, so that neither
+# a dry run nor the ranks depend on an activated environment; else what PATH finds.
+VENV_BIN=$COVRL_HOME/.venv/bin
+if [[ -z ${COVRL_PYTHON:-} ]]; then
+    if [[ -x $VENV_BIN/python ]]; then COVRL_PYTHON=$VENV_BIN/python; else COVRL_PYTHON=python3; fi
+fi
+if [[ -z ${COVRL_TORCHRUN:-} ]]; then
+    if [[ -x $VENV_BIN/torchrun ]]; then COVRL_TORCHRUN=$VENV_BIN/torchrun; else COVRL_TORCHRUN=torchrun; fi
+fi
+
 # ---------------------------------------------------------------- program and arguments
 ARGS=()
 if [[ -n ${COVRL_CONFIG:-} ]]; then
@@ -106,7 +119,7 @@ else
 fi
 LOG_DIR=$RUN_DIR/logs
 
-TORCHRUN=("${COVRL_TORCHRUN:-torchrun}"
+TORCHRUN=("$COVRL_TORCHRUN"
     --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE"
     --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$JOB_ID.$ATTEMPT"
     --max-restarts=0 --shutdown-timeout="${COVRL_SHUTDOWN_TIMEOUT:-600}"
@@ -124,9 +137,21 @@ if [[ ${COVRL_DRY_RUN:-0} == 1 ]]; then
         printf '  [%s] %s\n' "$node" "$(printf '%q ' "${TORCHRUN[@]}")"
     done
     if [[ -n ${COVRL_CONFIG:-} ]]; then
-        "${COVRL_PYTHON:-python3}" -m covrl.scaling --config "$COVRL_CONFIG" --nodes "$NNODES" \
+        # A python without covrl (or its packages) gets one line, not a traceback.
+        errors=$(mktemp)
+        rc=0
+        "$COVRL_PYTHON" -m covrl.scaling --config "$COVRL_CONFIG" --nodes "$NNODES" \
             --gpus-per-node "$NPROC_PER_NODE" --gpu-memory-gib "${COVRL_GPU_MEMORY_GIB:-80}" \
-            "${OVERRIDES[@]}"
+            "${OVERRIDES[@]}" 2>"$errors" || rc=$?
+        if ((rc != 0)) && grep -q '^ModuleNotFoundError' "$errors"; then
+            echo "launch.sh: $COVRL_PYTHON: $(grep '^ModuleNotFoundError' "$errors" | tail -n 1):" \
+                "run \`make install\` (creates .venv in $COVRL_HOME), activate the environment" \
+                "covrl is installed in, or set COVRL_PYTHON" >&2
+        else
+            cat "$errors" >&2
+        fi
+        rm -f "$errors"
+        exit "$rc"
     fi
     exit $?
 fi

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from covrl.algorithms import EntropyTargetConfig, PolicyLossConfig
-from covrl.config import ConfigError, RunConfig, load_config, save_config
+from covrl.config import ConfigError, RunConfig, load_config, save_config, to_yaml
 from covrl.training.cli import main
 
 REQUIRED = ["policy.model_path=/m", "data.train_files=[a.parquet]", "trainer.run_dir=/r"]
@@ -65,8 +65,19 @@ def test_saved_config_loads_back_identical(tmp_path):
         (["policy.loss.entropy_control.method=kl"], "policy.loss.entropy_control.method"),
         (["policy.loss.entropy_control.clip_cov.ratio=2"], "clip_cov.ratio=2.0"),
         (["policy.dtype=fp8"], "policy: dtype='fp8'"),
-        (["sampling.n=0"], "sampling.n=0"),
+        (["sampling.n=0"], "sampling: n=0: expected an integer >= 1"),
         (["algorithm.ppo_epochs=0"], "algorithm: ppo_mini_batch_size=32 and ppo_epochs=0"),
+        (["policy.engine.micro_batch_size=0"], "policy.engine: micro_batch_size=0: expected"),
+        (
+            ["policy.optim.lr_decay_style=cosin"],
+            "policy.optim: lr_decay_style='cosin': expected one of constant, linear, cosine",
+        ),
+        (["policy.optim.adam_beta2=1"], "policy.optim: adam_beta2=1.0: expected a value in [0, 1)"),
+        (["policy.tp=0"], "policy: tp=0, pp=1, vpp=None: tensor_model_parallel_size=0"),
+        (["rollout.log_level=LOUD"], "rollout: log_level='LOUD': expected one of DEBUG"),
+        (["algorithm.rollout_correction.mode=is"], "algorithm.rollout_correction: mode='is'"),
+        (["trainer.setup_timeout_s=0"], "trainer: setup_timeout_s=0.0"),
+        (["sampling.temperature=0"], "sampling.temperature=0.0: expected a value > 0"),
         (["policy.tp"], "expected key.sub=value"),
     ],
 )
@@ -155,6 +166,54 @@ def test_entropy_target_bad_values_name_the_key(overrides, needle):
         load_config(None, [*REQUIRED, *overrides])
     message = str(info.value)
     assert needle in message and "\n" not in message
+
+
+def test_temperature_is_set_once(tmp_path):
+    """The engine's temperature is sampling.temperature; a config that sets it for the
+    engine as well is told where it lives."""
+    c = load_config(None, [*REQUIRED, "sampling.temperature=0.7"])
+    assert c.engine_config().temperature == 0.7
+    assert "temperature" not in to_yaml(c).split("sampling:")[0]
+    for source in (
+        ["policy.engine.temperature=0.7"],
+        _write(tmp_path, "policy:\n  engine:\n    temperature: 1.0\n"),
+    ):
+        path, overrides = (None, source) if isinstance(source, list) else (source, [])
+        with pytest.raises(ConfigError) as info:
+            load_config(path, [*REQUIRED, *overrides])
+        message = str(info.value)
+        assert "policy.engine.temperature is not a setting" in message, message
+        assert "set sampling.temperature instead" in message, message
+
+
+def test_library_configs_check_on_construction():
+    """The sections are the library's own configs: a bad value fails when built."""
+    from covrl.engine import EngineConfig, OptimizerConfig
+    from covrl.parallel import DistributedTimeouts, ParallelConfig
+    from covrl.rollout import RolloutConfig, SamplingConfig
+
+    cases = [
+        (lambda: EngineConfig(temperature=0.0), "temperature=0.0: expected a value > 0"),
+        (lambda: EngineConfig(logprob_chunk_size=0), "logprob_chunk_size=0: expected"),
+        (lambda: OptimizerConfig(lr=-1.0), "lr=-1.0: expected a value >= 0"),
+        (lambda: OptimizerConfig(lr=float("nan")), "lr=nan: expected a value >= 0"),
+        (lambda: OptimizerConfig(clip_grad=-1.0), "clip_grad=-1.0: expected a value >= 0"),
+        (lambda: OptimizerConfig(lr_decay_style="WSD"), "lr_decay_style='WSD': expected"),
+        (lambda: ParallelConfig(2, 1, 2), "virtual_pipeline_model_parallel_size=2: expected"),
+        (lambda: DistributedTimeouts(collective_s=0), "collective_s=0: expected a value > 0"),
+        (lambda: RolloutConfig(gpu_memory_utilization=1.5), "gpu_memory_utilization=1.5"),
+        (lambda: SamplingConfig(top_k=0), "top_k=0: expected -1 (off) or an integer >= 1"),
+    ]
+    for build, needle in cases:
+        with pytest.raises(ValueError) as info:
+            build()
+        assert needle in str(info.value), str(info.value)
+    assert SamplingConfig(temperature=0.0).temperature == 0.0  # greedy decoding
+    with pytest.raises(ValueError, match="must divide the world size 6"):
+        RolloutConfig(tensor_parallel_size=4).check_world_size(6)
+    with pytest.raises(ValueError, match="not divisible"):
+        ParallelConfig(2, 2).check_world_size(6)
+    assert ParallelConfig(2, 2).data_parallel_size(8) == 2
 
 
 def test_layout_checks_and_warnings():

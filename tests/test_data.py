@@ -9,14 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from covrl.data import DataError, EpochSampler, load_prompt_dataset, load_tokenizer
+from covrl.data import DataError, EpochSampler, load_policy_tokenizer, load_prompt_dataset
 from covrl.tasks import two_sum
 from tests.trainer_fixtures import shared_assets
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return load_tokenizer(shared_assets(tmp_path_factory)["model"])
+    return load_policy_tokenizer(shared_assets(tmp_path_factory)["model"])
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
@@ -94,7 +94,7 @@ def test_file_level_errors(tmp_path, tokenizer):
     with pytest.raises(DataError, match=r"missing column\(s\) \['reward_model'\]"):
         load_prompt_dataset(no_column, tokenizer, max_prompt_length=64)
     with pytest.raises(DataError, match="directory does not exist"):
-        load_tokenizer(tmp_path / "no_model")
+        load_policy_tokenizer(tmp_path / "no_model")
 
 
 def test_sampler_epochs_seeded_and_resumable():

@@ -109,25 +109,41 @@ def test_recipe_fits_80gb_gpus(path):
     assert est.fits, est.table()
 
 
+def _dry_run(home: Path, path: str, **extra: str) -> subprocess.CompletedProcess:
+    """`COVRL_DRY_RUN=1 bash slurm/train_32b.sh` from ``home`` outside Slurm, with
+    ``PATH`` and no other Slurm or covrl variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "COVRL_"))}
+    env.update(COVRL_DRY_RUN="1", PATH=path, **extra)
+    return subprocess.run(
+        ["bash", "slurm/train_32b.sh", "policy.optim.lr=5e-7"],
+        cwd=home, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def _checkout_without_venv(tmp_path: Path) -> Path:
+    """A checkout of the launcher, the recipes and the package, without a ``.venv``."""
+    home = tmp_path / "checkout"
+    home.mkdir()
+    for name in ("slurm", "examples", "covrl"):
+        (home / name).symlink_to(REPO / name)
+    return home
+
+
+def _executable(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+
+
 def test_dry_run_prints_layout_commands_and_memory():
     """`COVRL_DRY_RUN=1 bash slurm/train_32b.sh` outside Slurm: the scripts' defaults."""
-    env = dict(
-        os.environ,
-        COVRL_DRY_RUN="1",
-        COVRL_PYTHON=sys.executable,
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    )
-    for key in [k for k in env if k.startswith(("SLURM_", "COVRL_"))]:
-        if key not in ("COVRL_DRY_RUN", "COVRL_PYTHON"):
-            env.pop(key)
-    proc = subprocess.run(
-        ["bash", "slurm/train_32b.sh", "policy.optim.lr=5e-7"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    proc = _dry_run(REPO, path, COVRL_PYTHON=sys.executable)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "4 node(s) x 8 rank(s)" in out
-    commands = re.findall(r"^  \[node\d\] (torchrun .*)$", out, re.M)
+    # torchrun: the checkout's .venv/bin/torchrun when it has one, else PATH's.
+    commands = re.findall(r"^  \[node\d\] (\S*torchrun .*)$", out, re.M)
     assert len(commands) == 4 and len(set(commands)) == 1  # c10d: the same on every node
     assert "--nnodes=4 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=node0:" in commands[0]
     assert (
@@ -142,3 +158,27 @@ def test_dry_run_prints_layout_commands_and_memory():
     for term in ("weights (bf16)", "gradients", "optimizer", "activations", "KV cache"):
         assert term in out
     assert re.search(r"^  fits\s+yes$", out, re.M)
+
+
+def test_dry_run_uses_the_checkouts_venv_without_activation(tmp_path):
+    """As the README shows it, with no environment activated: a checkout with a
+    ``.venv`` runs its python and torchrun; one without says in one line what to do."""
+    home = _checkout_without_venv(tmp_path)
+    bare = f"{tmp_path / 'bin'}{os.pathsep}/usr/bin{os.pathsep}/bin"
+    # PATH's python3 has no site-packages: it cannot import covrl's dependencies.
+    _executable(tmp_path / "bin" / "python3", f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+
+    proc = _dry_run(home, bare)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "python3: ModuleNotFoundError: No module named" in lines[0], lines[0]
+    assert "make install" in lines[0] and "COVRL_PYTHON" in lines[0], lines[0]
+
+    venv = home / ".venv" / "bin"
+    _executable(venv / "python", f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    _executable(venv / "torchrun", "#!/bin/sh\nexit 1\n")
+    proc = _dry_run(home, bare)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"[node0] {venv / 'torchrun'} --nnodes=4" in proc.stdout
+    assert "layout: 4 nodes x 8 GPUs = 32" in proc.stdout

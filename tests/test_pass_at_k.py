@@ -21,13 +21,13 @@ import pytest
 from covrl.analysis import (
     PassAtKError,
     PassAtKResult,
-    answer_key,
     count_distinct_correct,
     mean_pass_at_k,
     pass_at_k_curve,
     summarize,
 )
 from covrl.tasks import two_sum
+from covrl.tasks.answers import answer_key
 from tests.trainer_fixtures import digit_reward, shared_assets
 
 REPO = Path(__file__).resolve().parents[1]

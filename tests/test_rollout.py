@@ -266,10 +266,16 @@ def test_seeded_sampling_reproducible_and_grouped(world1):
 
 def test_rollout_logprobs_are_the_temperature_scaled_policy(world1):
     """vLLM's sampled-token log-probs equal megatron's log_softmax(logits / T)."""
+    from covrl.parallel import SINGLE_PROCESS
     from covrl.rollout import mismatch_metrics
 
     batch = world1["sample_batch"]
-    m = mismatch_metrics(batch.rollout_logp, world1["sample_megatron_logp"], batch.response_mask)
+    m = mismatch_metrics(
+        batch.rollout_logp,
+        world1["sample_megatron_logp"],
+        batch.response_mask,
+        group=SINGLE_PROCESS,
+    )
     assert m["tokens"] == sum(world1["sample_a"].response_lengths)
     assert m["abs_diff_max"] < 1e-4, m
     assert m["frac_over_threshold"] == 0.0

@@ -217,6 +217,7 @@ def test_greedy_after_sync_matches_transformers(runs, checkpoints):
 
 
 def test_sampling_identical_on_every_rank_and_seeded(runs):
+    from covrl.parallel import SINGLE_PROCESS
     from covrl.rollout import mismatch_metrics
     from covrl.training import PolicyBatch
 
@@ -225,7 +226,12 @@ def test_sampling_identical_on_every_rank_and_seeded(runs):
         o = rank_out[_tp2pp2()]
         assert o["sample_a"] == a0 and o["sample_b"] == a0
         batch = PolicyBatch.from_generations(o["sample_a"])
-        m = mismatch_metrics(batch.rollout_logp, o["sample_megatron_logp"], batch.response_mask)
+        m = mismatch_metrics(
+            batch.rollout_logp,
+            o["sample_megatron_logp"],
+            batch.response_mask,
+            group=SINGLE_PROCESS,
+        )
         assert m["abs_diff_max"] < 1e-4, m
     assert a0.prompt_index == [i // 2 for i in range(len(a0))]
 

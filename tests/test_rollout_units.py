@@ -71,13 +71,14 @@ def test_stream_errors_name_the_tensor(source, message):
 
 
 def test_mismatch_metrics_against_float64():
+    from covrl.parallel import SINGLE_PROCESS
     from covrl.rollout import mismatch_metrics
 
     g = torch.Generator().manual_seed(0)
     rollout = -torch.rand(3, 7, generator=g, dtype=torch.float64) * 3
     train = rollout + 0.2 * torch.randn(3, 7, generator=g, dtype=torch.float64)
     mask = torch.rand(3, 7, generator=g) > 0.3
-    m = mismatch_metrics(rollout.float(), train.float(), mask)
+    m = mismatch_metrics(rollout.float(), train.float(), mask, group=SINGLE_PROCESS)
     d = [
         float(t - r)
         for t, r, k in zip(train.flatten(), rollout.flatten(), mask.flatten(), strict=True)
@@ -88,8 +89,10 @@ def test_mismatch_metrics_against_float64():
     assert m["abs_diff_max"] == pytest.approx(max(map(abs, d)), abs=1e-6)
     assert m["kl_k3"] == pytest.approx(sum(math.exp(x) - 1 - x for x in d) / len(d), abs=1e-6)
     assert m["frac_over_threshold"] == pytest.approx(sum(abs(x) > 0.1 for x in d) / len(d))
-    same = mismatch_metrics(rollout, rollout.clone(), mask)
+    same = mismatch_metrics(rollout, rollout.clone(), mask, group=SINGLE_PROCESS)
     assert same["abs_diff_max"] == same["kl_k3"] == 0.0
+    with pytest.raises(TypeError, match="group=None is ambiguous"):
+        mismatch_metrics(rollout, train, mask, group=None)
 
 
 def test_truncated_is_weights():
@@ -102,8 +105,10 @@ def test_truncated_is_weights():
     assert torch.allclose(w, torch.tensor([[2.0, 1.0, math.exp(-1.0), 0.0]]))
     assert RolloutCorrectionConfig("none").weights(train, rollout, mask) is None
     assert torch.equal(RolloutCorrectionConfig("tis", 2.0).weights(train, rollout, mask), w)
-    with pytest.raises(ValueError, match="rollout_correction.mode='bogus'"):
-        RolloutCorrectionConfig("bogus").validate()
+    with pytest.raises(ValueError, match="mode='bogus': expected 'none' or 'tis'"):
+        RolloutCorrectionConfig("bogus")
+    with pytest.raises(ValueError, match="cap=0.0: expected a value > 0"):
+        RolloutCorrectionConfig("tis", 0.0)
 
 
 def test_split_evenly():
@@ -116,7 +121,7 @@ def test_split_evenly():
 def _gather_body(ctx):
     """Each replica contributes different ragged rows; every rank must get the
     leaders' rows in rank order. Also mismatch metrics pooled over the world."""
-    from covrl.parallel import get_device
+    from covrl.parallel import SINGLE_PROCESS, get_device
     from covrl.rollout import mismatch_metrics
     from covrl.rollout.generations import gather_replica_rows
 
@@ -130,7 +135,9 @@ def _gather_body(ctx):
     d = get_device()
     train = torch.full((2, 3), -1.0, device=d)
     rollout = torch.full((2, 3), -1.0 - 0.1 * (ctx.rank + 1))  # from the host, as Generations
-    out["mismatch"] = mismatch_metrics(rollout, train, torch.ones(2, 3, device=d), group=None)
+    out["mismatch"] = mismatch_metrics(
+        rollout, train, torch.ones(2, 3, device=d), group=SINGLE_PROCESS
+    )
     import torch.distributed as dist
 
     out["pooled"] = mismatch_metrics(

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from covrl.tasks import two_sum
-from covrl.tasks.tiny import TinyTaskPaths, TinyTaskSettings, build_tiny_task
+from covrl.tasks.tiny import TinyTaskConfig, TinyTaskPaths, build_tiny_task
 
 
 # ----------------------------------------------------------------------------- data
@@ -139,7 +139,7 @@ def test_score_agrees_with_reference_on_random_texts():
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    manifest = build_tiny_task(root, TinyTaskSettings(), log=lambda m: None)
+    manifest = build_tiny_task(root, TinyTaskConfig(), log=lambda m: None)
     return TinyTaskPaths(root), manifest
 
 
@@ -207,10 +207,10 @@ def test_tokenizer_special_ids_and_chat_template(built, qwen2_dir, where):
 def test_build_skips_current_stages_and_rebuilds_changed(built, tmp_path):
     paths, manifest = built
     logs = []
-    again = build_tiny_task(paths.root, TinyTaskSettings(), log=logs.append)
+    again = build_tiny_task(paths.root, TinyTaskConfig(), log=logs.append)
     assert all("skipping" in line for line in logs) and again == manifest
     # Another task setting rebuilds data and everything after it.
-    settings = TinyTaskSettings(task=two_sum.TwoSumConfig(seed=3))
+    settings = TinyTaskConfig(task=two_sum.TwoSumConfig(seed=3))
     logs.clear()
     root = tmp_path / "copy"
     import shutil

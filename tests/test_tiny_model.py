@@ -12,22 +12,22 @@ import pytest
 import torch
 
 from covrl.tasks import two_sum
-from covrl.tasks.tiny import STAGES, TinyTaskPaths, TinyTaskSettings, build_tiny_task
-from covrl.tasks.warm_start import BaseModelSettings, WarmStartSettings
+from covrl.tasks.tiny import STAGES, TinyTaskConfig, TinyTaskPaths, build_tiny_task
+from covrl.tasks.warm_start import BaseModelConfig, WarmStartConfig
 from tests.harness import launch
 from tests.test_rollout import hf_reference, padded
 from tests.test_tasks import _reference_score
 
 pytestmark = pytest.mark.slow
 
-SETTINGS = TinyTaskSettings(
-    model=BaseModelSettings(
+SETTINGS = TinyTaskConfig(
+    model=BaseModelConfig(
         hidden_size=128,
         num_attention_heads=2,
         num_key_value_heads=2,
         intermediate_size=256,
     ),
-    warm_start=WarmStartSettings(
+    warm_start=WarmStartConfig(
         max_steps=30, batch_size=32, lr=3e-3, warmup_steps=5, eval_every=30, stop_accuracy=1.1
     ),
 )
@@ -53,7 +53,7 @@ def _megatron_checks(model_dir, seqs):
 
     from covrl.engine import PolicyEngine
     from covrl.models import PolicyModelConfig, build_model, load_hf_weights
-    from covrl.tasks.tokenizer import load_tokenizer
+    from covrl.tasks.tokenizer import load_task_tokenizer
     from covrl.tasks.warm_start import evaluate
 
     config = PolicyModelConfig.from_hf(model_dir)
@@ -62,9 +62,9 @@ def _megatron_checks(model_dir, seqs):
     engine = PolicyEngine(chunks, config)
     ids, mask = padded(seqs)
     logp = engine.forward_logprobs(ids, mask).logp
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_task_tokenizer(model_dir)
     sums = two_sum.split_sums(two_sum.TwoSumConfig())["validation"]
-    settings = WarmStartSettings(max_new_tokens=MAX_NEW)
+    settings = WarmStartConfig(max_new_tokens=MAX_NEW)
     accuracy, texts = evaluate(
         chunks[0], tokenizer, sums, settings, ps.get_tensor_model_parallel_group()
     )
@@ -81,9 +81,9 @@ def _build_body(ctx, root, seqs):
     paths = TinyTaskPaths(root)
     out = _megatron_checks(paths.model_dir, seqs)
     out["manifest"] = manifest
-    from covrl.tasks.tokenizer import load_tokenizer
+    from covrl.tasks.tokenizer import load_task_tokenizer
 
-    tokenizer = load_tokenizer(paths.model_dir)
+    tokenizer = load_task_tokenizer(paths.model_dir)
     sums = two_sum.split_sums(two_sum.TwoSumConfig())["validation"]
     prompts = [encode_prompt(tokenizer, two_sum.prompt_messages(s)) for s in sums]
     engine = RolloutEngine(paths.model_dir, RolloutConfig(kv_cache_memory_bytes=16 << 20))
@@ -101,12 +101,12 @@ def _tp2_body(ctx, model_dir, seqs):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    from covrl.tasks.tokenizer import load_tokenizer
+    from covrl.tasks.tokenizer import load_task_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_model")
     build_tiny_task(root, SETTINGS, log=lambda _: None)
     paths = TinyTaskPaths(root)
-    seqs = _sequences(load_tokenizer(paths.model_dir))
+    seqs = _sequences(load_task_tokenizer(paths.model_dir))
     tp1 = launch(_build_body, world_size=1, root=root, seqs=seqs, timeout=600)[0]
     tp2 = launch(_tp2_body, world_size=2, tp=2, model_dir=paths.model_dir, seqs=seqs)
     return {"paths": paths, "seqs": seqs, "tp1": tp1, "tp2": tp2}
@@ -116,13 +116,13 @@ def built(tmp_path_factory):
 def hf(built):
     from transformers import AutoModelForCausalLM
 
-    from covrl.tasks.tokenizer import load_tokenizer
+    from covrl.tasks.tokenizer import load_task_tokenizer
 
     model_dir = built["paths"].model_dir
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    return model, load_tokenizer(model_dir)
+    return model, load_task_tokenizer(model_dir)
 
 
 def test_manifest_records_stages_and_model(built):

@@ -27,14 +27,14 @@ def build_assets(root: Path, seed: int = 0) -> dict[str, str]:
     """Data, tokenizer and a random tiny Qwen2 checkpoint under ``root``."""
     from transformers import Qwen2ForCausalLM
 
-    from covrl.tasks import load_tokenizer
+    from covrl.tasks import load_task_tokenizer
     from covrl.tasks.tiny import TinyTaskPaths, build_tiny_task
-    from covrl.tasks.warm_start import BaseModelSettings, qwen2_config
+    from covrl.tasks.warm_start import BaseModelConfig, qwen2_config
 
     paths = TinyTaskPaths(root)
     build_tiny_task(root, log=lambda _: None)
-    tokenizer = load_tokenizer(paths.model_dir)
-    config = qwen2_config(BaseModelSettings(**TINY_POLICY), tokenizer)
+    tokenizer = load_task_tokenizer(paths.model_dir)
+    config = qwen2_config(BaseModelConfig(**TINY_POLICY), tokenizer)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():  # logits of O(1): samples vary, rewards are not all equal

@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from covrl.analysis.pass_at_k import PassAtKError, PassAtKResult, answer_key, summarize
+from covrl.analysis.pass_at_k import PassAtKError, PassAtKResult, summarize
 from covrl.analysis.plots import add_figure_arguments
+from covrl.tasks.answers import answer_key
 
 if TYPE_CHECKING:
     from covrl.config import DataConfig, RewardConfig
@@ -360,13 +361,15 @@ def _prepare(args: argparse.Namespace, s: Settings) -> Setup:
     """Tokenizer, prompts, scorers and the engine's settings (every rank)."""
     import torch
 
-    from covrl.data import DataError, load_prompt_dataset, load_tokenizer
+    from covrl.data import DataError, load_policy_tokenizer, load_prompt_dataset
     from covrl.rewards import RewardError, RewardRegistry
     from covrl.rollout import SamplingConfig
 
     max_model_len = s.rollout.max_model_len or s.context
     try:
-        tokenizer = load_tokenizer(args.model, require_chat_template=s.data.apply_chat_template)
+        tokenizer = load_policy_tokenizer(
+            args.model, require_chat_template=s.data.apply_chat_template
+        )
         dataset = load_prompt_dataset(
             [os.fspath(f) for f in s.files],
             tokenizer,
@@ -389,18 +392,17 @@ def _prepare(args: argparse.Namespace, s: Settings) -> Setup:
             f"{max_model_len} tokens and the longest prompt {longest}"
         )
         max_tokens = max_model_len - longest
-    sampling = SamplingConfig(
-        n=args.n,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_tokens=max_tokens,
-        stop_token_ids=stop,
-    )
-    rollout = s.rollout
     try:
-        sampling.validate()
-        rollout.validate(int(os.environ.get("WORLD_SIZE", "1")))
+        sampling = SamplingConfig(
+            n=args.n,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_tokens=max_tokens,
+            stop_token_ids=stop,
+        )
+        rollout = s.rollout
+        rollout.check_world_size(int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError as exc:
         raise ToolError(str(exc)) from None
     per_call = max(1, rollout.max_num_seqs // args.n)

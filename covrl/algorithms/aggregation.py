@@ -13,7 +13,7 @@ ranks is the mini-batch loss, and the summed gradients do not depend on the spli
   maximum response length), 1 when None.
 
 Composition with Megatron-Core (0.16), with ``calculate_per_token_loss=False`` (its
-default, what :class:`covrl.models.engine.PolicyEngine` runs): the schedule divides
+default, what :class:`covrl.engine.PolicyEngine` runs): the schedule divides
 each micro-batch loss by ``num_microbatches`` and DDP averages gradients over the DP
 group, so the loss given to Megatron is ``aggregate_loss(...) * megatron_loss_scale(M,
 dp)`` (``= M * dp``); the resulting gradient is exactly the mini-batch loss gradient.

@@ -16,36 +16,24 @@ so one cumulative product gives pass@k for every ``k = 1..n`` without forming th
 A data set's pass@k is the mean over its prompts.
 
 Answer diversity: the number of *distinct correct answers* among a prompt's ``n``
-responses, where two responses give the same answer when their answer keys
-(:func:`answer_key`) are equal. The key follows the task's own notion of an answer:
-
-* ``two_sum``: the ordered pair of the last ``\\boxed{a+b}``
-  (:func:`covrl.tasks.two_sum.parse_answer`), written ``"a+b"``. ``45+28`` and
-  ``28+45`` are two answers, as the task counts its ``num_solutions``; spacing inside
-  the box does not matter.
-* any other scorer (``math`` and user functions): the content of the last
-  ``\\boxed{...}`` with all whitespace removed, or, without a box, the whole response
-  with runs of whitespace collapsed. For the ``math`` verifier this counts surface
-  forms (``0.5`` and ``\\frac{1}{2}`` are two), since its notion of an answer is
-  equivalence to a single ground truth.
+responses, where two responses give the same answer when their answer keys are equal
+(the caller's keys; :func:`covrl.tasks.answers.answer_key` gives the task's own notion
+of an answer per scorer).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from covrl.tasks import two_sum
-
 __all__ = [
     "PassAtKError",
     "PassAtKResult",
     "PromptResult",
-    "answer_key",
     "count_distinct_correct",
     "mean_pass_at_k",
     "pass_at_k_curve",
@@ -78,34 +66,6 @@ def mean_pass_at_k(correct_counts: Sequence[int], n: int) -> np.ndarray:
         raise PassAtKError("pass@k over no prompts")
     curves = np.stack([pass_at_k_curve(n, int(c)) for c in correct_counts])
     return curves.mean(axis=0)
-
-
-def _whitespace_free(text: str) -> str:
-    return "".join(text.split())
-
-
-def _two_sum_key(response: str) -> str | None:
-    answer = two_sum.parse_answer(response)
-    return None if answer is None else f"{answer[0]}+{answer[1]}"
-
-
-def _boxed_or_response_key(response: str) -> str:
-    boxed = two_sum.last_boxed(response)
-    if boxed is not None:
-        return _whitespace_free(boxed)
-    return " ".join(response.split())
-
-
-# Scorer spec (a built-in name of covrl.rewards) -> answer key; None: not an answer.
-_ANSWER_KEYS: dict[str, Callable[[str], str | None]] = {
-    "two_sum": _two_sum_key,
-}
-
-
-def answer_key(spec: str, response: str) -> str | None:
-    """The answer of ``response`` under the scorer ``spec`` (see the module docstring);
-    None when the response gives no answer the scorer could accept."""
-    return _ANSWER_KEYS.get(spec, _boxed_or_response_key)(response)
 
 
 def count_distinct_correct(keys: Sequence[str | None], correct: Sequence[bool]) -> int:

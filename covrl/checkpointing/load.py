@@ -26,6 +26,7 @@ from covrl.checkpointing.state_dict import (
 )
 from covrl.models.hf_config import PolicyModelConfig
 from covrl.models.hf_weights import unwrap_model
+from covrl.utils.errors import type_and_message
 
 
 def load_checkpoint(
@@ -104,8 +105,7 @@ def load_checkpoint(
             state, os.fspath(path), strict=StrictHandling.RETURN_UNEXPECTED
         )
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - one line, naming it
-        cause = _root_cause(exc)
-        message = " ".join(f"{type(cause).__name__}: {cause}".split())
+        message = type_and_message(_root_cause(exc))
         raise CheckpointError(f"{path}: cannot read the checkpoint ({message})") from exc
     if absent:
         raise CheckpointError(

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from covrl.checkpointing.errors import CheckpointError, _broadcast_status, _root_cause
+from covrl.checkpointing.errors import CheckpointError, _root_cause
 from covrl.checkpointing.integrity import _write_checksums
 from covrl.checkpointing.layout import (
     _SIBLING_RE,
@@ -47,6 +47,7 @@ from covrl.checkpointing.space import _check_free_space
 from covrl.checkpointing.state_dict import _distributed_optimizers, _sharded_state_dict
 from covrl.checkpointing.writer import _writer_processes_die_with_rank
 from covrl.models.hf_config import PolicyModelConfig
+from covrl.parallel import raise_if_any_rank
 from covrl.utils.atomic_io import (
     describe_write_error,
     fsync_tree,
@@ -149,7 +150,7 @@ def save_checkpoint(
     metadata_text = metadata.to_json()  # fails early on a non-serialisable extra
 
     # Rank 0 prepares the temporary directory and shares its name.
-    box: list[Any] = [None, None]
+    status, box = None, [None]
     if dist.get_rank() == 0:
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -158,13 +159,12 @@ def save_checkpoint(
                 raise FileExistsError(f"{final} exists (pass overwrite=True to replace it)")
             tmp = temporary_sibling(final)
             tmp.mkdir()
-            box = [None, os.fspath(tmp)]
+            box = [os.fspath(tmp)]
         except Exception as exc:  # noqa: BLE001 - raised on every rank below
-            box = [f"saving checkpoint {final} failed: {describe_write_error(exc, root)}", None]
+            status = f"saving checkpoint {final} failed: {describe_write_error(exc, root)}"
+    raise_if_any_rank(status, dist.group.WORLD, error_type=CheckpointError)
     dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise CheckpointError(box[0])
-    tmp = Path(box[1])
+    tmp = Path(box[0])
 
     state = _sharded_state_dict(model_chunks, optimizer, scheduler, is_loading=False)
     try:
@@ -186,7 +186,7 @@ def save_checkpoint(
     if status is not None:
         status = f"saving checkpoint {final} failed: {status}"
         _remove_quietly(tmp)  # (rank 0)
-    _broadcast_status(status)
+    raise_if_any_rank(status, dist.group.WORLD, error_type=CheckpointError)
     status = None
 
     # Rank 0 commits: completion marker, fsync, rename, tracker.
@@ -206,5 +206,5 @@ def save_checkpoint(
         except Exception as exc:  # noqa: BLE001 - raised on every rank below
             status = f"saving checkpoint {final} failed: {describe_write_error(exc, root)}"
             _remove_quietly(tmp)
-    _broadcast_status(status)
+    raise_if_any_rank(status, dist.group.WORLD, error_type=CheckpointError)
     return final

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from covrl.checkpointing.errors import _broadcast_status
-from covrl.parallel import get_device
+from covrl.checkpointing.errors import CheckpointError
+from covrl.parallel import get_device, raise_if_any_rank
 from covrl.utils.atomic_io import free_bytes
 
 # Free space wanted beyond the tensors' bytes (megatron's metadata, common.pt, RNG).
@@ -51,4 +51,4 @@ def _check_free_space(root: Path, final: Path, state: dict[str, Any]) -> None:
                 f"saving checkpoint {final} failed: no space left on the device of {root}: "
                 f"the checkpoint needs about {wanted / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free"
             )
-    _broadcast_status(status)
+    raise_if_any_rank(status, dist.group.WORLD, error_type=CheckpointError)

@@ -4,8 +4,8 @@ from covrl.data.prompts import (
     DataError,
     PromptDataset,
     PromptRecord,
+    load_policy_tokenizer,
     load_prompt_dataset,
-    load_tokenizer,
 )
 from covrl.data.sampler import EpochSampler
 
@@ -15,5 +15,5 @@ __all__ = [
     "PromptDataset",
     "PromptRecord",
     "load_prompt_dataset",
-    "load_tokenizer",
+    "load_policy_tokenizer",
 ]

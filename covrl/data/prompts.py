@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DataError", "PromptDataset", "PromptRecord", "load_prompt_dataset", "load_tokenizer"]
+from covrl.utils.errors import first_line
+
+__all__ = [
+    "DataError",
+    "PromptDataset",
+    "PromptRecord",
+    "load_prompt_dataset",
+    "load_policy_tokenizer",
+]
 
 
 class DataError(ValueError):
@@ -58,8 +66,11 @@ class PromptDataset:
         return self.records[index]
 
 
-def load_tokenizer(model_path: str | os.PathLike, *, require_chat_template: bool = True):
-    """``transformers.AutoTokenizer`` from a Hugging Face checkpoint directory."""
+def load_policy_tokenizer(model_path: str | os.PathLike, *, require_chat_template: bool = True):
+    """The policy checkpoint's tokenizer (``transformers.AutoTokenizer``), checked for
+    what the trainer needs: a :class:`DataError` naming ``policy.model_path`` when the
+    directory is missing or its tokenizer cannot be loaded, or (with
+    ``require_chat_template``) has no chat template."""
     from transformers import AutoTokenizer
 
     path = Path(model_path)
@@ -68,8 +79,7 @@ def load_tokenizer(model_path: str | os.PathLike, *, require_chat_template: bool
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: cannot load the tokenizer: {first}") from None
+        raise DataError(f"{path}: cannot load the tokenizer: {first_line(exc)}") from None
     if require_chat_template and not getattr(tokenizer, "chat_template", None):
         raise DataError(
             f"{path}: the tokenizer has no chat_template (set data.apply_chat_template=false "

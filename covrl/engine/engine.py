@@ -47,49 +47,13 @@ import torch.distributed as dist
 
 from covrl import checkpointing
 from covrl.algorithms.aggregation import megatron_loss_scale
+from covrl.engine.config import EngineConfig, OptimizerConfig
 from covrl.engine.packing import MicroBatch, PackedSequences, plan_micro_batches
 from covrl.models import PolicyModelConfig, export_hf_weights, save_hf_checkpoint
 from covrl.ops import vocab_parallel_logprob_entropy
 from covrl.parallel import get_device
 
 LossFn = Callable[["TokenOutputs", dict[str, torch.Tensor]], tuple[torch.Tensor, dict]]
-
-
-@dataclass
-class OptimizerConfig:
-    """Megatron optimizer and schedule. Defaults follow the paper's RL runs."""
-
-    lr: float = 1e-6
-    min_lr: float | None = None  # None: equal to lr
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    # Shard the optimizer state (fp32 main weights, Adam moments) over the data-parallel
-    # ranks (megatron's distributed optimizer, ZeRO-1): gradients are reduce-scattered,
-    # updated parameters all-gathered.
-    use_distributed_optimizer: bool = False
-    lr_warmup_steps: int = 0
-    lr_decay_steps: int = 1  # only used by non-constant styles
-    lr_decay_style: str = "constant"  # constant | linear | cosine | inverse-square-root
-
-
-@dataclass
-class EngineConfig:
-    # Rows per micro-batch (rows sorted by length, each micro-batch trimmed to its
-    # longest row). Used when max_tokens_per_micro_batch is None.
-    micro_batch_size: int = 1
-    # Token budget of a micro-batch: sequences are packed end to end with no padding
-    # (THD; Transformer Engine attention on CUDA, a block-diagonal causal mask on the
-    # local spec) and micro-batches formed first-fit decreasing. None: fixed size.
-    max_tokens_per_micro_batch: int | None = None
-    temperature: float = 1.0
-    # Rows of the [tokens, vocab/tp] working buffer of the log-prob/entropy function
-    # (None: the function's device-dependent default, a few MiB on CPU).
-    logprob_chunk_size: int | None = None
-    # Keep the entropy in the autograd graph (needed only for an entropy bonus).
-    entropy_requires_grad: bool = False
 
 
 @dataclass

@@ -357,9 +357,7 @@ def validate_parallel_layout(
     pp = parallel.pipeline_model_parallel_size
     vpp = parallel.virtual_pipeline_model_parallel_size or 1
     if world_size is not None:
-        parallel.validate(world_size)
-    elif tp < 1 or pp < 1 or vpp < 1:
-        raise ValueError(f"tensor/pipeline/virtual sizes must be >= 1, got {tp}/{pp}/{vpp}")
+        parallel.check_world_size(world_size)
     c = config
     if c.num_attention_heads % tp:
         raise ValueError(

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from covrl.models.hf_config import PolicyModelConfig
-from covrl.parallel import rank_and_size
+from covrl.parallel import raise_if_any_rank, rank_and_size
 from covrl.utils import checksums
 from covrl.utils.atomic_io import (
     describe_write_error,
@@ -49,6 +49,7 @@ from covrl.utils.atomic_io import (
     replace_dir,
     temporary_sibling,
 )
+from covrl.utils.errors import type_and_message
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -178,10 +179,6 @@ def _layer_owners(model_chunks: Sequence[torch.nn.Module], num_layers: int) -> l
 
 
 # ---------------------------------------------------------------------------- reading
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
-
-
 def _is_complete_export(path: Path) -> bool:
     """An export directory is complete once its checksum manifest (written last) exists."""
     return (path / checksums.MANIFEST_FILENAME).is_file()
@@ -229,7 +226,9 @@ class HFCheckpointReader:
                 if not isinstance(weight_map, dict):
                     raise ValueError("weight_map is not a mapping")
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{index}: not a safetensors index ({_one_line(exc)})") from exc
+                raise ValueError(
+                    f"{index}: not a safetensors index ({type_and_message(exc)})"
+                ) from exc
         elif (path / SAFE_WEIGHTS_NAME).is_file():
             weight_map = None
         else:
@@ -250,7 +249,7 @@ class HFCheckpointReader:
                 except Exception as exc:  # SafetensorError, OSError: name the file
                     self._stack.close()
                     raise ValueError(
-                        f"{path / file}: not a readable safetensors file ({_one_line(exc)})"
+                        f"{path / file}: not a readable safetensors file ({type_and_message(exc)})"
                     ) from exc
             return handles[file]
 
@@ -274,7 +273,9 @@ class HFCheckpointReader:
             t = sl[rows] if cols is None else sl[rows, cols]
         except Exception as exc:  # a file truncated or changed since it was opened
             file = self.path / self._file_names[name]
-            raise ValueError(f"{file}: cannot read tensor {name} ({_one_line(exc)})") from exc
+            raise ValueError(
+                f"{file}: cannot read tensor {name} ({type_and_message(exc)})"
+            ) from exc
         self.elements_read += t.numel()
         return t
 
@@ -592,18 +593,16 @@ def save_hf_checkpoint(
     dtype = dtype or config.params_dtype
     writer = dist.get_rank() == 0
     # Decide on rank 0 and share, so that no rank enters the stream alone.
-    status = [None]
+    status = None
     if writer:
         try:
             # Finish an overwrite interrupted between its renames; drop temporary copies.
             recover_dir(path, _is_complete_export)
             if path.exists() and not overwrite:
-                status = [f"{path} exists (pass overwrite=True to replace it)"]
+                status = f"{path} exists (pass overwrite=True to replace it)"
         except OSError as exc:
-            status = [f"{path}: {describe_write_error(exc, path.parent)}"]
-    dist.broadcast_object_list(status, src=0)
-    if status[0] is not None:
-        raise FileExistsError(status[0])
+            status = f"{path}: {describe_write_error(exc, path.parent)}"
+    raise_if_any_rank(status, dist.group.WORLD, error_type=FileExistsError)
 
     shapes = config.hf_weight_shapes()
     shards = _plan_shards(shapes, torch.empty((), dtype=dtype).element_size(), max_shard_bytes)
@@ -660,12 +659,7 @@ def save_hf_checkpoint(
             error = describe_write_error(exc, path.parent)
     if writer and error is not None:
         shutil.rmtree(tmp, ignore_errors=True)
-    status = [error]
-    dist.broadcast_object_list(status, src=0)
-    if status[0] is not None:
-        raise RuntimeError(
-            f"saving Hugging Face checkpoint to {path} failed on rank 0: {status[0]}"
-        )
+    raise_if_any_rank(error, dist.group.WORLD, what=f"saving Hugging Face checkpoint to {path}")
     return path
 
 

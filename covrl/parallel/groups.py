@@ -1,10 +1,19 @@
 """Process groups as explicit arguments: the single-process scope, rank/size, all-reduce.
 
 Functions that reduce a scope over the ranks holding it (a selection over the
-data-parallel group, a softmax over the tensor-parallel group) take that group as a
-required argument. ``None`` is refused: in torch.distributed it means the whole world,
-so a caller who forgot the group would otherwise silently get a per-rank answer. A
-caller whose data is all in this process says so with :data:`SINGLE_PROCESS`.
+data-parallel group, a softmax over the tensor-parallel group, mismatch metrics over
+the data-parallel group, rewards and the preemption flag over the world) take that
+group as a required argument. ``None`` is refused: in torch.distributed it means the
+whole world, so a caller who forgot the group would otherwise silently get a per-rank
+answer. A caller whose data is all in this process says so with
+:data:`SINGLE_PROCESS`; the world is ``torch.distributed.group.WORLD``.
+
+"No reduction" is therefore always :data:`SINGLE_PROCESS`, never ``None``. The few
+arguments that may be ``None`` name a default, never "no group": a megatron group
+argument (``tp_group`` / ``pp_group`` of :mod:`covrl.models.hf_weights`) defaults to
+megatron's group of that kind, and torch-level helpers that take a ``group`` for
+torch.distributed's own calls (a timeout, a gather of rows on every rank) default to
+the world, as torch.distributed does.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ class LivenessConfig:
     # A rank whose first heartbeat has not arrived this long after start never joined.
     join_timeout_s: float = 45.0
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if not 0 < self.interval_s < self.dead_after_s:
             raise ValueError(
                 f"liveness interval_s={self.interval_s} must be > 0 and below "
@@ -153,7 +153,6 @@ class LivenessMonitor:
         config: LivenessConfig,
         namespace: str,
     ):
-        config.validate()
         self.host, self.port = host, port
         self.rank, self.world_size = rank, world_size
         self.config = config

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from covrl.parallel import cpu_compat, liveness
+from covrl.utils.errors import check_field
 
 
 @dataclass
@@ -32,27 +33,31 @@ class ParallelConfig:
     # Model chunks per pipeline stage for the interleaved schedule (None: not interleaved).
     virtual_pipeline_model_parallel_size: int | None = None
 
-    def data_parallel_size(self, world_size: int) -> int:
-        self.validate(world_size)
-        return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
-
-    def validate(self, world_size: int) -> None:
+    def __post_init__(self) -> None:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         vpp = self.virtual_pipeline_model_parallel_size
-        if tp < 1 or pp < 1:
-            raise ValueError(
-                f"parallel.tensor_model_parallel_size={tp} and "
-                f"parallel.pipeline_model_parallel_size={pp} must both be >= 1"
+        check_field(tp >= 1, "tensor_model_parallel_size", tp, "an integer >= 1")
+        check_field(pp >= 1, "pipeline_model_parallel_size", pp, "an integer >= 1")
+        if vpp is not None:
+            check_field(
+                vpp >= 1 and pp >= 2,
+                "virtual_pipeline_model_parallel_size",
+                vpp,
+                f"None, or an integer >= 1 with pipeline_model_parallel_size >= 2 (got {pp})",
             )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """``world_size / (tp * pp)``; raises ``ValueError`` unless it divides evenly."""
+        self.check_world_size(world_size)
+        return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raise ``ValueError`` unless ``tp * pp`` divides ``world_size``."""
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         if world_size % (tp * pp) != 0:
             raise ValueError(
                 f"world size {world_size} is not divisible by tensor_model_parallel_size x "
                 f"pipeline_model_parallel_size = {tp} x {pp} = {tp * pp}"
-            )
-        if vpp is not None and (vpp < 1 or pp < 2):
-            raise ValueError(
-                f"parallel.virtual_pipeline_model_parallel_size={vpp} needs "
-                f"pipeline_model_parallel_size >= 2 (got {pp}) and a value >= 1"
             )
 
 
@@ -88,13 +93,10 @@ class DistributedTimeouts:
     dead_after_s: float = 20.0
     liveness: bool = True
 
-    def validate(self) -> None:
-        if self.setup_s <= 0 or self.collective_s <= 0:
-            raise ValueError(
-                f"timeouts.setup_s={self.setup_s} and timeouts.collective_s="
-                f"{self.collective_s} must be > 0"
-            )
-        self.liveness_config().validate()
+    def __post_init__(self) -> None:
+        check_field(self.setup_s > 0, "setup_s", self.setup_s, "a value > 0")
+        check_field(self.collective_s > 0, "collective_s", self.collective_s, "a value > 0")
+        self.liveness_config()  # checks the heartbeat's timing
 
     def liveness_config(self) -> liveness.LivenessConfig:
         return liveness.LivenessConfig(
@@ -124,7 +126,6 @@ def init_process_group(
     if timeout_minutes is not None:
         seconds = 60.0 * timeout_minutes
         timeouts = dataclasses.replace(timeouts, setup_s=seconds, collective_s=seconds)
-    timeouts.validate()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if "WORLD_SIZE" not in os.environ:
@@ -166,7 +167,7 @@ def initialize(
     parallel = parallel or ParallelConfig()
     timeouts = timeouts or DistributedTimeouts()
     init_process_group(timeouts=timeouts)
-    parallel.validate(dist.get_world_size())
+    parallel.check_world_size(dist.get_world_size())
     cpu_compat.apply()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from covrl.utils.errors import check_field
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 @dataclass
 class RolloutConfig:
@@ -42,23 +46,43 @@ class RolloutConfig:
     # Extra keyword arguments for ``vllm.LLM`` (expert settings).
     engine_kwargs: dict = field(default_factory=dict)
 
-    def validate(self, world_size: int) -> None:
+    def __post_init__(self) -> None:
         r = self.tensor_parallel_size
-        if r < 1 or world_size % r:
-            raise ValueError(
-                f"rollout.tensor_parallel_size={r} must be >= 1 and divide the world size "
-                f"{world_size}"
-            )
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise ValueError(
-                f"rollout.log_level={self.log_level!r}: expected DEBUG, INFO, WARNING, "
-                "ERROR or CRITICAL"
-            )
-        if self.sync_bucket_mb <= 0:
-            raise ValueError(f"rollout.sync_bucket_mb={self.sync_bucket_mb} must be > 0")
+        check_field(r >= 1, "tensor_parallel_size", r, "an integer >= 1")
+        check_field(
+            self.log_level.upper() in LOG_LEVELS,
+            "log_level",
+            self.log_level,
+            f"one of {', '.join(LOG_LEVELS)}",
+        )
+        check_field(self.sync_bucket_mb > 0, "sync_bucket_mb", self.sync_bucket_mb, "a value > 0")
         u = self.gpu_memory_utilization
-        if u is not None and not 0 < u <= 1:
-            raise ValueError(f"rollout.gpu_memory_utilization={u} must be in (0, 1]")
+        if u is not None:
+            check_field(0 < u <= 1, "gpu_memory_utilization", u, "a value in (0, 1] or None")
+        if self.kv_cache_memory_bytes is not None:
+            check_field(
+                self.kv_cache_memory_bytes >= 1,
+                "kv_cache_memory_bytes",
+                self.kv_cache_memory_bytes,
+                "an integer >= 1 or None",
+            )
+        if self.max_model_len is not None:
+            check_field(
+                self.max_model_len >= 2,
+                "max_model_len",
+                self.max_model_len,
+                "an integer >= 2 or None",
+            )
+        check_field(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "an integer >= 1")
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raise ``ValueError`` unless the rollout TP size divides ``world_size`` (the
+        replicas tile the world)."""
+        r = self.tensor_parallel_size
+        if world_size % r:
+            raise ValueError(
+                f"rollout.tensor_parallel_size={r} must divide the world size {world_size}"
+            )
 
 
 @dataclass
@@ -77,14 +101,13 @@ class SamplingConfig:
     max_tokens: int = 256
     stop_token_ids: list[int] = field(default_factory=list)
 
-    def validate(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"sampling.n={self.n} must be >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"sampling.temperature={self.temperature} must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling.top_p={self.top_p} must be in (0, 1]")
-        if self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"sampling.top_k={self.top_k} must be -1 (off) or >= 1")
-        if self.max_tokens < 1:
-            raise ValueError(f"sampling.max_tokens={self.max_tokens} must be >= 1")
+    def __post_init__(self) -> None:
+        check_field(self.n >= 1, "n", self.n, "an integer >= 1")
+        check_field(
+            self.temperature >= 0, "temperature", self.temperature, "a value >= 0 (0: greedy)"
+        )
+        check_field(0 < self.top_p <= 1, "top_p", self.top_p, "a value in (0, 1]")
+        check_field(
+            self.top_k == -1 or self.top_k >= 1, "top_k", self.top_k, "-1 (off) or an integer >= 1"
+        )
+        check_field(self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")

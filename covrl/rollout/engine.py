@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from covrl.models import PolicyModelConfig, export_hf_weights
 from covrl.models.hf_config import parse_dtype
-from covrl.parallel import get_device
+from covrl.parallel import get_device, raise_if_any_rank
 from covrl.rollout.config import RolloutConfig, SamplingConfig
 from covrl.rollout.generations import (
     FINISH_REASONS,
@@ -49,21 +49,6 @@ from covrl.rollout.generations import (
 )
 from covrl.rollout.memory import peak_extra_memory
 from covrl.rollout.weight_sync import BucketedWeightStream, shape_errors
-
-
-def raise_if_any(error: str | None, what: str, group: dist.ProcessGroup | None = None) -> None:
-    """Collective: if any rank has an error, raise it on every rank (naming the rank).
-
-    Keeps a check that fails on some ranks only from leaving the others in a later
-    collective.
-    """
-    errors: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(errors, error, group=group)
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-    if failed:
-        rank, message = failed[0]
-        others = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
-        raise RuntimeError(f"{what} failed on rank {rank}{others}: {message}")
 
 
 @contextlib.contextmanager
@@ -258,18 +243,18 @@ class RolloutEngine:
         dummy_weights: bool = False,
     ):
         self.config = config = config or RolloutConfig()
-        self.group = None  # the default group: the world
+        self.group = dist.group.WORLD
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
         self.device = get_device()
         self.hf_model_dir = str(Path(hf_model_dir).absolute())
         error = None
         try:
-            config.validate(self.world_size)
+            config.check_world_size(self.world_size)
             error = check_model(self.hf_model_dir, config)
         except ValueError as exc:
             error = str(exc)
-        raise_if_any(error, "starting the vLLM rollout engine")
+        raise_if_any_rank(error, self.group, what="starting the vLLM rollout engine")
 
         self.model_config = PolicyModelConfig.from_hf(self.hf_model_dir)
         self.dtype = _vllm_dtype(config, self.model_config)
@@ -331,7 +316,6 @@ class RolloutEngine:
         """
         from vllm import SamplingParams
 
-        sampling.validate()
         self._check_prompts(prompt_ids, "prompt_ids")
         self._wake(("weights", "kv_cache"))
         mine = split_evenly(len(prompt_ids), self.num_replicas)[self.replica]
@@ -378,7 +362,7 @@ class RolloutEngine:
                     "number of samples)"
                 )
         # One replica failing must not leave the others waiting in the gather.
-        raise_if_any(error, "rollout generation", self.group)
+        raise_if_any_rank(error, self.group, what="rollout generation")
         rows = gather_replica_rows(
             ids, values, codes, self.replica_size, self._comm_device(), self.group
         )
@@ -452,7 +436,7 @@ class RolloutEngine:
             model_config.hf_weight_shapes(),
             f"weight sync of {model_config.model_type} model into vLLM ({self.hf_model_dir})",
         )
-        raise_if_any(error, "weight sync", self.group)
+        raise_if_any_rank(error, self.group, what="weight sync")
         self._wake(("weights",))
         bucket_mb = self.config.sync_bucket_mb if bucket_mb is None else bucket_mb
         stream = BucketedWeightStream(

@@ -16,14 +16,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from covrl.parallel import Group, all_reduce, rank_and_size
+
 
 def mismatch_metrics(
     rollout_logp: torch.Tensor,
     train_logp: torch.Tensor,
     mask: torch.Tensor,
     *,
+    group: Group,
     threshold: float = 0.1,
-    group: dist.ProcessGroup | None = None,
 ) -> dict[str, float]:
     """Token-level disagreement between rollout and trainer log-probs.
 
@@ -31,8 +33,9 @@ def mismatch_metrics(
         rollout_logp, train_logp: ``[batch, seq]`` log-probs of the same tokens.
         mask: ``[batch, seq]``, true on the tokens to compare.
         threshold: |delta| above which a token counts as mismatched.
-        group: if given, statistics are pooled over its ranks (e.g. the DP group,
-            each rank passing its own shard); every rank gets the same values.
+        group: statistics are pooled over its ranks (e.g. the DP group, each rank
+            passing its own shard; every rank gets the same values), or
+            :data:`~covrl.parallel.SINGLE_PROCESS` for this rank's tokens alone.
     Returns:
         ``abs_diff_mean``, ``abs_diff_max`` (|train - rollout| over masked tokens),
         ``kl_k3`` (the k3 estimate of KL(rollout || train): mean of
@@ -58,9 +61,9 @@ def mismatch_metrics(
     )
     peak = d.abs().max() if d.numel() else torch.zeros((), dtype=torch.float64, device=d.device)
     peak = peak.reshape(1)
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(sums, group=group)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    if rank_and_size(group)[1] > 1:
+        all_reduce(sums, group)
+        all_reduce(peak, group, op=dist.ReduceOp.MAX)
     abs_sum, k3_sum, over, count = sums.tolist()
     denom = max(count, 1.0)
     return {
@@ -106,17 +109,16 @@ class RolloutCorrectionConfig:
     mode: str = "none"
     cap: float = 2.0
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.mode not in ("none", "tis"):
-            raise ValueError(f"rollout_correction.mode={self.mode!r}: expected 'none' or 'tis'")
-        if self.cap <= 0:
-            raise ValueError(f"rollout_correction.cap={self.cap} must be > 0")
+            raise ValueError(f"mode={self.mode!r}: expected 'none' or 'tis'")
+        if not self.cap > 0:
+            raise ValueError(f"cap={self.cap}: expected a value > 0")
 
     def weights(
         self, train_old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor | None:
         """The per-token weights for ``PolicyBatch.rollout_weights``, or None."""
-        self.validate()
         if self.mode == "none":
             return None
         return truncated_is_weights(train_old_logp, rollout_logp, mask, self.cap)

@@ -2,6 +2,6 @@
 tokenizer and base model they are trained with."""
 
 from covrl.tasks import two_sum
-from covrl.tasks.tokenizer import load_tokenizer, train_tokenizer
+from covrl.tasks.tokenizer import load_task_tokenizer, train_tokenizer
 
-__all__ = ["load_tokenizer", "train_tokenizer", "two_sum"]
+__all__ = ["load_task_tokenizer", "train_tokenizer", "two_sum"]

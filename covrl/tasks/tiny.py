@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from covrl.tasks import two_sum
-from covrl.tasks.warm_start import BaseModelSettings, WarmStartSettings
+from covrl.tasks.warm_start import BaseModelConfig, WarmStartConfig
+from covrl.utils.errors import check_field
 
 DEFAULT_ROOT = "cache/tiny_task"
 MANIFEST = "build.json"
@@ -36,20 +37,26 @@ Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-class TokenizerSettings:
+class TokenizerConfig:
+    """The sentencepiece tokenizer (:func:`covrl.tasks.tokenizer.train_tokenizer`)."""
+
     vocab_size: int = 64
     user_symbols: tuple[str, ...] = ("\\boxed{",)
     model_max_length: int = 64
 
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "model_max_length"):
+            check_field(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+
 
 @dataclass(frozen=True)
-class TinyTaskSettings:
+class TinyTaskConfig:
     """Everything a build depends on; each stage's part is recorded in the manifest."""
 
     task: two_sum.TwoSumConfig = field(default_factory=two_sum.TwoSumConfig)
-    tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
-    model: BaseModelSettings = field(default_factory=BaseModelSettings)
-    warm_start: WarmStartSettings = field(default_factory=WarmStartSettings)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: BaseModelConfig = field(default_factory=BaseModelConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
     def stage_settings(self, stage: str) -> dict:
         """The settings ``stage`` depends on (its own and the earlier stages')."""
@@ -110,7 +117,7 @@ def read_manifest(paths: TinyTaskPaths) -> dict:
         raise ValueError(f"{paths.manifest}: unreadable build manifest ({exc})") from exc
 
 
-def stage_is_current(paths: TinyTaskPaths, settings: TinyTaskSettings, stage: str) -> bool:
+def stage_is_current(paths: TinyTaskPaths, settings: TinyTaskConfig, stage: str) -> bool:
     """Whether ``stage`` was built with ``settings`` and its files are all present."""
     record = read_manifest(paths).get("stages", {}).get(stage)
     return (
@@ -132,13 +139,13 @@ def _jsonable(value):
     return json.loads(json.dumps(value))
 
 
-def build_data(paths: TinyTaskPaths, settings: TinyTaskSettings, log: Log) -> dict:
+def build_data(paths: TinyTaskPaths, settings: TinyTaskConfig, log: Log) -> dict:
     files = two_sum.write_dataset(settings.task, paths.data_dir)
     sums = two_sum.split_sums(settings.task)
     return {"files": files, "rows": {k: len(v) for k, v in sums.items()}}
 
 
-def build_tokenizer(paths: TinyTaskPaths, settings: TinyTaskSettings, log: Log) -> dict:
+def build_tokenizer(paths: TinyTaskPaths, settings: TinyTaskConfig, log: Log) -> dict:
     from covrl.tasks.tokenizer import train_tokenizer
 
     tok = settings.tokenizer
@@ -152,7 +159,7 @@ def build_tokenizer(paths: TinyTaskPaths, settings: TinyTaskSettings, log: Log) 
     return {"vocab_size": len(tokenizer), "dir": str(paths.model_dir)}
 
 
-def build_base_model(paths: TinyTaskPaths, settings: TinyTaskSettings, log: Log) -> dict:
+def build_base_model(paths: TinyTaskPaths, settings: TinyTaskConfig, log: Log) -> dict:
     """Warm-start the base model (one process, TP = 1, unless the caller already
     initialised a parallel layout) and export it into the model directory."""
     import torch.distributed as dist
@@ -172,7 +179,7 @@ def build_base_model(paths: TinyTaskPaths, settings: TinyTaskSettings, log: Log)
             destroy()
 
 
-BUILDERS: dict[str, Callable[[TinyTaskPaths, TinyTaskSettings, Log], dict]] = {
+BUILDERS: dict[str, Callable[[TinyTaskPaths, TinyTaskConfig, Log], dict]] = {
     "data": build_data,
     "tokenizer": build_tokenizer,
     "model": build_base_model,
@@ -181,7 +188,7 @@ BUILDERS: dict[str, Callable[[TinyTaskPaths, TinyTaskSettings, Log], dict]] = {
 
 def build_tiny_task(
     root: str | os.PathLike = DEFAULT_ROOT,
-    settings: TinyTaskSettings | None = None,
+    settings: TinyTaskConfig | None = None,
     *,
     stages: Sequence[str] = ASSET_STAGES,
     force: bool = False,
@@ -204,7 +211,7 @@ def build_tiny_task(
             f"build_tiny_task runs in one process; the process group has "
             f"{dist.get_world_size()} ranks"
         )
-    settings = settings or TinyTaskSettings()
+    settings = settings or TinyTaskConfig()
     paths = TinyTaskPaths(Path(root))
     manifest = read_manifest(paths)
     rebuilt = False

@@ -104,7 +104,7 @@ def train_tokenizer(
     (out / SPM_FILE).write_bytes(model.getvalue())
     tokenizer = hf_tokenizer_from_spm(out / SPM_FILE, model_max_length=model_max_length)
     tokenizer.save_pretrained(out)
-    return load_tokenizer(out)
+    return load_task_tokenizer(out)
 
 
 def hf_tokenizer_from_spm(spm_file: str | os.PathLike, *, model_max_length: int = 512):
@@ -167,8 +167,10 @@ def hf_tokenizer_from_spm(spm_file: str | os.PathLike, *, model_max_length: int 
     )
 
 
-def load_tokenizer(model_dir: str | os.PathLike):
-    """The tokenizer of a model directory, through ``transformers.AutoTokenizer``."""
+def load_task_tokenizer(model_dir: str | os.PathLike):
+    """The built-in tasks' tokenizer saved in ``model_dir`` by :func:`train_tokenizer`
+    (or any tokenizer there), through ``transformers.AutoTokenizer``, unchecked: the
+    task builders use it on directories they wrote."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(model_dir))

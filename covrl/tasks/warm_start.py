@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 
 from covrl.tasks import two_sum
+from covrl.utils.errors import check_field
 
 
 @dataclass(frozen=True)
-class BaseModelSettings:
+class BaseModelConfig:
     """The architecture (a Qwen2 decoder). ``hidden_size / num_attention_heads`` is the
     head dim: 64, the smallest vLLM's CPU attention takes."""
 
@@ -43,9 +44,34 @@ class BaseModelSettings:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
 
+    def __post_init__(self) -> None:
+        for name in (
+            "hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
+            check_field(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        heads = self.num_attention_heads
+        check_field(
+            self.hidden_size % heads == 0,
+            "hidden_size",
+            self.hidden_size,
+            f"a multiple of num_attention_heads={heads} (the head dim is their ratio)",
+        )
+        check_field(
+            heads % self.num_key_value_heads == 0,
+            "num_key_value_heads",
+            self.num_key_value_heads,
+            f"a divisor of num_attention_heads={heads}",
+        )
+        check_field(self.rope_theta > 0, "rope_theta", self.rope_theta, "a value > 0")
+
 
 @dataclass(frozen=True)
-class WarmStartSettings:
+class WarmStartConfig:
     """Supervised warm start: AdamW on random correct answers of the training sums."""
 
     max_steps: int = 1500
@@ -62,8 +88,24 @@ class WarmStartSettings:
     max_new_tokens: int = 12
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "eval_every", "max_new_tokens"):
+            check_field(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        check_field(self.lr >= 0, "lr", self.lr, "a value >= 0")
+        check_field(
+            0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"0 <= min_lr <= lr={self.lr}"
+        )
+        for name in ("warmup_steps", "weight_decay", "clip_grad"):
+            check_field(getattr(self, name) >= 0, name, getattr(self, name), "a value >= 0")
+        check_field(
+            self.stop_accuracy >= 0,
+            "stop_accuracy",
+            self.stop_accuracy,
+            "a value >= 0 (above 1: never stop early)",
+        )
 
-def qwen2_config(model: BaseModelSettings, tokenizer):
+
+def qwen2_config(model: BaseModelConfig, tokenizer):
     """The transformers ``Qwen2Config`` of the base model for ``tokenizer``."""
     from transformers import Qwen2Config
 
@@ -145,7 +187,7 @@ def next_token_loss(count: int):
     return loss_fn
 
 
-def evaluate(model_chunk, tokenizer, sums: list[int], settings: WarmStartSettings, tp_group):
+def evaluate(model_chunk, tokenizer, sums: list[int], settings: WarmStartConfig, tp_group):
     """Greedy accuracy of the policy on the prompts of ``sums``, and its responses."""
     from covrl.tasks.greedy import greedy_accuracy
 
@@ -167,8 +209,8 @@ def evaluate(model_chunk, tokenizer, sums: list[int], settings: WarmStartSetting
 def warm_start(
     model_dir: str | Path,
     task: two_sum.TwoSumConfig,
-    model_settings: BaseModelSettings,
-    settings: WarmStartSettings,
+    model_settings: BaseModelConfig,
+    settings: WarmStartConfig,
     *,
     log: Callable[[str], None] = print,
 ) -> dict:
@@ -184,7 +226,7 @@ def warm_start(
 
     from covrl.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.models import PolicyModelConfig, build_model, save_hf_checkpoint, unwrap_model
-    from covrl.tasks.tokenizer import load_tokenizer
+    from covrl.tasks.tokenizer import load_task_tokenizer
 
     if ps.get_pipeline_model_parallel_world_size() != 1 or ps.get_data_parallel_world_size() != 1:
         raise ValueError(
@@ -193,7 +235,7 @@ def warm_start(
             f"dp={ps.get_data_parallel_world_size()}"
         )
     model_dir = Path(model_dir)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_task_tokenizer(model_dir)
     config = PolicyModelConfig.from_hf(qwen2_config(model_settings, tokenizer))
     chunks = build_model(config)
     engine = PolicyEngine(

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from covrl.config import ConfigError, load_config
     from covrl.data import DataError
     from covrl.rewards import RewardError
+    from covrl.utils.errors import first_line
 
     rank = os.environ.get("RANK", "0")
     try:
@@ -46,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
         train(config, resume=args.resume)
     except (ConfigError, DataError, RewardError, CheckpointError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"covrl-train: error (rank {rank}): {message}", file=sys.stderr, flush=True)
+        print(f"covrl-train: error (rank {rank}): {first_line(exc)}", file=sys.stderr, flush=True)
         _shutdown()
         return 2
     _shutdown()

@@ -20,6 +20,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch.distributed as dist
+
 from covrl.config import RunConfig
 from covrl.training.logger import PhaseTimer
 from covrl.training.preemption import PreemptionHandler
@@ -104,7 +106,7 @@ def train(config: RunConfig, resume: str = "auto") -> TrainResult:
         while step < run.total_steps:
             step += 1
             run.logger.log(step, train_step(run, step))
-            preempted = preemption.agreed()
+            preempted = preemption.agreed(dist.group.WORLD)
             if preempted or _due(step, cfg.trainer.save_freq) or step == run.total_steps:
                 save(run, step)
             if preempted:

@@ -14,7 +14,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-from covrl.parallel import get_device
+from covrl.parallel import Group, all_reduce, get_device
 
 __all__ = ["PREEMPTION_SIGNALS", "PreemptionHandler"]
 
@@ -33,11 +33,11 @@ class PreemptionHandler:
         self.requested = True
         self.signum = signum
 
-    def agreed(self, group: dist.ProcessGroup | None = None) -> bool:
-        """Collective: whether any rank was signalled."""
+    def agreed(self, group: Group) -> bool:
+        """Collective over ``group`` (the trainer: the world): whether any rank was
+        signalled."""
         flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=get_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return bool(flag.item())
+        return bool(all_reduce(flag, group, op=dist.ReduceOp.MAX).item())
 
     def restore(self) -> None:
         for s, previous in self._previous.items():

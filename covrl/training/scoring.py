@@ -9,10 +9,9 @@ with the same message, so no rank is left waiting in a collective.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from covrl.data import PromptDataset
-from covrl.parallel import get_device
+from covrl.parallel import Group, all_reduce, get_device, raise_if_any_rank, rank_and_size
 from covrl.rewards import RewardError, RewardExecutor, RewardRegistry, ScoreRequest
 from covrl.rollout import Generations
 
@@ -25,10 +24,14 @@ def score_batch(
     tokenizer,
     registry: RewardRegistry,
     executor: RewardExecutor,
-    group: dist.ProcessGroup | None = None,
+    group: Group,
 ) -> int:
-    """Fill ``batch.rewards`` and ``batch.acc``; returns the number of timed-out samples."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    """Fill ``batch.rewards`` and ``batch.acc``; returns the number of timed-out samples.
+
+    ``group``: the ranks that hold the batch and share the scoring (the trainer: the
+    world); :data:`~covrl.parallel.SINGLE_PROCESS` scores every sample here.
+    """
+    rank, world = rank_and_size(group)
     mine = list(range(rank, len(batch), world))
     requests = []
     for i in mine:
@@ -50,15 +53,9 @@ def score_batch(
         for i, result in zip(mine, executor.score(requests), strict=True):
             values[i] = torch.tensor([result.reward, result.acc, float(result.timed_out)])
     except RewardError as exc:
-        error = str(exc)
-    errors: list[str | None] = [None] * world
-    dist.all_gather_object(errors, error, group=group)
-    failed = [e for e in errors if e is not None]
-    if failed:
-        raise RewardError(failed[0])
-    values = values.to(get_device())
-    dist.all_reduce(values, group=group)
-    values = values.cpu()
+        error = exc
+    raise_if_any_rank(error, group, error_type=RewardError)
+    values = all_reduce(values.to(get_device()), group).cpu()
     batch.rewards = values[:, 0].tolist()
     batch.acc = values[:, 1].tolist()
     return int(values[:, 2].sum().item())

@@ -21,7 +21,13 @@ from covrl import checkpointing
 from covrl.algorithms import EntropyTargetController
 from covrl.analysis import EntropyLawMonitor
 from covrl.config import ConfigError, RunConfig, save_config, to_yaml
-from covrl.data import DataError, EpochSampler, PromptDataset, load_prompt_dataset, load_tokenizer
+from covrl.data import (
+    DataError,
+    EpochSampler,
+    PromptDataset,
+    load_policy_tokenizer,
+    load_prompt_dataset,
+)
 from covrl.engine import PolicyEngine
 from covrl.models import (
     PolicyModelConfig,
@@ -29,7 +35,7 @@ from covrl.models import (
     load_hf_weights,
     validate_parallel_layout,
 )
-from covrl.parallel import initialize
+from covrl.parallel import initialize, raise_if_any_rank
 from covrl.rewards import RewardError, RewardExecutor, RewardRegistry
 from covrl.rollout import RolloutEngine
 from covrl.training.colocation import Colocation
@@ -89,15 +95,6 @@ class Run:
         self.rollout.shutdown()
 
 
-def _agree(error: str | None) -> None:
-    """Raise ``error`` of the first failing rank on every rank (one-line message)."""
-    errors: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    failed = [e for e in errors if e is not None]
-    if failed:
-        raise ConfigError(failed[0])
-
-
 def _load_data(config: RunConfig, tokenizer) -> tuple[PromptDataset, PromptDataset | None]:
     d = config.data
     options = dict(
@@ -135,7 +132,7 @@ def _build_policy(
         chunks,
         model_config,
         optimizer=config.policy.optim if trainable else None,
-        config=config.policy.engine,
+        config=config.engine_config(),
     )
 
 
@@ -187,19 +184,13 @@ def build_run(config: RunConfig, resume: str = "auto") -> Run:
     error = None
     try:
         dp_size = config.check_layout(world)
-        if config.policy.engine.temperature != config.sampling.temperature:
-            raise ConfigError(
-                f"policy.engine.temperature={config.policy.engine.temperature} must equal "
-                f"sampling.temperature={config.sampling.temperature} (the trainer's log-probs "
-                "are those of the sampling distribution)"
-            )
         if not Path(config.policy.model_path, "config.json").is_file():
             raise ConfigError(
                 f"policy.model_path={config.policy.model_path!r}: not a Hugging Face "
                 "checkpoint directory (no config.json)"
             )
         model_config = _model_config(config, world)
-        tokenizer = load_tokenizer(
+        tokenizer = load_policy_tokenizer(
             config.policy.model_path, require_chat_template=config.data.apply_chat_template
         )
         train_data, val_data = _load_data(config, tokenizer)
@@ -214,8 +205,8 @@ def build_run(config: RunConfig, resume: str = "auto") -> Run:
         registry.check(sources)
         resume_from = resolve_resume(resume, Path(config.trainer.run_dir) / CHECKPOINT_DIRNAME)
     except (ConfigError, DataError, RewardError, checkpointing.CheckpointError, ValueError) as exc:
-        error = str(exc).strip().splitlines()[0]
-    _agree(error)
+        error = exc
+    raise_if_any_rank(error, dist.group.WORLD, error_type=ConfigError)
 
     if rank == 0:
         if resume == "none":

@@ -9,6 +9,7 @@ every rank (reduced over the data-parallel group where the data is split).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from covrl.ops import sampled_entropy_change
 from covrl.parallel import all_reduce
@@ -85,7 +86,9 @@ def collect_rollouts(run: Run, step: int, timer: PhaseTimer) -> tuple[Generation
         metrics.update(sync)
         gens.annotate(indices, [r.data_source for r in records], group_offset=num_gen * target)
         with timer("reward"):
-            timeouts += score_batch(gens, run.train_data, run.tokenizer, run.registry, run.rewards)
+            timeouts += score_batch(
+                gens, run.train_data, run.tokenizer, run.registry, run.rewards, dist.group.WORLD
+            )
         num_gen += 1
         generated = gens if generated is None else (generated.extend(gens) or generated)
         if dynamic:
@@ -258,7 +261,7 @@ def validate(run: Run, step: int, timer: PhaseTimer | None = None) -> dict[str, 
         )
         metrics.update(sync)
         gens.annotate(list(range(len(records))), sources, group_offset=0)
-        score_batch(gens, run.val_data, run.tokenizer, run.registry, run.rewards)
+        score_batch(gens, run.val_data, run.tokenizer, run.registry, run.rewards, dist.group.WORLD)
         per_source: dict[str, list[float]] = {}
         for source, acc in zip(gens.data_source, gens.acc, strict=True):
             per_source.setdefault(source, []).append(acc)

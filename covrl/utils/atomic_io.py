@@ -21,6 +21,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from covrl.utils.errors import type_and_message
+
 
 def fsync_path(path: Path) -> None:
     """fsync one file or directory."""
@@ -133,7 +135,7 @@ def free_bytes(path: Path) -> int:
 def describe_write_error(exc: BaseException, path: Path) -> str:
     """One line for a failed write below ``path``; says so when the disk is full (some
     writers, e.g. torch's zip writer, report it only as an unexpected position)."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    text = type_and_message(exc)
     full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
     if not full:
         try:
