@@ -24,8 +24,15 @@ never edits megatron-core's files, and is listed here with the calls that need i
    -> the same mode makes a no-argument ``Tensor.type()`` report the CUDA type name.
 
 The function mode is thread-local in PyTorch; it is pushed on the thread that calls
-:func:`apply` (the training thread). Not covered on CPU: sequence parallelism (needs
-Apex LayerNorm) and the distributed optimizer (CUDA tensor type checks).
+:func:`apply` (the training thread), unless a :class:`CudaToCpuMode` (or a subclass
+that also tracks where each tensor would live) is already active there. Not covered on
+CPU: sequence parallelism (needs Apex LayerNorm) and the distributed optimizer (CUDA
+tensor type checks).
+
+:func:`emulate_cuda_device` makes :func:`covrl.parallel.get_device` answer
+``cuda:0`` on this CPU machine: a test instrument that runs covrl's GPU code paths
+(tensors built on "the device", moved there, collectives given device tensors)
+while shim 3 keeps every tensor on the CPU.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ _CPU = torch.device("cpu")
 _lock = threading.Lock()
 _applied = False
 _mode: TorchFunctionMode | None = None
+_emulated_cuda = False
 
 
 def _to_cpu_device(device):
@@ -121,12 +129,30 @@ def apply() -> bool:
         mpu_random._set_cuda_rng_state = _set_rng_state
         mpu_random.CudaRNGStatesTracker.add = _tracker_add
 
-        # 3 and 4. Device rewriting and CUDA type names.
-        _mode = CudaToCpuMode()
-        _mode.__enter__()
+        # 3 and 4. Device rewriting and CUDA type names (once per thread's mode stack).
+        if not _rewriting_mode_active():
+            _mode = CudaToCpuMode()
+            _mode.__enter__()
         _applied = True
     return True
 
 
+def _rewriting_mode_active() -> bool:
+    from torch.overrides import _get_current_function_mode_stack
+
+    return any(isinstance(m, CudaToCpuMode) for m in _get_current_function_mode_stack())
+
+
 def is_applied() -> bool:
     return _applied
+
+
+def emulate_cuda_device(on: bool) -> None:
+    """Make :func:`covrl.parallel.get_device` return ``cuda:0`` (``on``) on a machine
+    without CUDA; the device-rewriting mode must be active for tensors to be made."""
+    global _emulated_cuda
+    _emulated_cuda = on
+
+
+def emulates_cuda_device() -> bool:
+    return _emulated_cuda
