@@ -9,74 +9,80 @@ code passes every test. :class:`DeviceSeparation` emulates the accelerator:
 * ``covrl.parallel.get_device()`` returns ``cuda:0``, and every tensor carries a tag,
   *device* or *host*, for where a GPU run would hold it (an attribute on the tensor;
   untagged tensors, e.g. the gradients autograd's C++ engine makes, are unknown and
-  never flagged). One torch function mode, a :class:`covrl.parallel.cpu_compat.
-  CudaToCpuMode` that also tags, sees every torch call; ``cpu_compat.apply()`` pushes
-  no second rewriting mode while it is active.
+  never flagged). One torch function mode, a ``cpu_compat.CudaToCpuMode`` that also
+  tags, sees every torch call (``cpu_compat.apply()`` pushes no second rewriting mode
+  while it is active).
 * Tags: a factory given a CUDA device (``"cuda"``, ``cuda:N``, an int ordinal) makes a
   device tensor, as do ``.to(<cuda>)`` and ``.cuda()``; a factory without a device
   (``torch.zeros(n)``, ``torch.tensor(list)``, ``torch.arange``), ``from_numpy``,
-  ``.cpu()`` and ``.to("cpu")`` make host tensors; ``.to(other_tensor)`` follows
-  ``other_tensor``; ``*_like`` / ``new_*`` / ``torch.tensor(t)`` follow their input
-  unless given a device; every other op's outputs take the tag of its tensor inputs
-  (device if any input is on the device), an in-place op leaves its target's tag, and
-  ``p.data = x`` gives ``p`` the tag of ``x``. Reading ``.device`` of a device tensor
-  answers ``cuda:0``, so ``torch.zeros(n, device=x.device)`` follows ``x``'s real
-  place. ``.is_cuda`` stays the real (False): megatron picks CUDA-only APIs with it.
+  ``.cpu()`` and ``.to("cpu")`` make host tensors; ``.to(other)`` and
+  ``.type_as(other)`` follow ``other``; ``*_like``, ``new_*`` and ``torch.tensor(t)``
+  follow their input unless given a device; every other op's outputs take the tag of
+  its tensor inputs (device if any input is on the device), an in-place op leaves its
+  target's tag, ``nn.Parameter(data)`` takes the tag of ``data`` and ``p.data = x``
+  gives ``p`` the tag of ``x`` (so ``module.cuda()`` moves a module's parameters).
+  Reading ``.device`` of a device tensor answers ``cuda:0``, so
+  ``torch.zeros(n, device=x.device)`` follows ``x``'s real place (torch.distributed's
+  own reads still see the CPU: it picks the group's backend by the device).
+  ``.is_cuda`` stays the real (False): megatron picks CUDA-only APIs with it.
 * Flagged (:class:`Violation`): (a) ``mix``: an op given a device tensor and a host
   tensor of one or more dimensions (0-dim host tensors and Python numbers are fine,
-  as CUDA allows CPU scalars; ``copy_`` and indexing a device tensor with host indices
-  are fine too, CUDA moves those); (b) ``collective``: a ``ProcessGroup`` collective
+  as CUDA allows CPU scalars; so are ``copy_``, indexing a device tensor with host
+  indices, and metadata checks); (b) ``collective``: a ``ProcessGroup`` collective
   given a host tensor. Every group counts as a device group (NCCL on GPU: megatron's
   groups and the default group), except groups created with an explicit gloo backend;
   object collectives (``broadcast_object_list`` ...) are exempt: torch moves their
-  bytes itself. ``torch.distributed.get_backend`` answers ``nccl`` for such groups to
-  covrl's own callers, so code choosing its communication device sees what a GPU
+  bytes itself. ``torch.distributed.get_backend`` answers ``nccl`` for device groups
+  to the project's callers, so code choosing its communication device sees what a GPU
   run sees.
 * Counted, not flagged (:class:`HostSync`): every host sync on a device tensor:
   ``.item()``, ``.tolist()``, ``.numpy()``, ``.cpu()`` / ``.to("cpu")``, a copy into a
   host tensor, ``bool(t)`` (``if t``), ``float(t)``, ``int(t)``, ``t.__index__``,
   formatting, ``torch.equal`` / ``allclose``, and the ops whose output size depends on
-  the data (``nonzero``, ``masked_select``, ``unique``, boolean-mask indexing), per
-  training step (:meth:`DeviceSeparation.step`).
+  the data (``nonzero``, ``masked_select``, ``unique``, boolean-mask indexing and
+  assignment), per training step (:meth:`DeviceSeparation.step`).
 
 Each finding names the op and its call site: the innermost frame outside torch,
-megatron-core and this mode (``covrl/training/steps.py:44``), and the innermost frame
-outside torch when that is megatron's own code.
+megatron-core and this mode (``covrl/training/steps.py:45``), the frame that called
+that function, and the innermost frame outside torch when that is megatron's own code.
 
 Not checked, and why:
 
 * vLLM's internals (``vllm.LLM`` construction, ``generate``, sleep / wake-up, cache
   resets): on GPU vLLM manages its own devices, and its outputs reach covrl as Python
-  lists (host data, correct on GPU too). The mode is paused there (a plain
-  ``CudaToCpuMode`` takes its place: vLLM's compiled sampler helpers cannot trace a
+  lists (host data, correct on GPU too). The mode is paused there: a plain
+  ``CudaToCpuMode`` takes its place (vLLM's compiled sampler helpers cannot trace a
   tagging mode). A weight reload (``collective_rpc("reload_weights")``) is paused
   too, except while covrl's weight stream produces the next tensor, so the export
-  (gathers over the TP / PP groups) is checked.
+  (gathers over the TP / PP groups) is checked; covrl code that vLLM runs inside its
+  worker (``collective_rpc(fn)``) is not.
 * Code in ``tests/`` when ``test_code_on_device`` is set (the harness's setting): a
   test body stands for the caller that holds its data on the device, so its factories
   make device tensors, and its own comparisons with host references are not flagged
   (an explicit ``device="cpu"`` still makes a host tensor).
-* Tensors made outside torch's Python API (autograd's gradients, ``torch.load``)
-  are untagged; megatron's CPU-only path differs from its GPU path in one place the
-  mode cannot see through: ``use_cpu_initialization`` builds the tensor-parallel
-  weights on the host (covrl's ``build_model`` then moves the chunks, as on GPU).
+* Tensors made outside torch's Python API (autograd's gradients, ``torch.load``) are
+  untagged; megatron's CPU path builds its tensor-parallel weights on the host
+  (``use_cpu_initialization``, where a GPU run builds them on the device), which the
+  mode follows: ``build_model`` then moves the chunks, as on GPU.
+* Other threads: the mode is thread-local (the training thread's), while
+  ``get_device()`` answers ``cuda:0`` on every thread; covrl runs no torch code on
+  other threads.
 
 CUDA sleep mode: vLLM has none on CPU, so a rollout on released weights never fails
-here. Under the mode, :meth:`covrl.rollout.RolloutEngine.sleep` (with
+here. Under the mode, ``covrl.rollout.RolloutEngine.sleep()`` (with
 ``rollout.enable_sleep_mode``) marks the engine's vLLM weights as released, as
 sleep level 2 does on CUDA; a weight reload restores them, and ``generate`` on
-released weights raises :data:`RELEASED_WEIGHTS_ERROR`.
+released weights raises (:data:`RELEASED_WEIGHTS_ERROR`).
 
 Use: ``with DeviceSeparation() as mode: ...; mode.check()`` (raises AssertionError
 listing the violations); ``tests.harness.launch`` runs bodies under it; the trainer
-CLI runs under it with ``COVRL_DEVICE_SEPARATION=1`` (:func:`run_cli`): a JSON report
-per rank in ``<run_dir>/device_separation/`` (violations, host syncs per step), a
-summary on stderr, and exit code 3 when anything was flagged
-(``COVRL_DEVICE_SEPARATION=report``: the exit code of the run; the test reads the
-reports, :func:`assert_no_violations`). The CLI imports this
-module from the source checkout (tests/ is not installed): the mode is a test
-instrument (it slows every op and patches torch.distributed and vLLM), not part of
-the package.
+CLI runs under it with ``COVRL_DEVICE_SEPARATION=1`` or ``report``
+(:func:`run_cli`): a JSON report per rank in ``<run_dir>/device_separation/``
+(violations, host syncs per step), a summary on stderr, and with ``1`` exit code 3
+when anything was flagged (with ``report`` the run's own exit code: the test reads
+the reports, :func:`assert_no_violations`). The CLI imports this module from the
+source checkout (tests/ is not installed): the mode is a test instrument (it patches
+torch.distributed, ``nn.Parameter`` and vLLM), not part of the package.
 """
 
 from __future__ import annotations
@@ -511,9 +517,16 @@ def _iter(mode, func, args, kwargs):
 
 
 def _sync_result(mode, func, args, kwargs):
-    if any(getattr(t, _TAG, None) == DEVICE for t in _tensors(args, kwargs)):
+    inputs = _tensors(args, kwargs)
+    if mode._combine(func, inputs) == DEVICE:  # also checks torch.equal's two inputs
         mode.owner._sync(_SYNC_RESULT[func])
     return func(*args, **kwargs)
+
+
+def _type_as(mode, func, args, kwargs):
+    """``t.type_as(other)`` converts to ``other``'s type, device included."""
+    where = getattr(args[1], _TAG, None) or getattr(args[0], _TAG, None)
+    return _moved(args[0], func(*args, **kwargs), where)
 
 
 _HANDLERS: dict[Callable, Callable] = {
@@ -525,6 +538,7 @@ _HANDLERS: dict[Callable, Callable] = {
     _T.__getitem__: _getitem,
     _T.__setitem__: _setitem,
     _T.__iter__: _iter,
+    _T.type_as: _type_as,
     **{f: _sync_result for f in _SYNC_RESULT},
 }
 

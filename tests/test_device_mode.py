@@ -46,6 +46,9 @@ def _cases(dev: torch.device, group) -> dict:
         with m.paused():
             return host() * device()
 
+    def gloo_group():  # a host group on GPU too
+        return dist.new_group([0, 1], backend="gloo")
+
     return {
         # (a) ops mixing host and device tensors
         "host_times_device": lambda m: host() * device(),
@@ -68,6 +71,8 @@ def _cases(dev: torch.device, group) -> dict:
         "module_moved": lambda m: linear(moved=True),
         "module_not_moved": lambda m: linear(moved=False),
         "functional_on_host_weight": lambda m: F.linear(device(), torch.ones(4, 4)),
+        "type_as_moves": lambda m: host().type_as(device()) * device(),
+        "equal_host_device": lambda m: torch.equal(host(), device()),
         "paused": paused,
         # (b) collectives
         "all_reduce_host": lambda m: dist.all_reduce(torch.zeros(3), group=group),
@@ -78,6 +83,7 @@ def _cases(dev: torch.device, group) -> dict:
             [torch.empty(4, device=dev) for _ in range(2)], host(), group=group
         ),
         "object_collective": lambda m: dist.broadcast_object_list([{"a": 1}], src=0, group=group),
+        "explicit_gloo_group": lambda m: dist.all_reduce(torch.zeros(3), group=gloo_group()),
     }
 
 
@@ -121,7 +127,9 @@ def _body(ctx):
         dev = get_device()
         x = torch.ones(3, device=dev)
         out["device"] = (str(dev), str(x.device), str(torch.ones(3).device), place(x))
+        out["backend"] = dist.get_backend(group)
     out["device_after"] = str(get_device())
+    out["backend_after"] = dist.get_backend(group)
     for name, case in _cases(torch.device("cuda", 0), group).items():
         with DeviceSeparation() as mode:
             case(mode)
@@ -170,6 +178,8 @@ def results():
 def test_device_reads_as_cuda_under_the_mode(results):
     assert results["device"] == ("cuda:0", "cuda:0", "cpu", "device")
     assert results["device_after"] == "cpu"
+    # covrl's code choosing a communication device sees the GPU run's backend.
+    assert (results["backend"], results["backend_after"]) == ("nccl", "gloo")
 
 
 # case -> (kind, op, the source line of _cases the call site is on)
@@ -184,6 +194,7 @@ FLAGGED = {
     "index_host_with_device": ("mix", "Tensor.__getitem__", None),
     "module_not_moved": ("mix", "torch._C._nn.linear", "return layer(device())"),
     "functional_on_host_weight": ("mix", "torch._C._nn.linear", None),
+    "equal_host_device": ("mix", "torch.equal", None),
     "all_reduce_host": ("collective", "ProcessGroup.allreduce", None),
     "broadcast_cpu_copy": ("collective", "ProcessGroup.broadcast", None),
     "all_gather_host": ("collective", "ProcessGroup.allgather", None),
@@ -199,10 +210,12 @@ CLEAN = [
     "copy_into_device",
     "index_device_with_host",
     "module_moved",
+    "type_as_moves",
     "paused",
     "all_reduce_device",
     "all_reduce_derived_from_device",
     "object_collective",
+    "explicit_gloo_group",
 ]
 
 
