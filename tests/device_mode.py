@@ -71,8 +71,9 @@ Not checked, and why:
 CUDA sleep mode: vLLM has none on CPU, so a rollout on released weights never fails
 here. Under the mode, ``covrl.rollout.RolloutEngine.sleep()`` (with
 ``rollout.enable_sleep_mode``) marks the engine's vLLM weights as released, as
-sleep level 2 does on CUDA; a weight reload restores them, and ``generate`` on
-released weights raises (:data:`RELEASED_WEIGHTS_ERROR`).
+sleep level 2 does on CUDA (``RolloutEngine.weights_released`` then says so); a
+weight reload restores them, and vLLM's ``generate`` on released weights raises
+(:data:`RELEASED_WEIGHTS_ERROR`).
 
 Use: ``with DeviceSeparation() as mode: ...; mode.check()`` (raises AssertionError
 listing the violations); ``tests.harness.launch`` runs bodies under it; the trainer
@@ -116,6 +117,8 @@ VIOLATION_EXIT_CODE = 3
 RELEASED_WEIGHTS_ERROR = "generate() on released vLLM weights"
 
 _TAG = "_covrl_place"
+# On a vllm.LLM: its weights were released by an emulated sleep (level 2).
+_RELEASED = "_covrl_weights_released"
 _CUDA = torch.device("cuda", 0)
 REPO = Path(__file__).resolve().parents[1]
 _TESTS_DIR = str(REPO / "tests") + os.sep
@@ -785,12 +788,15 @@ class DeviceSeparation:
         self._patch(torch.nn.Parameter, "__new__", staticmethod(new))
 
     def _patch_rollout(self) -> None:
-        """vLLM paused; CUDA sleep-mode semantics for covrl's RolloutEngine."""
+        """vLLM paused; CUDA sleep-mode semantics for covrl's RolloutEngine: ``sleep()``
+        releases vLLM's weights (level 2), ``weights_released`` says so, a reload of the
+        weights restores them, and vLLM's ``generate`` on released weights raises."""
         from covrl.rollout import RolloutEngine
 
         mode = self
         engine_init = RolloutEngine.__init__
         engine_sleep = RolloutEngine.sleep
+        released = vars(RolloutEngine).get("weights_released")
 
         @functools.wraps(engine_init)
         def init(engine, *args, **kwargs):
@@ -801,10 +807,16 @@ class DeviceSeparation:
         def sleep(engine, *args, **kwargs):
             engine_sleep(engine, *args, **kwargs)
             if engine.config.enable_sleep_mode and not torch.cuda.is_available():
-                engine.llm._covrl_weights_released = True  # level 2: not backed up
+                setattr(engine.llm, _RELEASED, True)  # level 2: nothing backed up
 
         self._patch(RolloutEngine, "__init__", init)
         self._patch(RolloutEngine, "sleep", sleep)
+        if isinstance(released, property):
+
+            def weights_released(engine) -> bool:
+                return released.fget(engine) or getattr(engine.llm, _RELEASED, False)
+
+            self._patch(RolloutEngine, "weights_released", property(weights_released))
 
     def _patch_vllm(self) -> None:
         with self.paused():
@@ -820,7 +832,7 @@ class DeviceSeparation:
 
         @functools.wraps(generate)
         def checked_generate(llm, *args, **kwargs):
-            if getattr(llm, "_covrl_weights_released", False):
+            if getattr(llm, _RELEASED, False):
                 raise RuntimeError(
                     f"{RELEASED_WEIGHTS_ERROR}: sleep() dropped the weights (CUDA sleep "
                     "level 2, emulated on CPU) and no weight sync has reloaded them since"
@@ -838,7 +850,7 @@ class DeviceSeparation:
             with mode.paused():
                 out = collective_rpc(llm, method, *args, **kwargs)
             if method == "reload_weights":
-                llm._covrl_weights_released = False
+                setattr(llm, _RELEASED, False)
             return out
 
         self._patch(LLM, "generate", checked_generate)
