@@ -26,6 +26,7 @@ names it and carries its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing as mp
 import os
@@ -118,7 +119,7 @@ def run_checks(checks: Mapping[str, Callable[[], Any]]) -> CheckResults:
     return results
 
 
-def _worker(fn, rank, world_size, port, tp, pp, vpp, seed, device_lint, kwargs, queue):
+def _worker(fn, rank, world_size, port, tp, pp, vpp, seed, device_separation, kwargs, queue):
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -134,17 +135,20 @@ def _worker(fn, rank, world_size, port, tp, pp, vpp, seed, device_lint, kwargs, 
         torch.set_num_threads(1)
         from covrl.parallel import ParallelConfig, destroy, initialize
 
-        parallel = ParallelConfig(tp, pp, vpp)
-        initialize(parallel, seed=seed)
-        ctx = RankContext(rank, world_size, tp, pp, parallel.data_parallel_size(world_size), vpp)
-        if device_lint:
-            from tests.device_lint import DeviceLint
+        separation = contextlib.nullcontext()
+        if device_separation:
+            from tests.device_mode import DeviceSeparation
 
-            with DeviceLint(test_data_on_device=True) as lint:
-                result = fn(ctx, **kwargs)
-            lint.check()
-        else:
+            separation = DeviceSeparation(test_code_on_device=True)
+        # Entered before the parallel state: its mode replaces cpu_compat's.
+        with separation:
+            parallel = ParallelConfig(tp, pp, vpp)
+            initialize(parallel, seed=seed)
+            dp = parallel.data_parallel_size(world_size)
+            ctx = RankContext(rank, world_size, tp, pp, dp, vpp)
             result = fn(ctx, **kwargs)
+        if device_separation:
+            separation.check()
         # Plain bytes: torch's own pickling of tensors through a Queue shares storage
         # by file descriptor, which dies with this process.
         buf = io.BytesIO()
@@ -176,17 +180,21 @@ def launch(
     vpp: int | None = None,
     seed: int = 1234,
     timeout: float = 300.0,
-    device_lint: bool | None = None,
+    device_separation: bool | None = None,
     **kwargs,
 ) -> list[Any]:
     """Run ``fn(ctx, **kwargs)`` on ``world_size`` ranks; return the per-rank results.
 
-    ``device_lint``: run ``fn`` under :class:`tests.device_lint.DeviceLint`; a rank
-    whose collectives got tensors a GPU run would hold on the host fails, naming them.
-    None: on when the environment has ``COVRL_DEVICE_LINT=1`` (lint every launch).
+    ``device_separation``: run ``fn`` under :class:`tests.device_mode.DeviceSeparation`
+    (an emulated accelerator, the test body's own tensors on the device); a rank on
+    which an op mixed host and device tensors, or a collective got a host tensor, fails
+    naming the op and its call site. None (default): on for multi-rank launches, and
+    for every launch when the environment sets ``COVRL_DEVICE_SEPARATION`` (``1``).
     """
-    if device_lint is None:
-        device_lint = os.environ.get("COVRL_DEVICE_LINT") == "1"
+    if device_separation is None:
+        from tests.device_mode import enabled
+
+        device_separation = world_size > 1 or enabled()
     ctx = _mp_context()
     queue = ctx.Queue()
     port = free_port()
@@ -194,7 +202,7 @@ def launch(
     for rank in range(world_size):
         p = ctx.Process(
             target=_worker,
-            args=(fn, rank, world_size, port, tp, pp, vpp, seed, device_lint, kwargs, queue),
+            args=(fn, rank, world_size, port, tp, pp, vpp, seed, device_separation, kwargs, queue),
             # Not daemonic: ranks may start processes of their own (megatron-core's
             # checkpoint writer does); the finally-block below reaps every rank.
             daemon=False,

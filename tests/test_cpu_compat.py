@@ -68,7 +68,8 @@ def _clip_matches_torch(ctx, max_norm):
 
 
 def test_cuda_devices_become_cpu():
-    launch(_cuda_devices_become_cpu, 1)
+    # The shim itself: under the device-separation mode a CUDA tensor reads as cuda:0.
+    launch(_cuda_devices_become_cpu, 1, device_separation=False)
 
 
 def test_rng_tracker_forks_cpu_generator():

@@ -89,15 +89,9 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(checkpoint):
-    # Multi-rank layouts also run under the device lint (see tests/device_lint.py).
+    # Multi-rank layouts run under the device-separation mode (tests/device_mode.py).
     return {
-        name: launch(
-            _engine_body,
-            checkpoint=checkpoint,
-            timeout=400,
-            device_lint=topo["world_size"] > 1,
-            **topo,
-        )
+        name: launch(_engine_body, checkpoint=checkpoint, timeout=400, **topo)
         for name, topo in TOPOLOGIES.items()
     }
 
@@ -189,13 +183,7 @@ def _bf16_body(ctx, checkpoint):
 @pytest.fixture(scope="module")
 def bf16_runs(checkpoint):
     return {
-        name: launch(
-            _bf16_body,
-            checkpoint=checkpoint,
-            timeout=300,
-            device_lint=TOPOLOGIES[name]["world_size"] > 1,
-            **TOPOLOGIES[name],
-        )
+        name: launch(_bf16_body, checkpoint=checkpoint, timeout=300, **TOPOLOGIES[name])
         for name in ("tp1", "tp2pp2")
     }
 

@@ -127,14 +127,8 @@ LAYOUTS = {
 def runs(tmp_path_factory):
     checkpoint = make_checkpoint(tmp_path_factory.mktemp("hf"), "qwen2")
     return {
-        # Multi-rank layouts also run under the device lint (see tests/device_lint.py).
-        name: launch(
-            _body,
-            checkpoint=checkpoint,
-            timeout=400,
-            device_lint=layout["world_size"] > 1,
-            **layout,
-        )
+        # Multi-rank layouts run under the device-separation mode (tests/device_mode.py).
+        name: launch(_body, checkpoint=checkpoint, timeout=400, **layout)
         for name, layout in LAYOUTS.items()
     }
 

@@ -85,76 +85,37 @@ def test_bad_layout_is_rejected():
         launch(_layout, 2, tp=4, timeout=60)
 
 
-def _collectives_under_lint(ctx):
-    """Each case in its own lint, so every verdict is reported."""
-    from megatron.core import parallel_state as ps
-
-    from tests.device_lint import DeviceLint
-
-    group = ps.get_data_parallel_group()
-    on_device = torch.ones(4).to(torch.device("cpu"))  # as the engine moves its batch
-    cases = {
-        "host_factory": lambda: dist.all_reduce(torch.zeros(3), group=group),
-        "host_copy": lambda: dist.broadcast(on_device.cpu(), src=0, group=group),
-        "derived_from_host": lambda: dist.all_reduce(torch.arange(3.0) * 2, group=group),
-        "device_factory": lambda: dist.all_reduce(
-            torch.zeros(3, device=on_device.device), group=group
-        ),
-        "derived_from_device": lambda: dist.all_reduce(on_device * 2, group=group),
-        "host_scalar_times_device": lambda: dist.all_reduce(
-            on_device * torch.tensor(2.0), group=group
-        ),
-        "object_collective": lambda: dist.broadcast_object_list([{"a": 1}], src=0, group=group),
-        "mixed_op": lambda: torch.zeros(4) + on_device,
-    }
-    verdicts = {}
-    for name, case in cases.items():
-        with DeviceLint() as lint:
-            case()
-        try:
-            lint.check()
-            verdicts[name] = "clean"
-        except AssertionError as exc:
-            verdicts[name] = str(exc)
-    return verdicts
-
-
 def _host_all_reduce(ctx):
-    # The harness counts a test body's own tensors as device data; a host copy is not.
-    dist.all_reduce(torch.zeros(2).cpu())
+    from covrl.parallel import all_reduce
+
+    # The body's own tensors count as device data; an explicit host tensor does not.
+    all_reduce(torch.zeros(2, device="cpu"), dist.group.WORLD)
 
 
-@pytest.fixture(scope="module")
-def lint_verdicts():
-    # Its own lints only: a launch-wide one would also see the deliberate offences.
-    return launch(_collectives_under_lint, 1, timeout=60, device_lint=False)[0]
+def test_device_separation_fails_the_launch():
+    """Multi-rank launches run under tests/device_mode.py by default."""
+    with pytest.raises(DistributedTestError) as failure:
+        launch(_host_all_reduce, 2, timeout=60)
+    message = str(failure.value)
+    assert "collective: ProcessGroup.allreduce got host (2,) float32" in message
+    assert (
+        "at covrl/parallel/groups.py:" in message
+        and "called from tests/test_harness.py:" in message
+    )
 
 
-@pytest.mark.parametrize("case", ["host_factory", "host_copy", "derived_from_host", "mixed_op"])
-def test_device_lint_flags_host_tensors(lint_verdicts, case):
-    verdict = lint_verdicts[case]
-    assert verdict != "clean"
-    assert "_collectives_under_lint" in verdict  # names the call site
-    if case != "mixed_op":
-        assert "got a host tensor" in verdict
+def _device(ctx):
+    from covrl.parallel import get_device
+
+    return str(get_device())
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "device_factory",
-        "derived_from_device",
-        "host_scalar_times_device",
-        "object_collective",
-    ],
-)
-def test_device_lint_passes_device_tensors(lint_verdicts, case):
-    assert lint_verdicts[case] == "clean"
+def test_device_separation_default():
+    from tests.device_mode import enabled
 
-
-def test_device_lint_fails_the_launch():
-    with pytest.raises(DistributedTestError, match="allreduce got a host tensor"):
-        launch(_host_all_reduce, 2, timeout=60, device_lint=True)
+    assert launch(_device, 2, timeout=60) == ["cuda:0", "cuda:0"]
+    assert launch(_device, 1, timeout=60) == ["cuda:0" if enabled() else "cpu"]
+    assert launch(_device, 1, timeout=60, device_separation=True) == ["cuda:0"]
 
 
 def _two_checks(ctx):

@@ -134,7 +134,6 @@ def results(tmp_path_factory):
             checkpoint=checkpoint,
             inputs=ref["inputs"],
             micro_batch_size=mbs,
-            device_lint=world > 1,
         )
         for name, (world, mbs) in layouts.items()
     }

@@ -16,10 +16,6 @@ from tests.hf_fixtures import load_policy, make_checkpoint
 # vLLM's CPU attention needs head_dim >= 32: 4 heads of 64.
 ROLLOUT_MODEL = dict(hidden_size=256)
 KV_CACHE_BYTES = 64 << 20
-# vLLM's torch.compile'd sampler helpers fail under the device lint's torch function
-# mode (a dynamo guard error); the rollout's own collectives are linted in
-# test_rollout_units.py.
-VLLM_LINT = False
 TEMPERATURE = 0.7
 
 
@@ -184,9 +180,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world1(checkpoint):
-    return launch(
-        _world1_body, world_size=1, checkpoint=checkpoint, timeout=400, device_lint=VLLM_LINT
-    )[0]
+    return launch(_world1_body, world_size=1, checkpoint=checkpoint, timeout=400)[0]
 
 
 def max_abs_diff(a: list, b: list) -> float:

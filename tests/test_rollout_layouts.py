@@ -18,7 +18,6 @@ from tests.test_rollout import (
     KV_CACHE_BYTES,
     ROLLOUT_MODEL,
     TEMPERATURE,
-    VLLM_LINT,
     fixed_sequences,
     hf_greedy,
     hf_model_from,
@@ -165,7 +164,6 @@ def launches(checkpoints):
             family=family,
             checkpoints=checkpoints[family],
             timeout=600,
-            device_lint=VLLM_LINT,
         )
         for family in FAMILIES
     }

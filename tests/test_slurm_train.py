@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.device_mode import ENV, format_violations, read_reports
 from tests.slurm_cluster import cluster_fixture
 from tests.trainer_fixtures import HANDLERS_READY, build_assets, run_overrides
 
@@ -68,6 +69,8 @@ def test_train_32b_script_two_nodes_preempted_requeued_resumed(cluster, assets, 
         "COVRL_NPROC_PER_NODE": "1",
         "COVRL_OUTPUT": str(tmp_path / "runs"),
         "OMP_NUM_THREADS": "1",
+        # The trainer under the emulated accelerator (tests/device_mode.py), reports only.
+        ENV: "report",
     }
     out = tmp_path / "batch.out"
     t0 = time.monotonic()
@@ -120,3 +123,7 @@ def test_train_32b_script_two_nodes_preempted_requeued_resumed(cluster, assets, 
     assert sorted(p.name for p in logs.iterdir()) == [
         f"{job_id}.{a}.node{n}.log" for a in (0, 1) for n in (0, 1)
     ]
+    # Both attempts' ranks ran under the device-separation mode.
+    reports = read_reports(run_dir)
+    assert sorted(r["rank"] for r in reports) == [0, 0, 1, 1]
+    print(format_violations(reports))

@@ -7,7 +7,12 @@ target on KL-Cov's ratio (far above the policy's entropy at step 1, below it aft
 the controller's knob, its state in the checkpoints and its TP invariance are checked
 by the same launches. The reward (does the
 response contain a digit?) is one a random policy meets about 60% of the time, so
-RL can move it either way within three steps.
+RL can move it either way within three steps. One more run scores every response 0,
+so every step's update is skipped.
+
+Every run is under the device-separation mode (tests/device_mode.py): an emulated
+accelerator whose report per rank lists the host/device tensor mixes a GPU run would
+fail at, and the host syncs per step.
 """
 
 from __future__ import annotations
@@ -22,6 +27,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.device_mode import (
+    ENV,
+    RELEASED_WEIGHTS_ERROR,
+    assert_no_violations,
+    format_violations,
+    read_reports,
+)
 from tests.trainer_fixtures import HANDLERS_READY, read_jsonl, run_overrides, shared_assets
 
 pytestmark = pytest.mark.slow
@@ -35,6 +47,8 @@ TIMING_PREFIXES = ("time/", "perf/")
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
+    # Reports only: test_runs_mix_no_host_and_device_tensors reads them.
+    env[ENV] = "report"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     return env
 
@@ -326,3 +340,46 @@ def test_preemption_then_kill_then_resume_equals_uninterrupted(runs):
     assert sorted(resumed) == sorted(reference)
     for step in sorted(reference):
         assert _untimed(resumed[step]) == _untimed(reference[step]), step
+
+
+def test_device_separation_reports_every_run(runs):
+    """Every rank of every run wrote its report, with the host syncs of each step."""
+    for name, ranks in (("tp1", 1), ("resumed", 1), ("tp2", 2)):
+        reports = read_reports(runs[name])
+        assert len({r["rank"] for r in reports}) == ranks, name
+    for report in read_reports(runs["tp1"]):
+        counted = report["host_syncs"]
+        assert {"1", "2", "3", "4"} <= counted.keys(), counted.keys()
+        for step in ("1", "2", "3", "4"):
+            sites = counted[step]["sites"]
+            assert counted[step]["total"] == sum(s["count"] for s in sites) > 0
+
+
+def test_runs_mix_no_host_and_device_tensors(runs):
+    """No op of any run mixed host and device tensors, no collective got a host tensor
+    (a batch left on the host fails here, naming e.g. ``Tensor.mul`` at the token mean
+    of steps.py and the entropy-change sums of covrl/ops/token_covariance.py)."""
+    for name in ("tp1", "resumed", "tp2"):
+        assert_no_violations(runs[name])
+
+
+def test_step_after_a_skipped_update(assets, tmp_path):
+    """Every reward 0: dynamic sampling keeps no group, the update of step 1 (and 2) is
+    skipped; step 2 still generates on valid weights. Under the device-separation mode
+    the rollout has CUDA sleep-mode semantics: sleep releases vLLM's weights, and a
+    generation before the next weight sync fails."""
+    run_dir = tmp_path / "skipped"
+    extra = {
+        "reward.sources": "{two_sum: tests.trainer_fixtures:zero_reward}",
+        "trainer.total_steps": 2,
+        "validation.test_freq": 0,
+        "trainer.export_hf": "false",
+    }
+    log = tmp_path / "skipped.log"
+    rc = _run(1, ["--resume", "none", *run_overrides(assets, run_dir, **extra)], log)
+    text = log.read_text()
+    assert RELEASED_WEIGHTS_ERROR not in text, "rollout on released weights:\n" + text[-3000:]
+    assert rc == 0, text[-3000:]
+    records = _by_step(read_jsonl(run_dir / "metrics.jsonl"))
+    assert [records[s]["train/updates"] for s in (1, 2)] == [0.0, 0.0]
+    assert not format_violations(read_reports(run_dir))

@@ -119,3 +119,9 @@ def read_jsonl(path: Path) -> list[dict]:
 def nan_for_seven(data_source, solution_str, ground_truth, extra_info=None):
     """NaN for a response containing "7" (a broken user reward), else 0."""
     return float("nan") if "7" in solution_str else 0.0
+
+
+def zero_reward(data_source, solution_str, ground_truth, extra_info=None):
+    """0 for every response: every group's rewards are equal, so DAPO dynamic sampling
+    keeps no group and the step skips its update."""
+    return 0.0

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from covrl.models.hf_config import PolicyModelConfig, validate_parallel_layout
+from covrl.parallel import get_device
 
 if TYPE_CHECKING:
     from megatron.core.models.gpt import GPTModel
@@ -148,7 +149,7 @@ def build_model(
             rotary_base=config.rotary_base,
             vp_stage=vp,
         )
-        if torch.cuda.is_available():
+        if get_device().type == "cuda":
             # As Megatron-LM's get_model: layers built outside megatron's tensor-parallel
             # modules (norms, buffers) are created on the host.
             model.cuda(torch.cuda.current_device())

@@ -8,9 +8,10 @@ never edits megatron-core's files, and is listed here with the calls that need i
    - ``utils.GlobalMemoryBuffer.get_tensor`` (TP all-gather/reduce-scatter buffers),
    - ``pipeline_parallel.p2p_communication`` (shape tensors, batched p2p sync),
    - ``dist_checkpointing`` save (synchronize before writing).
-   -> ``current_device`` returns the CPU device itself (usable as a device also inside
-   custom autograd backward functions, which run without shim 3's mode), ``synchronize``
-   is a no-op.
+   -> ``current_device`` returns :data:`ACCELERATOR`, the CPU with an explicit ordinal
+   (``cpu:0``): tensors accept it also inside custom autograd backward functions, which
+   run without shim 3's mode, and the device-separation test mode recognises it as the
+   accelerator's. ``synchronize`` is a no-op.
 2. The model-parallel RNG tracker (``tensor_parallel.random``) stores and restores CUDA
    generator states; attention always forks it, and ``model_parallel_cuda_manual_seed``
    seeds it. -> the tracker's state getter/setter and ``add`` work on the CPU default
@@ -34,8 +35,15 @@ never edits megatron-core's files, and is listed here with the calls that need i
    state does not carry.
 
 The function mode is thread-local in PyTorch; it is pushed on the thread that calls
-:func:`apply` (the training thread). Sequence parallelism runs too: its norms are
-covrl's (:mod:`covrl.models.norm`), since megatron's local fallback norm refuses it.
+:func:`apply` (the training thread), unless a :class:`CudaToCpuMode` (or a subclass
+that also tracks where each tensor would live) is already active there. Sequence
+parallelism runs too: its norms are covrl's (:mod:`covrl.models.norm`), since
+megatron's local fallback norm refuses it.
+
+:func:`emulate_cuda_device` makes :func:`covrl.parallel.get_device` answer
+``cuda:0`` on this CPU machine: a test instrument that runs covrl's GPU code paths
+(tensors built on "the device", moved there, collectives given device tensors)
+while shim 3 keeps every tensor on the CPU.
 """
 
 from __future__ import annotations
@@ -46,9 +54,12 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _CPU = torch.device("cpu")
+# What torch.cuda.current_device() answers on CPU (see shim 1).
+ACCELERATOR = torch.device("cpu", 0)
 _lock = threading.Lock()
 _applied = False
 _mode: TorchFunctionMode | None = None
+_emulated_cuda = False
 
 
 def _to_cpu_device(device):
@@ -121,10 +132,10 @@ def apply() -> bool:
         if _applied:
             return True
         # 1. current device / synchronize.
-        # The host itself, not ordinal 0: autograd runs custom backward functions
-        # without the function mode below, and megatron's sequence-parallel backward
-        # allocates with device=torch.cuda.current_device().
-        torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
+        # A device, not ordinal 0: autograd runs custom backward functions without the
+        # function mode below, and megatron's sequence-parallel backward allocates with
+        # device=torch.cuda.current_device().
+        torch.cuda.current_device = lambda: ACCELERATOR  # type: ignore[assignment]
         torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
 
         # 2. RNG tracker on the CPU generator.
@@ -134,9 +145,10 @@ def apply() -> bool:
         mpu_random._set_cuda_rng_state = _set_rng_state
         mpu_random.CudaRNGStatesTracker.add = _tracker_add
 
-        # 3 and 4. Device rewriting and CUDA type names.
-        _mode = CudaToCpuMode()
-        _mode.__enter__()
+        # 3 and 4. Device rewriting and CUDA type names (once per thread's mode stack).
+        if not _rewriting_mode_active():
+            _mode = CudaToCpuMode()
+            _mode.__enter__()
 
         # 5. Recomputed forwards inside backward.
         recompute_backward = mpu_random.CheckpointFunction.backward
@@ -166,5 +178,22 @@ def apply() -> bool:
     return True
 
 
+def _rewriting_mode_active() -> bool:
+    from torch.overrides import _get_current_function_mode_stack
+
+    return any(isinstance(m, CudaToCpuMode) for m in _get_current_function_mode_stack())
+
+
 def is_applied() -> bool:
     return _applied
+
+
+def emulate_cuda_device(on: bool) -> None:
+    """Make :func:`covrl.parallel.get_device` return ``cuda:0`` (``on``) on a machine
+    without CUDA; the device-rewriting mode must be active for tensors to be made."""
+    global _emulated_cuda
+    _emulated_cuda = on
+
+
+def emulates_cuda_device() -> bool:
+    return _emulated_cuda

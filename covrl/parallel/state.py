@@ -62,9 +62,12 @@ class ParallelConfig:
 
 
 def get_device() -> torch.device:
-    """The device this rank computes on: its local CUDA device, or the CPU."""
+    """The device this rank computes on: its local CUDA device, or the CPU (``cuda:0``
+    while :func:`covrl.parallel.cpu_compat.emulate_cuda_device` is on)."""
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
+    if cpu_compat.emulates_cuda_device():
+        return torch.device("cuda", 0)
     return torch.device("cpu")
 
 

@@ -28,7 +28,9 @@ def peak_extra_memory(fn: Callable[[], T], device: torch.device) -> tuple[T, int
     page the process touched, torch's tensors, oneDNN's packed weights and the
     allocator's caches included.
     """
-    if device.type == "cuda":
+    # An emulated CUDA device on a CPU machine (tests/device_mode.py) has no CUDA
+    # allocator: its tensors are host memory.
+    if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from covrl.parallel import get_device
+
 
 def vocab_parallel_argmax(
     logits: torch.Tensor, *, vocab_size: int, tp_group: dist.ProcessGroup | None
@@ -58,6 +60,7 @@ def greedy_generate(
     ``GPTModel`` chunk (PP = 1) returning ``[b, s, Vp/tp]`` logits."""
     was_training = model.training
     model.eval()
+    device = get_device()
     rows = [list(p) for p in prompts]
     outputs: list[list[int]] = [[] for _ in rows]
     active = list(range(len(rows)))
@@ -69,14 +72,16 @@ def greedy_generate(
         ids = torch.full((len(active), width), pad_id, dtype=torch.long)
         for j, i in enumerate(active):
             ids[j, : lengths[j]] = torch.tensor(rows[i])
-        position_ids = torch.arange(width).unsqueeze(0).expand_as(ids)
+        # The model's inputs on its device; one host sync per step for the new tokens.
+        ids = ids.to(device)
+        position_ids = torch.arange(width, device=device).unsqueeze(0).expand_as(ids)
         # Causal attention and right padding: the padding never reaches a real token.
         logits = model(ids, position_ids, attention_mask=None)
         last = logits[torch.arange(len(active)), torch.tensor(lengths) - 1]
-        next_ids = vocab_parallel_argmax(last, vocab_size=vocab_size, tp_group=tp_group)
+        next_ids = vocab_parallel_argmax(last, vocab_size=vocab_size, tp_group=tp_group).tolist()
         still = []
         for j, i in enumerate(active):
-            token = int(next_ids[j])
+            token = next_ids[j]
             rows[i].append(token)
             outputs[i].append(token)
             if token != eos_id:

@@ -5,6 +5,10 @@
 
 Exit codes: 0 done (or preempted after saving a checkpoint), 2 a configuration / data /
 reward / checkpoint problem (one line on stderr naming it), 1 anything else.
+
+``COVRL_DEVICE_SEPARATION=1`` (or ``report``; test suite, source checkout) runs the
+trainer under ``tests/device_mode.py``: an emulated accelerator that reports
+host/device tensor mixes (with ``1``: exit code 3) and host syncs per step.
 """
 
 from __future__ import annotations
@@ -33,6 +37,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("COVRL_DEVICE_SEPARATION", "0") not in ("", "0"):
+        # A test instrument of the source checkout, not of the installed package.
+        from tests.device_mode import run_cli
+
+        return run_cli(_main, argv)
+    return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     from covrl.checkpointing import CheckpointError
     from covrl.config import ConfigError, load_config
