@@ -583,7 +583,12 @@ _OBJECT_COLLECTIVES = (
 
 def _in_project(frame) -> bool:
     name = frame.f_code.co_filename
-    return name.startswith(str(REPO) + os.sep) and name not in _SELF_FILES
+    # The checkout's own .venv lies inside the repository too.
+    return (
+        name.startswith(str(REPO) + os.sep)
+        and "site-packages" not in name
+        and name not in _SELF_FILES
+    )
 
 
 class DeviceSeparation:
