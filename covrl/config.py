@@ -27,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from covrl.algorithms import AdvantageConfig, PolicyLossConfig
 from covrl.engine import EngineConfig, OptimizerConfig
+from covrl.models import TRANSFORMER_IMPLS
 from covrl.parallel import ParallelConfig
 from covrl.rollout import RolloutConfig, RolloutCorrectionConfig, SamplingConfig
 
@@ -59,6 +60,10 @@ class PolicyConfig:
     tokenizer files with a chat template). ``dtype``: parameter dtype (``float32`` or
     ``bfloat16``); None keeps the checkpoint's. ``tp``/``pp``/``vpp``: Megatron tensor,
     pipeline and virtual-pipeline sizes; the data-parallel size is ``world / (tp * pp)``.
+    ``transformer_impl``: the layer spec (:func:`covrl.models.resolve_transformer_impl`):
+    ``auto`` requires Transformer Engine on CUDA and uses megatron's local modules on
+    CPU; ``transformer_engine`` / ``local`` choose explicitly (``local`` on CUDA is the
+    opt-out: unfused attention, far more activation memory).
     """
 
     model_path: str = MISSING
@@ -67,6 +72,7 @@ class PolicyConfig:
     pp: int = 1
     vpp: int | None = None
     make_vocab_size_divisible_by: int = 128
+    transformer_impl: str = "auto"
     engine: EngineConfig = field(default_factory=EngineConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
@@ -77,6 +83,11 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         if self.dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}: expected float32, bfloat16 or null")
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ValueError(
+                f"transformer_impl={self.transformer_impl!r}: expected one of "
+                f"{list(TRANSFORMER_IMPLS)}"
+            )
 
 
 @dataclass

@@ -24,8 +24,10 @@ from covrl.data import DataError, EpochSampler, PromptDataset, load_prompt_datas
 from covrl.engine import PolicyEngine
 from covrl.models import (
     PolicyModelConfig,
+    TransformerEngineUnavailable,
     build_model,
     load_hf_weights,
+    resolve_transformer_impl,
     validate_parallel_layout,
 )
 from covrl.parallel import initialize
@@ -124,7 +126,9 @@ def _build_policy(
     config: RunConfig, model_config: PolicyModelConfig, *, trainable: bool
 ) -> PolicyEngine:
     path = config.policy.model_path
-    chunks = build_model(model_config, config.policy.parallel())
+    chunks = build_model(
+        model_config, config.policy.parallel(), transformer_impl=config.policy.transformer_impl
+    )
     load_hf_weights(chunks, model_config, path)
     return PolicyEngine(
         chunks,
@@ -193,6 +197,8 @@ def build_run(config: RunConfig, resume: str = "auto") -> Run:
                 "checkpoint directory (no config.json)"
             )
         model_config = _model_config(config, world)
+        # Before anything is built: a missing Transformer Engine is one line on every rank.
+        resolve_transformer_impl(config.policy.transformer_impl)
         tokenizer = load_tokenizer(
             config.policy.model_path, require_chat_template=config.data.apply_chat_template
         )
@@ -207,8 +213,17 @@ def build_run(config: RunConfig, resume: str = "auto") -> Run:
         sources = set(train_data.data_sources) | set(val_data.data_sources if val_data else [])
         registry.check(sources)
         resume_from = resolve_resume(resume, Path(config.trainer.run_dir) / CHECKPOINT_DIRNAME)
-    except (ConfigError, DataError, RewardError, checkpointing.CheckpointError, ValueError) as exc:
+    except (
+        ConfigError,
+        DataError,
+        RewardError,
+        checkpointing.CheckpointError,
+        TransformerEngineUnavailable,
+        ValueError,
+    ) as exc:
         error = str(exc).strip().splitlines()[0]
+        if isinstance(exc, TransformerEngineUnavailable):
+            error = f"policy.{error}"  # names the config key
     _agree(error)
 
     if rank == 0:
