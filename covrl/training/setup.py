@@ -4,7 +4,8 @@
 data, builds the megatron-core policy (and a frozen reference policy when a KL
 coefficient is set) from the Hugging Face checkpoint, starts the colocated vLLM
 engine and the reward worker, and restores the newest checkpoint when resuming.
-Collective: every rank calls it; an error on any rank is raised on every rank.
+Collective: every rank calls it; an error on any rank is raised on every rank. Rank 0
+prints the software versions first and records them in ``<run_dir>/versions.json``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from covrl.rewards import RewardError, RewardExecutor, RewardRegistry
 from covrl.rollout import RolloutEngine
 from covrl.training.colocation import Colocation
 from covrl.training.logger import METRICS_JSONL, TENSORBOARD_DIR, MetricsLogger
+from covrl.utils.versions import format_versions, record_versions, software_versions
 
 __all__ = ["CHECKPOINT_DIRNAME", "HF_EXPORT_DIRNAME", "Run", "build_run", "trainer_state"]
 
@@ -182,6 +184,9 @@ def build_run(config: RunConfig, resume: str = "auto") -> Run:
     """Set up a run on every rank (see the module docstring)."""
     initialize(config.policy.parallel(), seed=config.trainer.seed, timeouts=config.timeouts())
     world, rank = dist.get_world_size(), dist.get_rank()
+    versions = software_versions()
+    if rank == 0:
+        print(f"covrl: running with {format_versions(versions)}", flush=True)
     error = None
     try:
         dp_size = config.check_layout(world)
@@ -230,6 +235,7 @@ def build_run(config: RunConfig, resume: str = "auto") -> Run:
         if resume == "none":
             _set_aside_previous_run(Path(config.trainer.run_dir))
         save_config(config, config.trainer.run_dir)
+        record_versions(config.trainer.run_dir, versions)
         for message in config.warnings():
             print(f"warning: {message}", file=sys.stderr, flush=True)
 
