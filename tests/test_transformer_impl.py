@@ -75,3 +75,37 @@ def test_config_field_is_checked():
     )
     with pytest.raises(ConfigError, match="policy: transformer_impl='fused'"):
         load_config(None, [*base, "policy.transformer_impl=fused"])
+
+
+def test_convert_tool_takes_the_layer_spec(tmp_path):
+    """``--transformer-impl`` reaches the model build: TE on a CPU-only machine is a
+    one-line error before anything is converted."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from tests.hf_fixtures import make_checkpoint
+
+    repo = Path(__file__).resolve().parents[1]
+    hf = make_checkpoint(tmp_path, "qwen2")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "tools" / "convert_checkpoint.py"),
+            "hf-to-megatron",
+            "--hf",
+            str(hf),
+            "--out",
+            str(tmp_path / "out"),
+            "--transformer-impl",
+            "transformer_engine",
+        ],
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert "transformer_impl=transformer_engine needs CUDA" in lines[-1]
+    assert not (tmp_path / "out").exists()
