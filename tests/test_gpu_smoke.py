@@ -4,6 +4,7 @@ and a failing stage is recorded without stopping the others."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,15 +15,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "tools" / "gpu_smoke.py"
-STAGES = [
-    "backend",
-    "mixed_precision",
-    "logprob_parity",
-    "step_functions",
-    "export_stream",
-    "checkpoint",
-    "stage_memory",
-]
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("gpu_smoke", SMOKE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # stdlib imports only at module level
+    return module
+
+
+STAGES = list(_load_tool().STAGES)
 
 
 def _smoke(*args: str) -> subprocess.CompletedProcess:
