@@ -27,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from covrl.algorithms import AdvantageConfig, PolicyLossConfig
 from covrl.engine.config import EngineConfig, EnginePassConfig, OptimizerConfig
+from covrl.models import TRANSFORMER_IMPLS
 from covrl.parallel import DistributedTimeouts, ParallelConfig
 from covrl.rollout import RolloutConfig, RolloutCorrectionConfig, SamplingConfig
 from covrl.utils.errors import first_line
@@ -68,6 +69,10 @@ class PolicyConfig:
     (``recompute_method`` ``uniform`` or ``block``, ``recompute_num_layers`` per unit).
     ``engine``: micro-batching and log-prob passes; the engine's temperature is
     ``sampling.temperature`` (:meth:`RunConfig.engine_config`), set once.
+    ``transformer_impl``: the layer spec (:func:`covrl.models.resolve_transformer_impl`):
+    ``auto`` requires Transformer Engine on CUDA and uses megatron's local modules on
+    CPU; ``transformer_engine`` / ``local`` choose explicitly (``local`` on CUDA is the
+    opt-out: unfused attention, far more activation memory).
     """
 
     model_path: str = MISSING
@@ -80,6 +85,7 @@ class PolicyConfig:
     recompute_granularity: str | None = None
     recompute_method: str = "uniform"
     recompute_num_layers: int = 1
+    transformer_impl: str = "auto"
     engine: EnginePassConfig = field(default_factory=EnginePassConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
@@ -124,6 +130,11 @@ class PolicyConfig:
             self.parallel()
         except ValueError as exc:
             raise ValueError(f"tp={self.tp}, pp={self.pp}, vpp={self.vpp}: {exc}") from None
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ValueError(
+                f"transformer_impl={self.transformer_impl!r}: expected one of "
+                f"{list(TRANSFORMER_IMPLS)}"
+            )
 
 
 @dataclass

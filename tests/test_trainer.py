@@ -17,6 +17,7 @@ fail at, and the host syncs per step.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.device_mode import (
     ENV,
@@ -190,6 +192,8 @@ def test_run_finishes_with_outputs(runs, name):
     records = _by_step(read_jsonl(run_dir / "metrics.jsonl"))
     assert sorted(records) == [0, 1, 2, 3, 4]
     assert (run_dir / "config.yaml").is_file()
+    versions = json.loads((run_dir / "versions.json").read_text())
+    assert versions["torch"] == torch.__version__ and versions["megatron-core"]
     assert (run_dir / "hf" / "config.json").is_file()
     assert (run_dir / "hf" / "tokenizer_config.json").is_file()
     assert "val/accuracy" in records[0] and "val/two_sum/avg@2" in records[max(records)]

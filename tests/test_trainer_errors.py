@@ -26,6 +26,7 @@ def _errors_body(ctx, assets, root, garbage):
         "malformed_parquet": {"data.train_files": f"[{garbage}]"},
         "empty_after_filter": {"data.max_prompt_length": 2},
         "bad_reward_spec": {"reward.sources": "{two_sum: no_such_module_xyz:score}"},
+        "te_without_cuda": {"policy.transformer_impl": "transformer_engine"},
     }
     for name, extra in cases.items():
         config = load_config(None, run_overrides(assets, f"{root}/{name}", **extra))
@@ -98,6 +99,7 @@ def results(tmp_path_factory):
         ("malformed_parquet", "garbage.parquet: not a readable parquet file"),
         ("empty_after_filter", "no prompts left (109 rows read, 109 longer than"),
         ("bad_reward_spec", "cannot import no_such_module_xyz"),
+        ("te_without_cuda", "transformer_impl=transformer_engine needs CUDA"),
         ("nan_reward", "returned nan, expected a finite number"),
     ],
 )

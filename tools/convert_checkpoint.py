@@ -6,7 +6,8 @@ replicas, which only duplicate the work)::
     # Hugging Face safetensors -> <out>/iter_0000000 + latest_checkpointed_iteration.txt
     python tools/convert_checkpoint.py hf-to-megatron --hf PATH --out DIR --tp 1 --pp 1
     torchrun --nproc_per_node 4 tools/convert_checkpoint.py hf-to-megatron \\
-        --hf PATH --out DIR --tp 2 --pp 2 [--vpp V] [--dtype bf16|fp32] [--iteration N]
+        --hf PATH --out DIR --tp 2 --pp 2 [--vpp V] [--dtype bf16|fp32] [--iteration N] \\
+        [--transformer-impl auto|transformer_engine|local]
 
     # Megatron checkpoint (any save layout) -> Hugging Face directory
     torchrun --nproc_per_node 2 tools/convert_checkpoint.py megatron-to-hf \\
@@ -16,6 +17,9 @@ replicas, which only duplicate the work)::
 ``hf-to-megatron`` builds the model at the given layout, streams the Hugging Face
 weights into it (each rank reads only its shards) and saves a Megatron checkpoint that
 any other layout can load. ``--dtype`` defaults to the Hugging Face config's dtype.
+``--transformer-impl`` chooses the layer spec the model is built with (``auto``:
+Transformer Engine on CUDA, where it is required, megatron's local modules on CPU).
+Checkpoints do not depend on it: one written with either spec loads with the other.
 
 ``megatron-to-hf`` loads the checkpoint (the tracker's iteration unless
 ``--iteration``; ``--ckpt`` may also be an ``iter_NNNNNNN`` directory) and writes a
@@ -44,6 +48,8 @@ from pathlib import Path
 
 import torch
 
+from covrl.models.model import TRANSFORMER_IMPLS
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -59,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
         p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
         p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+        p.add_argument(
+            "--transformer-impl",
+            choices=TRANSFORMER_IMPLS,
+            default="auto",
+            help="layer spec: auto (Transformer Engine on CUDA, local on CPU), "
+            "transformer_engine, or local (on CUDA: the opt-out, unfused attention)",
+        )
         p.add_argument("--overwrite", action="store_true", help="replace an existing output")
         p.add_argument("--verify", action="store_true", help="read the output back and compare it")
         p.add_argument(
@@ -90,14 +103,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _build(config, parallel):
+def _build(config, parallel, transformer_impl: str):
     """This rank's chunks; 16-bit models wrapped in ``Float16Module`` as the engine does
     (it casts the norms, which the local spec creates in float32)."""
     from megatron.core.transformer.module import Float16Module
 
     from covrl.models import build_model
 
-    chunks = build_model(config, parallel)
+    chunks = build_model(config, parallel, transformer_impl=transformer_impl)
     if config.params_dtype != torch.float32:
         chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
     return chunks
@@ -137,7 +150,12 @@ def _is_rank0() -> bool:
 
 def hf_to_megatron(args: argparse.Namespace) -> None:
     from covrl import checkpointing
-    from covrl.models import load_hf_weights, validate_parallel_layout, verify_hf_checkpoint
+    from covrl.models import (
+        load_hf_weights,
+        resolve_transformer_impl,
+        validate_parallel_layout,
+        verify_hf_checkpoint,
+    )
     from covrl.parallel import ParallelConfig, initialize
 
     # Everything checkable is checked before the (slow) distributed set-up.
@@ -145,19 +163,20 @@ def hf_to_megatron(args: argparse.Namespace) -> None:
     config = _hf_config(hf, DTYPES.get(args.dtype))
     parallel = ParallelConfig(args.tp, args.pp, args.vpp)
     validate_parallel_layout(config, parallel, _world_size())
+    resolve_transformer_impl(args.transformer_impl)
     verify_hf_checkpoint(hf, digest=not args.no_verify_input)
     target = checkpointing.checkpoint_path(args.out, args.iteration)
     if target.exists() and not args.overwrite:
         raise FileExistsError(f"--out: {target} exists (pass --overwrite to replace it)")
 
     initialize(parallel)
-    chunks = _build(config, parallel)
+    chunks = _build(config, parallel, args.transformer_impl)
     load_hf_weights(chunks, config, hf, verify=False)  # (verified above)
     path = checkpointing.save_checkpoint(
         args.out, args.iteration, chunks, config, hf_source=hf, overwrite=args.overwrite
     )
     if args.verify:
-        fresh = _build(config, parallel)
+        fresh = _build(config, parallel, args.transformer_impl)
         checkpointing.load_checkpoint(path, fresh, config, load_rng=False, verify=True)
         _same_tensors(_state(chunks), _state(fresh), path)
     if _is_rank0():
@@ -178,7 +197,12 @@ def _state(chunks) -> dict:
 
 def megatron_to_hf(args: argparse.Namespace) -> None:
     from covrl import checkpointing
-    from covrl.models import export_hf_weights, save_hf_checkpoint, validate_parallel_layout
+    from covrl.models import (
+        export_hf_weights,
+        resolve_transformer_impl,
+        save_hf_checkpoint,
+        validate_parallel_layout,
+    )
     from covrl.models.hf_weights import HFCheckpointReader
     from covrl.parallel import ParallelConfig, initialize
 
@@ -187,6 +211,7 @@ def megatron_to_hf(args: argparse.Namespace) -> None:
     config = metadata.policy_config()
     parallel = ParallelConfig(args.tp, args.pp, args.vpp)
     validate_parallel_layout(config, parallel, _world_size())
+    resolve_transformer_impl(args.transformer_impl)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--out: {out} exists (pass --overwrite to replace it)")
@@ -197,7 +222,7 @@ def megatron_to_hf(args: argparse.Namespace) -> None:
         copy_from = metadata.hf_source
 
     initialize(parallel)
-    chunks = _build(config, parallel)
+    chunks = _build(config, parallel, args.transformer_impl)
     checkpointing.load_checkpoint(
         ckpt, chunks, config, load_rng=False, verify=not args.no_verify_input
     )
@@ -250,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     }[args.command]
     try:
         command(args)
-    except (ValueError, OSError, RuntimeError) as exc:  # CheckpointError is a RuntimeError
+    # CheckpointError is a RuntimeError; a missing Transformer Engine an ImportError.
+    except (ValueError, OSError, RuntimeError, ImportError) as exc:
         rank = f"[rank {os.environ['RANK']}] " if _world_size() > 1 else ""
         message = " ".join(str(exc).split())  # one line
         # One write with its newline: ranks share the stream, and print's separate

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
@@ -107,13 +109,13 @@ def load_checkpoint(
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - one line, naming it
         message = type_and_message(_root_cause(exc))
         raise CheckpointError(f"{path}: cannot read the checkpoint ({message})") from exc
+    absent = _absent_besides_extra_state(absent)
     if absent:
         raise CheckpointError(
-            f"{path}: checkpoint lacks {len(absent)} tensors of this model, e.g. "
-            f"{sorted(absent)[:4]}"
+            f"{path}: checkpoint lacks {len(absent)} tensors of this model, e.g. {absent[:4]}"
         )
     for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks, strict=True):
-        unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
+        _load_model_state(unwrap_model(chunk), loaded[key], path)
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
     elif optimizer is not None:
@@ -124,3 +126,35 @@ def load_checkpoint(
     if load_rng:
         _load_rng(path, metadata, layout)
     return metadata
+
+
+# Transformer Engine modules hold an ``_extra_state`` object each (FP8 scaling metadata,
+# empty without FP8), saved as a ShardedObject; megatron's local modules have none, and
+# TE's attention module has one that megatron does not save. Everything else has the
+# same key in both specs (the local spec saves its norms under TE's names), so a
+# checkpoint of either spec loads into the other with these entries alone absent or
+# unexpected. Nothing else is tolerated.
+_EXTRA_STATE_SUFFIX = "_extra_state"
+
+
+def _is_extra_state(key: str) -> bool:
+    return key.endswith(_EXTRA_STATE_SUFFIX)
+
+
+def _absent_besides_extra_state(absent: set[str]) -> list[str]:
+    """Keys requested from the checkpoint but not in it, other than ``_extra_state``."""
+    return sorted(k for k in absent if not _is_extra_state(k))
+
+
+def _load_model_state(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    """``model.load_state_dict(state)``, strict except for ``_extra_state`` entries
+    (absent from a checkpoint of the other layer spec; TE modules treat a missing one
+    as "no FP8 state")."""
+    result = model.load_state_dict(state, strict=False)
+    missing = sorted(k for k in result.missing_keys if not _is_extra_state(k))
+    unexpected = sorted(k for k in result.unexpected_keys if not _is_extra_state(k))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: the loaded state does not match the model: missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}"
+        )

@@ -19,12 +19,21 @@ from covrl.models.hf_weights import (
     verify_hf_checkpoint,
     weight_entries,
 )
-from covrl.models.model import build_model, layer_spec, use_transformer_engine
+from covrl.models.model import (
+    TRANSFORMER_IMPLS,
+    TransformerEngineUnavailable,
+    build_model,
+    layer_spec,
+    resolve_transformer_impl,
+    transformer_engine_import_error,
+)
 
 __all__ = [
+    "TRANSFORMER_IMPLS",
     "HFCheckpointReader",
     "LoadStats",
     "PolicyModelConfig",
+    "TransformerEngineUnavailable",
     "WeightEntry",
     "build_model",
     "export_hf_weights",
@@ -32,7 +41,8 @@ __all__ = [
     "load_hf_weights",
     "save_hf_checkpoint",
     "unwrap_model",
-    "use_transformer_engine",
+    "resolve_transformer_impl",
+    "transformer_engine_import_error",
     "validate_parallel_layout",
     "verify_hf_checkpoint",
     "vocab_size_with_padding",

@@ -213,13 +213,15 @@ def warm_start(
     settings: WarmStartConfig,
     *,
     log: Callable[[str], None] = print,
+    transformer_impl: str = "auto",
 ) -> dict:
     """Initialise, warm-start and export the base model into ``model_dir``.
 
     ``model_dir`` must already hold the tokenizer; its files are kept and
     ``config.json``, ``model.safetensors`` and ``generation_config.json`` are
-    (re)written. Collective over the initialised process group. Returns the steps,
-    seconds, accuracies and parameter count.
+    (re)written. ``transformer_impl``: the layer spec (``covrl.models.build_model``).
+    Collective over the initialised process group. Returns the steps, seconds,
+    accuracies and parameter count.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -237,7 +239,7 @@ def warm_start(
     model_dir = Path(model_dir)
     tokenizer = load_task_tokenizer(model_dir)
     config = PolicyModelConfig.from_hf(qwen2_config(model_settings, tokenizer))
-    chunks = build_model(config)
+    chunks = build_model(config, transformer_impl=transformer_impl)
     engine = PolicyEngine(
         chunks,
         config,

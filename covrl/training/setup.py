@@ -4,7 +4,8 @@
 data, builds the megatron-core policy (and a frozen reference policy when a KL
 coefficient is set) from the Hugging Face checkpoint, starts the colocated vLLM
 engine and the reward worker, and restores the newest checkpoint when resuming.
-Collective: every rank calls it; an error on any rank is raised on every rank.
+Collective: every rank calls it; an error on any rank is raised on every rank. Rank 0
+prints the software versions first and records them in ``<run_dir>/versions.json``.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from covrl.data import (
 from covrl.engine import PolicyEngine
 from covrl.models import (
     PolicyModelConfig,
+    TransformerEngineUnavailable,
     build_model,
     load_hf_weights,
+    resolve_transformer_impl,
     validate_parallel_layout,
 )
 from covrl.parallel import initialize, raise_if_any_rank
@@ -40,6 +43,8 @@ from covrl.rewards import RewardError, RewardExecutor, RewardRegistry
 from covrl.rollout import RolloutEngine
 from covrl.training.colocation import Colocation
 from covrl.training.logger import METRICS_JSONL, TENSORBOARD_DIR, MetricsLogger
+from covrl.utils.errors import first_line
+from covrl.utils.versions import format_versions, record_versions, software_versions
 
 __all__ = ["CHECKPOINT_DIRNAME", "HF_EXPORT_DIRNAME", "Run", "build_run", "trainer_state"]
 
@@ -125,7 +130,10 @@ def _build_policy(
 ) -> PolicyEngine:
     path = config.policy.model_path
     chunks = build_model(
-        model_config, config.policy.parallel(), **config.policy.transformer_overrides()
+        model_config,
+        config.policy.parallel(),
+        transformer_impl=config.policy.transformer_impl,
+        **config.policy.transformer_overrides(),
     )
     load_hf_weights(chunks, model_config, path)
     return PolicyEngine(
@@ -181,6 +189,9 @@ def build_run(config: RunConfig, resume: str = "auto") -> Run:
     """Set up a run on every rank (see the module docstring)."""
     initialize(config.policy.parallel(), seed=config.trainer.seed, timeouts=config.timeouts())
     world, rank = dist.get_world_size(), dist.get_rank()
+    versions = software_versions()
+    if rank == 0:
+        print(f"covrl: running with {format_versions(versions)}", flush=True)
     error = None
     try:
         dp_size = config.check_layout(world)
@@ -190,6 +201,8 @@ def build_run(config: RunConfig, resume: str = "auto") -> Run:
                 "checkpoint directory (no config.json)"
             )
         model_config = _model_config(config, world)
+        # Before anything is built: a missing Transformer Engine is one line on every rank.
+        resolve_transformer_impl(config.policy.transformer_impl)
         tokenizer = load_policy_tokenizer(
             config.policy.model_path, require_chat_template=config.data.apply_chat_template
         )
@@ -204,14 +217,24 @@ def build_run(config: RunConfig, resume: str = "auto") -> Run:
         sources = set(train_data.data_sources) | set(val_data.data_sources if val_data else [])
         registry.check(sources)
         resume_from = resolve_resume(resume, Path(config.trainer.run_dir) / CHECKPOINT_DIRNAME)
-    except (ConfigError, DataError, RewardError, checkpointing.CheckpointError, ValueError) as exc:
+    except (
+        ConfigError,
+        DataError,
+        RewardError,
+        checkpointing.CheckpointError,
+        TransformerEngineUnavailable,
+        ValueError,
+    ) as exc:
         error = exc
+        if isinstance(exc, TransformerEngineUnavailable):
+            error = f"policy.{first_line(exc)}"  # names the config key
     raise_if_any_rank(error, dist.group.WORLD, error_type=ConfigError)
 
     if rank == 0:
         if resume == "none":
             _set_aside_previous_run(Path(config.trainer.run_dir))
         save_config(config, config.trainer.run_dir)
+        record_versions(config.trainer.run_dir, versions)
         for message in config.warnings():
             print(f"warning: {message}", file=sys.stderr, flush=True)
 
