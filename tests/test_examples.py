@@ -154,7 +154,9 @@ def test_dry_run_prints_layout_commands_and_memory():
             f"trainer.run_dir={REPO}/outputs/covrl-dryrun policy.optim.lr=5e-7"
         )
     )
-    assert "layout: 4 nodes x 8 GPUs = 32; train TP=8 PP=4 DP=1; vLLM TP=2 (16 replicas)" in out
+    assert "layout: 4 nodes x 8 GPUs = 32; train TP=8 PP=2 DP=2; vLLM TP=4 (8 replicas)" in out
+    assert "packed micro-batches of up to 20480 tokens" in out
+    assert "distributed optimizer, sequence parallel" in out
     for term in ("weights (bf16)", "gradients", "optimizer", "activations", "KV cache"):
         assert term in out
     assert re.search(r"^  fits\s+yes$", out, re.M)
