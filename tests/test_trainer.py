@@ -1,8 +1,9 @@
 """End-to-end runs of ``covrl-train`` on a tiny Qwen2 (vLLM rollout, megatron-core training).
 
-Six launches: a TP1 run optimising an *inverted* reward (its logs are also the
+Seven launches: a TP1 run optimising an *inverted* reward (its logs are also the
 reference of the resume check); the same run preempted (SIGUSR1), resumed and killed
-with SIGKILL, and resumed again; the same run at TP2; and at TP1 with packed sequences. Every run holds an entropy
+with SIGKILL, and resumed again; the same run at TP2; at TP1 with packed sequences;
+and Clip-Cov at PP2. Every run holds an entropy
 target on KL-Cov's ratio (far above the policy's entropy at step 1, below it after), so
 the controller's knob, its state in the checkpoints and its TP invariance are checked
 by the same launches. The reward (does the
@@ -185,6 +186,24 @@ def runs(assets, tmp_path_factory):
         1, ["--resume", "none", *run_overrides(assets, packed_dir, **packed)], root / "packed.log"
     )
     out["packed"] = packed_dir
+
+    # 5. Clip-Cov at PP=2 (under the device-separation mode as every run here).
+    pp2_dir = root / "pp2_clip_cov"
+    pp2 = {
+        **tp1,
+        "policy.pp": 2,
+        "trainer.save_freq": 0,
+        "trainer.total_steps": 3,
+        "policy.loss.entropy_control.method": "clip_cov",
+        "policy.loss.entropy_control.clip_cov.ratio": 0.2,
+        "policy.loss.entropy_control.clip_cov.omega_low": 0.0,
+    }
+    pp2 = {k: v for k, v in pp2.items() if not k.startswith("policy.loss.entropy_control.target")}
+    pp2.pop("policy.loss.entropy_control.kl_cov.ratio")
+    out["pp2_clip_cov_rc"] = _run(
+        2, ["--resume", "none", *run_overrides(assets, pp2_dir, **pp2)], root / "pp2_clip_cov.log"
+    )
+    out["pp2_clip_cov"] = pp2_dir
     out["logs"] = {p.stem: p.read_text()[-3000:] for p in root.glob("*.log")}
     return out
 
@@ -381,8 +400,16 @@ def test_runs_mix_no_host_and_device_tensors(runs):
     """No op of any run mixed host and device tensors, no collective got a host tensor
     (a batch left on the host fails here, naming e.g. ``Tensor.mul`` at the token mean
     of steps.py and the entropy-change sums of covrl/ops/token_covariance.py)."""
-    for name in ("tp1", "resumed", "tp2"):
+    for name in ("tp1", "resumed", "tp2", "packed", "pp2_clip_cov"):
         assert_no_violations(runs[name])
+
+
+def test_clip_cov_runs_at_pp2(runs):
+    """Clip-Cov over two pipeline stages: it finishes and acts on tokens."""
+    _check_rc(runs, "pp2_clip_cov")
+    records = _by_step(read_jsonl(runs["pp2_clip_cov"] / "metrics.jsonl"))
+    updated = [r for r in records.values() if r.get("train/updates", 0) > 0]
+    assert updated and all(r["cov/selected_tokens"] >= 1 for r in updated)
 
 
 def test_step_after_a_skipped_update(assets, tmp_path):
