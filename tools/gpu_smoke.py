@@ -25,7 +25,7 @@ text; a failing stage does not stop the others; see docs/gpu.md):
     checkpoint     save and load into a fresh engine: parameters, optimizer state,
                    scheduler and RNG states bit-exact, the next step identical
     stage_memory   one Qwen2.5-32B TP8 x PP4 stage (a random model of its per-GPU
-                   shape, 1.07 B parameters) at 1k/2k/4k tokens vs covrl/scaling.py
+                   shape, 1.07 B parameters) at 1k/2k/4k tokens vs covrl/scaling/memory.py
 
 ``--device cpu`` runs the same logic on the CPU (gloo, the shims applied, the memory
 stage at a tiny size); checks that only mean something on a GPU are then recorded as

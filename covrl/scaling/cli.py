@@ -34,22 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         model = model_config(cfg.policy.model_path)
         budget = cfg.policy.engine.max_tokens_per_micro_batch
-        layout = Layout(
-            nodes=args.nodes,
-            gpus_per_node=args.gpus_per_node,
-            tp=cfg.policy.tp,
-            pp=cfg.policy.pp,
-            vpp=cfg.policy.vpp,
-            # A packed micro-batch is one sequence of up to the token budget.
-            micro_batch_size=1 if budget else cfg.policy.engine.micro_batch_size,
-            seq_length=budget or cfg.data.max_prompt_length + cfg.sampling.max_tokens,
-            vllm_tp=cfg.rollout.tensor_parallel_size,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization or 0.5,
-            gpu_memory_gib=args.gpu_memory_gib,
-            distributed_optimizer=cfg.policy.optim.use_distributed_optimizer,
-            sequence_parallel=cfg.policy.sequence_parallel,
-            recompute_granularity=cfg.policy.recompute_granularity,
-        )
+        layout = Layout.of_run(cfg, args.nodes, args.gpus_per_node, args.gpu_memory_gib)
         dp = cfg.check_layout(layout.world_size)
         est = estimate_memory(model, layout)
     except (ConfigError, ValueError) as exc:

@@ -89,6 +89,29 @@ class Layout:
     # Not modelled, kept free: CUDA context, NCCL buffers, allocator fragmentation.
     reserve_gib: float = 4.0
 
+    @classmethod
+    def of_run(cls, config, nodes: int, gpus_per_node: int, gpu_memory_gib: float = 80.0) -> Layout:
+        """The layout a run config (:class:`covrl.config.RunConfig`) asks for on
+        ``nodes`` x ``gpus_per_node`` GPUs. A packed micro-batch
+        (``policy.engine.max_tokens_per_micro_batch``) counts as one sequence of the
+        token budget; otherwise ``micro_batch_size`` sequences of the longest length."""
+        budget = config.policy.engine.max_tokens_per_micro_batch
+        return cls(
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            tp=config.policy.tp,
+            pp=config.policy.pp,
+            vpp=config.policy.vpp,
+            micro_batch_size=1 if budget else config.policy.engine.micro_batch_size,
+            seq_length=budget or config.data.max_prompt_length + config.sampling.max_tokens,
+            vllm_tp=config.rollout.tensor_parallel_size,
+            gpu_memory_utilization=config.rollout.gpu_memory_utilization or 0.5,
+            gpu_memory_gib=gpu_memory_gib,
+            distributed_optimizer=config.policy.optim.use_distributed_optimizer,
+            sequence_parallel=config.policy.sequence_parallel,
+            recompute_granularity=config.policy.recompute_granularity,
+        )
+
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
