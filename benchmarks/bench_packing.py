@@ -14,10 +14,11 @@ of the longest, a few at the limit). Three ways to run the same rows through
 * ``packed``: ``EngineConfig.max_tokens_per_micro_batch`` micro-batches, sequences
   packed end to end (no padding at all).
 
-Reported per way: seconds per step (best of ``--repeats``), real tokens per second,
-the padding share of the tokens computed, peak extra memory of the step (CPU: resident
-set high-water mark; CUDA: allocator peak), and the ratio to the padded baseline
-measured in the same process.
+Reported per way (each in a fresh process of its own, one after the other): seconds
+per step (best of ``--repeats``), real tokens per second, the padding share of the
+tokens computed, peak extra memory of the first step (CPU: resident-set high-water
+mark; CUDA: allocator peak; it includes the optimizer state the first step creates, the
+same for every way), and the ratios to the padded baseline.
 
 Then, per method (GRPO, Clip-Cov, KL-Cov), the engine's forward-only and training
 passes counted over one step of ``--minibatches`` mini-batches (``ppo_update`` and the
@@ -78,38 +79,68 @@ def build_engine(checkpoint, engine_config):
     return PolicyEngine(chunks, config, OptimizerConfig(lr=1e-5, clip_grad=1.0), engine_config)
 
 
-def time_step(engine, ids, mask, lengths, plan_lengths, repeats: int):
-    """Best seconds of a train_step and the peak extra memory of one."""
+def measure_way(checkpoint, engine_kwargs: dict, plan_lengths, args) -> tuple:
+    """In a fresh process: the plan's size, the tokens it computes, the best seconds of
+    a train_step and the peak extra memory of the first one (a fresh process, so the
+    allocator's cache of an earlier way does not hide this one's peak)."""
+    from covrl.engine import EngineConfig
+    from covrl.models import PolicyModelConfig
     from covrl.rollout.memory import peak_extra_memory
 
+    engine = build_engine(checkpoint, EngineConfig(**engine_kwargs))
+    ids, mask, lengths = make_batch(args, PolicyModelConfig.from_hf(checkpoint).vocab_size)
+    plan = engine.micro_batches(plan_lengths)
+    packed = engine_kwargs.get("max_tokens_per_micro_batch") is not None
+    computed = sum(lengths) if packed else sum(len(mb.rows) * mb.seq_len for mb in plan)
     loss_fn = nll(sum(lengths) - len(lengths))
     data = {"input_ids": ids, "attention_mask": mask}
-    engine.train_step(data, loss_fn, lengths=plan_lengths)  # warm-up
+
+    def step():
+        return engine.train_step(data, loss_fn, lengths=plan_lengths)
+
+    _, peak = peak_extra_memory(step, engine.device)
     best = math.inf
-    for _ in range(repeats):
+    for _ in range(args.repeats):
         start = time.perf_counter()
-        engine.train_step(data, loss_fn, lengths=plan_lengths)
+        step()
         best = min(best, time.perf_counter() - start)
-    _, peak = peak_extra_memory(
-        lambda: engine.train_step(data, loss_fn, lengths=plan_lengths), engine.device
-    )
-    return best, peak
+    return len(plan), computed, best, peak
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a new process with a process group of its own."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(_initialized, fn, *args).result()
+
+
+def _initialized(fn, *args):
+    import socket
+
+    from covrl.parallel import ParallelConfig, initialize
+
+    with socket.socket() as sock:  # a free port for this process's rendezvous
+        sock.bind(("127.0.0.1", 0))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(sock.getsockname()[1]))
+    initialize(ParallelConfig(), seed=1234)
+    return fn(*args)
 
 
 def throughput(args, checkpoint) -> None:
-    from covrl.engine import EngineConfig
     from covrl.models import PolicyModelConfig
 
     vocab = PolicyModelConfig.from_hf(checkpoint).vocab_size
-    ids, mask, lengths = make_batch(args, vocab)
+    _, _, lengths = make_batch(args, vocab)
     real = sum(lengths)
     mbs = args.micro_batch_size
     budget = args.budget or 2 * max(lengths)
     ways = [
         # The whole batch at its longest row: the engine's plan sees every row as full.
-        ("padded (batch max)", EngineConfig(micro_batch_size=mbs), [max(lengths)] * len(lengths)),
-        ("padded (sorted, trimmed)", EngineConfig(micro_batch_size=mbs), lengths),
-        (f"packed ({budget} tokens)", EngineConfig(max_tokens_per_micro_batch=budget), lengths),
+        ("padded (batch max)", {"micro_batch_size": mbs}, [max(lengths)] * len(lengths)),
+        ("padded (sorted, trimmed)", {"micro_batch_size": mbs}, lengths),
+        (f"packed ({budget} tokens)", {"max_tokens_per_micro_batch": budget}, lengths),
     ]
     print(
         f"batch: {len(lengths)} rows, prompt {args.prompt} + responses {min(lengths) - args.prompt}"
@@ -117,24 +148,20 @@ def throughput(args, checkpoint) -> None:
         f"{real} real tokens; model hidden {args.hidden}, {args.layers} layers, vocab {vocab}"
     )
     rows = []
-    for name, engine_config, plan_lengths in ways:
-        engine = build_engine(checkpoint, engine_config)
-        plan = engine.micro_batches(plan_lengths)
-        if engine_config.max_tokens_per_micro_batch:
-            computed = real
-        else:
-            computed = sum(len(mb.rows) * mb.seq_len for mb in plan)
-        seconds, peak = time_step(engine, ids, mask, lengths, plan_lengths, args.repeats)
-        rows.append((name, len(plan), seconds, real / seconds, 1 - real / computed, peak))
-    base = rows[0][3]
+    for name, engine_kwargs, plan_lengths in ways:
+        n, computed, seconds, peak = in_fresh_process(
+            measure_way, checkpoint, engine_kwargs, plan_lengths, args
+        )
+        rows.append((name, n, seconds, real / seconds, 1 - real / computed, peak))
+    base = rows[0]
     print(
         f"\n{'training step':<28} {'micro-batches':>13} {'s/step':>8} {'tokens/s':>10} "
-        f"{'padding':>8} {'peak MiB':>9} {'vs padded':>10}"
+        f"{'padding':>8} {'peak MiB':>9} {'tokens/s vs padded':>19} {'peak vs padded':>15}"
     )
     for name, n, seconds, tps, pad, peak in rows:
         print(
             f"{name:<28} {n:>13} {seconds:>8.3f} {tps:>10.0f} {pad:>7.0%} "
-            f"{peak / 2**20:>9.1f} {tps / base:>9.2f}x"
+            f"{peak / 2**20:>9.1f} {tps / base[3]:>18.2f}x {peak / base[5]:>14.2f}x"
         )
 
 
@@ -207,9 +234,6 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from covrl.parallel import ParallelConfig, initialize
-
-    initialize(ParallelConfig(), seed=1234)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = random_qwen2(
             Path(tmp),
@@ -219,7 +243,7 @@ def main() -> None:
             max_len=args.max_len,
         )
         throughput(args, checkpoint)
-        pass_counts(args, checkpoint)
+        in_fresh_process(pass_counts, args, checkpoint)
 
 
 if __name__ == "__main__":
