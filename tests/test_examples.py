@@ -1,5 +1,5 @@
-"""examples/: every config loads and validates; the Qwen2.5 recipes carry the paper's
-values (typed here from the paper's recipe, not read from the code) and fit their
+"""examples/: every config loads and validates; the Qwen2.5 recipes carry the authors'
+values (typed here from the authors' scripts, not read from the code) and fit their
 Slurm layout; the Slurm dry run prints the plan."""
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from covrl.algorithms.policy_loss import compute_policy_loss
 from covrl.config import load_config
 from covrl.scaling import Layout, estimate_memory, model_config
 
@@ -19,27 +21,38 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 RECIPES = [p for p in EXAMPLES if p.name.startswith("qwen2.5-")]
 
-# The paper's training setup (Cui et al., 2025, Sec. "Experiments"; the brief's table):
-# GRPO advantages over 8 responses, 256 prompts per rollout batch, mini-batches of 32
-# prompts, lr 1e-6 constant, grad clip 1.0, no reference KL, no entropy bonus,
-# responses of 8192 tokens at temperature 1.0, token-mean loss, dynamic sampling.
+# The authors' training setup (Cui et al., 2025; PRIME-RL/Entropy-Mechanism-of-RL,
+# recipe/dapo/{7b,32b}_{baseline,cliphigher,clip_cov,kl_cov}.sh): GRPO advantages over
+# 8 responses, 256 prompts per rollout batch, mini-batches of 32 prompts (one epoch),
+# at most 10 generation batches per step, constant lr (LR) without warm-up or weight
+# decay, grad clip 1.0, no reference KL, no entropy bonus, responses of 8192 tokens at
+# temperature 1.0, token-mean loss, dynamic sampling, and no dual clip (the scripts pass
+# clip_ratio_c=10, which their loss in verl/trainer/ppo/core_algos.py never applies).
 COMMON = {
     "algorithm.advantage.estimator": "grpo",
     "algorithm.advantage.dynamic_sampling": True,
     "sampling.n": 8,
     "data.train_batch_size": 256,
     "algorithm.ppo_mini_batch_size": 32,
-    "policy.optim.lr": 1e-6,
+    "algorithm.ppo_epochs": 1,
+    "algorithm.max_num_gen_batches": 10,
     "policy.optim.lr_decay_style": "constant",
+    "policy.optim.lr_warmup_steps": 0,
+    "policy.optim.weight_decay": 0.0,
     "policy.optim.clip_grad": 1.0,
     "policy.loss.kl_coeff": 0.0,
     "policy.loss.entropy_coeff": 0.0,
     "sampling.max_tokens": 8192,
     "sampling.temperature": 1.0,
+    "sampling.top_p": 1.0,
+    "sampling.top_k": -1,
     "policy.loss.loss_agg_mode": "token-mean",
+    "policy.loss.clip_ratio_c": None,
+    "validation.test_freq": 4,
 }
-# Method-defining values: Clip-Cov r = 2e-4, omega in (1, 5), clip range 1/1 in the
-# paper's runs; KL-Cov k = 2e-3 (7B) / 2e-4 (32B), beta = 1; clip-higher 0.2 / 0.28.
+LR = {"7b": 5e-7, "32b": 1e-6}
+# Method-defining values: Clip-Cov r = 2e-4, omega in (1, 5), clip range 1/1; KL-Cov
+# k = 2e-3 (7B) / 2e-4 (32B), beta = 1, unclipped surrogate; clip-higher 0.2 / 0.28.
 METHODS = {
     "grpo": {"method": "none", "clip_ratio_low": 0.2, "clip_ratio_high": 0.2},
     "clip_higher": {"method": "none", "clip_ratio_low": 0.2, "clip_ratio_high": 0.28},
@@ -48,7 +61,7 @@ METHODS = {
         "clip_cov.ratio": 2e-4, "clip_cov.omega_low": 1.0, "clip_cov.omega_high": 5.0,
     },
     "kl_cov": {"method": "kl_cov", "clip_ratio_low": 0.2, "clip_ratio_high": 0.2,
-               "kl_cov.beta": 1.0},
+               "kl_cov.beta": 1.0, "kl_cov.ppo_clip": False},
 }  # fmt: skip
 KL_COV_RATIO = {"7b": 2e-3, "32b": 2e-4}
 # The Slurm scripts' allocation: 4 nodes x 8 GPUs.
@@ -75,11 +88,12 @@ def test_example_loads_and_validates(path):
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_recipe_values_match_the_paper(path):
+def test_recipe_values_match_the_authors_scripts(path):
     cfg = load_config(path)
     size, method = re.fullmatch(r"qwen2\.5-(\d+b)_(\w+)", path.stem).groups()
     for key, value in COMMON.items():
         assert _get(cfg, key) == value, key
+    assert cfg.policy.optim.lr == LR[size]
     loss = cfg.policy.loss
     expected = dict(METHODS[method])
     if method == "kl_cov":
@@ -92,6 +106,43 @@ def test_recipe_values_match_the_paper(path):
     assert cfg.data.max_prompt_length == 2048
     assert cfg.rollout.tensor_parallel_size == {"7b": 2, "32b": 4}[size]
     assert cfg.rollout.max_model_len == 2048 + 8192
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_loss_is_the_authors_formula(path):
+    """Each recipe's token loss and its gradient are those of the authors' loss functions
+    (``verl/trainer/ppo/core_algos.py``: ``compute_policy_loss``, ``_clip_cov``,
+    ``_kl_cov``), typed here in float64, on ratios far from 1: no dual clip, KL-Cov
+    unclipped. The selection is given; the selection itself is tested elsewhere."""
+    loss_cfg = load_config(path).policy.loss
+    method = loss_cfg.entropy_control.method
+    gen = torch.Generator().manual_seed(0)
+    old = torch.randn(8, 64, generator=gen, dtype=torch.float64) - 2.0
+    logp = (old + 2.0 * torch.randn(8, 64, generator=gen, dtype=torch.float64)).requires_grad_()
+    adv = torch.randn(8, 64, generator=gen, dtype=torch.float64)
+    mask = torch.rand(8, 64, generator=gen) > 0.2
+    selected = (torch.rand(8, 64, generator=gen) < 0.05) & mask
+    out = compute_policy_loss(
+        logp, old_logp=old, advantages=adv, mask=mask, config=loss_cfg,
+        selected=None if method == "none" else selected,
+    )  # fmt: skip
+
+    ratio = torch.exp(logp - old)
+    # Where a dual clip at the scripts' clip_ratio_c=10 would have acted.
+    assert ((adv < 0) & (ratio > 10.0) & mask).sum() > 10
+    if method == "kl_cov":
+        ref = -adv * ratio + torch.where(selected, (logp - old).abs(), 0.0)
+    else:
+        clip = METHODS[path.stem.split("_", 1)[1]]
+        low, high = clip["clip_ratio_low"], clip["clip_ratio_high"]
+        ref = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - low, 1 + high))
+        if method == "clip_cov":
+            ref = ref * ~selected
+    ref = torch.where(mask, ref, 0.0)
+    torch.testing.assert_close(out.token_loss, ref, rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(out.token_loss.sum(), logp)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), logp)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
