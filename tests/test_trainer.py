@@ -1,9 +1,9 @@
 """End-to-end runs of ``covrl-train`` on a tiny Qwen2 (vLLM rollout, megatron-core training).
 
-Seven launches: a TP1 run optimising an *inverted* reward (its logs are also the
-reference of the resume check); the same run preempted (SIGUSR1), resumed and killed
-with SIGKILL, and resumed again; the same run at TP2; at TP1 with packed sequences;
-and Clip-Cov at PP2. Every run holds an entropy
+Seven launches: a TP1 run optimising an *inverted* reward; the same run at TP2 (its
+logs are also the reference of the resume check); the TP2 run preempted (SIGUSR1 to one
+rank 0), resumed and killed with SIGKILL (every process of the launch), and resumed again;
+at TP1 with packed sequences; and Clip-Cov at PP2. Every run holds an entropy
 target on KL-Cov's ratio (far above the policy's entropy at step 1, below it after), so
 the controller's knob, its state in the checkpoints and its TP invariance are checked
 by the same launches. The reward (does the
@@ -105,16 +105,42 @@ def assets(tmp_path_factory):
     return shared_assets(tmp_path_factory)
 
 
-def _run_until(args: list[str], log: Path, ready, sig: int) -> int:
-    """Start a TP1 run, send ``sig`` once ``ready()`` holds, return its exit code."""
+def _rank_process(proc: subprocess.Popen, world: int):
+    """Rank 0 of a launch (the rank that prints the line ``ready()`` waits for, so its
+    handlers are installed): the process itself at world 1, else the child of torchrun's
+    agent with ``RANK=0``."""
+    import psutil
+
+    if world == 1:
+        return psutil.Process(proc.pid)
+    for child in psutil.Process(proc.pid).children():
+        if child.environ().get("RANK") == "0":
+            return child
+    raise AssertionError(f"no rank 0 among the children of torchrun (pid {proc.pid})")
+
+
+def _run_until(world: int, args: list[str], log: Path, ready, sig: int) -> int:
+    """Start a run of ``world`` ranks, send ``sig`` once ``ready()`` holds, return the
+    launch's exit code. SIGKILL goes to the launch's whole process group (launcher,
+    ranks and their workers, as a node failure takes them); any other signal to rank 0
+    only (torchrun's agent dies of SIGUSR1, and the ranks agree on a preemption at the
+    step boundary: one signalled rank is enough)."""
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            _command(1, args), cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT
+            _command(world, args),
+            cwd=REPO,
+            env=_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
             if ready():
-                proc.send_signal(sig)
+                if sig == signal.SIGKILL:
+                    os.killpg(proc.pid, sig)
+                else:
+                    _rank_process(proc, world).send_signal(sig)
                 break
             time.sleep(0.05)
         return proc.wait(timeout=120)
@@ -139,20 +165,29 @@ def runs(assets, tmp_path_factory):
     }
     out = {}
 
-    # 1. TP1, inverted reward, uninterrupted: the reference.
+    # 1. TP1, inverted reward, uninterrupted.
     ref_dir = root / "tp1"
     out["tp1_rc"] = _run(
         1, ["--resume", "none", *run_overrides(assets, ref_dir, **tp1)], root / "tp1.log"
     )
     out["tp1"] = ref_dir
 
-    # 2. The same run interrupted twice: SIGUSR1 (preemption: checkpoint at the next
+    # 2. The same run at TP2, uninterrupted: the reference of the resume check.
+    tp2_dir = root / "tp2"
+    tp2 = {**tp1, "policy.tp": 2}
+    out["tp2_rc"] = _run(
+        2, ["--resume", "none", *run_overrides(assets, tp2_dir, **tp2)], root / "tp2.log"
+    )
+    out["tp2"] = tp2_dir
+
+    # 3. The TP2 run interrupted twice: SIGUSR1 (preemption: checkpoint at the next
     # step boundary, exit 0), then, resumed, SIGKILL right after its next checkpoint;
     # resumed again to the end.
     run_dir = root / "interrupted"
-    args = ["--resume", "auto", *run_overrides(assets, run_dir, **tp1)]
+    args = ["--resume", "auto", *run_overrides(assets, run_dir, **tp2)]
     preempted_log = root / "preempted.log"
     out["preempted_rc"] = _run_until(
+        2,
         args,
         preempted_log,
         lambda: HANDLERS_READY in preempted_log.read_text(),
@@ -161,23 +196,16 @@ def runs(assets, tmp_path_factory):
     out["preempted_log"] = (root / "preempted.log").read_text()
     out["preempted_step"] = _tracker(run_dir)
     out["killed_rc"] = _run_until(
+        2,
         args,
         root / "killed.log",
         lambda: _tracker(run_dir) > out["preempted_step"],
         signal.SIGKILL,
     )
     out["killed_step"] = _tracker(run_dir)
-    out["resumed_rc"] = _run(1, args, root / "resumed.log")
+    out["resumed_rc"] = _run(2, args, root / "resumed.log")
     out["resumed"] = run_dir
     out["resumed_log"] = (root / "resumed.log").read_text()
-
-    # 3. The reference run at TP2 (checkpointing only at the end).
-    tp2_dir = root / "tp2"
-    tp2 = {**tp1, "policy.tp": 2, "trainer.save_freq": 0}
-    out["tp2_rc"] = _run(
-        2, ["--resume", "none", *run_overrides(assets, tp2_dir, **tp2)], root / "tp2.log"
-    )
-    out["tp2"] = tp2_dir
 
     # 4. The reference run with packed sequences (token-budget micro-batches).
     packed_dir = root / "packed"
@@ -376,7 +404,7 @@ def test_preemption_then_kill_then_resume_equals_uninterrupted(runs):
         f"resumed from {runs['resumed']}/checkpoints/iter_{runs['killed_step']:07d}"
         in (runs["resumed_log"])
     )
-    reference = _by_step(read_jsonl(runs["tp1"] / "metrics.jsonl"))
+    reference = _by_step(read_jsonl(runs["tp2"] / "metrics.jsonl"))
     resumed = _by_step(read_jsonl(runs["resumed"] / "metrics.jsonl"))
     assert sorted(resumed) == sorted(reference)
     for step in sorted(reference):
@@ -385,7 +413,7 @@ def test_preemption_then_kill_then_resume_equals_uninterrupted(runs):
 
 def test_device_separation_reports_every_run(runs):
     """Every rank of every run wrote its report, with the host syncs of each step."""
-    for name, ranks in (("tp1", 1), ("resumed", 1), ("tp2", 2)):
+    for name, ranks in (("tp1", 1), ("resumed", 2), ("tp2", 2)):
         reports = read_reports(runs[name])
         assert len({r["rank"] for r in reports}) == ranks, name
     for report in read_reports(runs["tp1"]):
