@@ -32,28 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-
-def make_checkpoint(root: Path, args) -> Path:
-    """A random float32 Qwen2 (head_dim 64, as vLLM's CPU attention needs)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 11 // 4,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=max(2, args.hidden // 256),
-        num_hidden_layers=args.layers,
-        vocab_size=args.vocab,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        dtype="float32",
-    )
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
-    path = root / "qwen2_bench"
-    model.save_pretrained(path)
-    return path
+from bench_common import random_qwen2
 
 
 def memcpy_gbps(nbytes: int, device: torch.device, repeats: int = 3) -> float:
@@ -232,7 +211,13 @@ def main() -> None:
     holder = [None]
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        holder = [str(make_checkpoint(root, args))]
+        holder = [
+            str(
+                random_qwen2(
+                    root, hidden=args.hidden, layers=args.layers, vocab=args.vocab, max_len=512
+                )
+            )
+        ]
     dist.broadcast_object_list(holder, src=0)
     checkpoint = holder[0]
 

@@ -12,7 +12,7 @@
 #SBATCH --signal=B:USR1@1800
 #
 # Qwen2.5-32B with the paper's 32B KL-Cov recipe (examples/qwen2.5-32b_kl_cov.yaml):
-# 4 nodes x 8 GPUs (80 GB), training TP=8 x PP=4 (DP=1), vLLM TP=2; docs/scaling.md
+# 4 nodes x 8 GPUs (80 GB), training TP=8 (SP) x PP=2 x DP=2, vLLM TP=4; docs/scaling.md
 # explains the layout and its per-GPU memory.
 #
 #   sbatch slurm/train_32b.sh [key.sub=value ...]        # from the repository root

@@ -142,7 +142,7 @@ def _body(ctx):
             s["kind"]: s["count"] for s in report.get("1", {"sites": []})["sites"]
         }
 
-    def host_mask():  # a response mask as RolloutBatch.tensors builds it
+    def host_mask():  # a response mask built on the host, not moved to the engine
         return torch.rand(4, 6, generator=torch.Generator().manual_seed(0)) > 0.3
 
     def on_device(t):

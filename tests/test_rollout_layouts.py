@@ -126,8 +126,11 @@ def _layouts_body(ctx, family, checkpoints):
         for layout, (tp, pp) in LAYOUTS.items():
             _train_layout(tp, pp)
             config, chunks = _megatron(checkpoints[layout])
+            from megatron.core import parallel_state as ps
+
             key = (family, rollout_tp, layout)
             out[key] = {"sync": engine.sync_weights(chunks, config)}
+            out[key]["pp_rank"] = ps.get_pipeline_model_parallel_rank()
             out[key]["logp"] = engine.prompt_logprobs(seqs)
             if (family, rollout_tp, layout) == ("qwen2", 2, "tp2pp2"):
                 _step_and_generate(ctx, engine, config, chunks, seqs, out[key])
@@ -187,6 +190,48 @@ def test_synced_logprobs_match_transformers(runs, checkpoints, engine, layout):
 
 def _tp2pp2():
     return ("qwen2", 2, "tp2pp2")
+
+
+def _expected_pp_bytes(config, tp: int, pp: int, pp_rank: int) -> tuple[int, int]:
+    """Bytes a rank receives over PP in a sync: each tensor its stage does not hold,
+    as its TP shard (padded vocabulary rows included); and the whole tensors, which a
+    gather-then-broadcast order would send. Written from the Hugging Face names."""
+    import re
+
+    per_stage = config.num_layers // pp
+    shards = whole = 0
+    for name, shape in config.hf_weight_shapes().items():
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        stage = int(m.group(1)) // per_stage if m else (0 if "embed" in name else pp - 1)
+        if stage == pp_rank:
+            continue
+        rows = shape[0]
+        if "embed_tokens" in name or "lm_head" in name:
+            rows = config.padded_vocab_size(tp)
+        numel = rows * (shape[1] if len(shape) > 1 else 1)
+        shards += 4 * (numel if name.endswith("norm.weight") else numel // tp)
+        whole += 4 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+    return shards, whole
+
+
+@pytest.mark.parametrize("layout", ["pp2", "tp2pp2"])
+def test_sync_sends_shards_across_the_pipeline(runs, checkpoints, layout):
+    """Only TP shards cross the pipeline group: a rank receives over PP the shards of
+    the tensors its stage does not hold (half of them at TP2), and the rest over TP."""
+    from covrl.models import PolicyModelConfig
+
+    tp, pp = LAYOUTS[layout]
+    for family in FAMILIES:
+        config = PolicyModelConfig.from_hf(checkpoints[family]["base"])
+        for rank_out in runs:
+            o = rank_out[(family, 2, layout)]
+            shards, whole = _expected_pp_bytes(config, tp, pp, o["pp_rank"])
+            m = o["sync"]
+            assert m["pp_bytes_received"] == shards, (family, m, shards)
+            assert m["pp_bytes_sent"] > 0 and m["pp_bytes_received"] > 0
+            if tp > 1:
+                assert m["pp_bytes_received"] < 0.6 * whole, (m, whole)
+                assert m["tp_bytes_received"] > 0
 
 
 def test_step_then_sync_matches_megatron(runs, checkpoints):

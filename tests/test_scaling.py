@@ -127,14 +127,43 @@ def test_layout_errors_name_the_problem():
     )
 
 
+def test_sequence_parallel_and_full_recompute_by_hand():
+    layout = dict(
+        nodes=1, gpus_per_node=2, tp=2, pp=1, micro_batch_size=1, seq_length=64, vllm_tp=2,
+        gpu_memory_utilization=0.5, gpu_memory_gib=1.0,
+    )  # fmt: skip
+    plain = estimate_memory(SMALL, Layout(**layout))
+    sp = estimate_memory(SMALL, Layout(**layout, sequence_parallel=True))
+    full = estimate_memory(SMALL, Layout(**layout, recompute_granularity="full"))
+    both = estimate_memory(
+        SMALL, Layout(**layout, sequence_parallel=True, recompute_granularity="full")
+    )
+    logits = 6 * 64 * 128
+    # Sequence parallel: the 8h = 512 replicated bytes split over TP=2 -> 256 + 672.
+    assert activation_bytes_per_token_layer(SMALL, 2, sequence_parallel=True) == 928
+    assert sp.activations == 2 * 64 * 928 + logits
+    # Full recompute: each layer's input (2h = 128 bytes) per token, plus one layer's
+    # whole set recomputed in the backward pass.
+    assert full.activations == 2 * 64 * 128 + 64 * 1184 + logits
+    assert both.activations == 2 * 64 * 64 + 64 * 928 + logits
+    assert plain.activations == 2 * 64 * 1184 + logits
+    # Selective recompute (core attention) saves nothing under flash attention.
+    selective = estimate_memory(SMALL, Layout(**layout, recompute_granularity="selective"))
+    assert selective.activations == plain.activations
+
+
 def test_paper_layouts_fit_80gb_and_the_alternatives_do_not():
-    """The examples' layouts fit; the next-smaller model-parallel layouts do not."""
-    seq = 2048 + 8192
+    """The examples' layouts fit; without the memory savers they do not."""
+    tokens = 20480  # packed micro-batches of two full-length (10240-token) sequences
     big, small = model_config("Qwen2.5-32B"), model_config("Qwen2.5-7B")
-    assert estimate_memory(big, Layout(4, 8, 8, 4, 1, seq, 2, 0.6)).fits
-    assert not estimate_memory(big, Layout(4, 8, 8, 2, 1, seq, 2, 0.6)).fits
-    assert estimate_memory(small, Layout(4, 8, 4, 1, 1, seq, 2, 0.45)).fits
-    assert not estimate_memory(small, Layout(4, 8, 2, 1, 1, seq, 2, 0.45)).fits
+    savers = dict(sequence_parallel=True, distributed_optimizer=True)
+    assert estimate_memory(big, Layout(4, 8, 8, 2, 1, tokens, 4, 0.6, **savers)).fits
+    assert not estimate_memory(big, Layout(4, 8, 8, 2, 1, tokens, 4, 0.6)).fits
+    assert not estimate_memory(
+        big, Layout(4, 8, 8, 2, 1, tokens, 4, 0.6, sequence_parallel=True)
+    ).fits  # the optimizer state must be sharded over DP too
+    assert estimate_memory(small, Layout(4, 8, 4, 1, 1, tokens, 2, 0.65, **savers)).fits
+    assert not estimate_memory(small, Layout(4, 8, 4, 1, 1, tokens, 2, 0.65)).fits
     # The sizes Hugging Face lists for the checkpoints: 32.8 B and 7.62 B parameters.
     assert round(total_params(big) / 1e9, 2) == 32.76
     assert round(total_params(small) / 1e9, 2) == 7.62

@@ -42,6 +42,7 @@ def cpu_overrides(assets: dict[str, str]) -> list[str]:
     return tiny + [
         "policy.tp=1",
         "policy.pp=1",
+        "policy.sequence_parallel=false",  # the example's TP=8 has it; TP=1 cannot
         "policy.dtype=float32",
         "rollout.tensor_parallel_size=1",
         "rollout.gpu_memory_utilization=0.1",

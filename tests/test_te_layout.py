@@ -139,6 +139,7 @@ def _checkpoint_body(ctx, hf: Path, root: Path):
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
     from covrl import checkpointing as ck
+    from covrl.checkpointing.load import _load_model_state as load_model_state
     from covrl.engine import EngineConfig, OptimizerConfig, PolicyEngine
     from covrl.models import PolicyModelConfig, unwrap_model
 
@@ -202,12 +203,12 @@ def _checkpoint_body(ctx, hf: Path, root: Path):
     state = plain[0].state_dict()
     del state["decoder.final_layernorm.weight"]
     try:
-        ck._load_model_state(plain[0], state, root / "local")
+        load_model_state(plain[0], state, root / "local")
     except ck.CheckpointError as exc:
         errors["missing_entry"] = str(exc)
     state = plain[0].state_dict()
     del state["decoder.layers.0.self_attention.linear_qkv._extra_state"]
-    ck._load_model_state(plain[0], state, root / "local")  # tolerated
+    load_model_state(plain[0], state, root / "local")  # tolerated
     out["errors"] = errors
     return out
 

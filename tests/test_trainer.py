@@ -1,8 +1,9 @@
 """End-to-end runs of ``covrl-train`` on a tiny Qwen2 (vLLM rollout, megatron-core training).
 
-Five launches: a TP1 run optimising an *inverted* reward (its logs are also the
+Seven launches: a TP1 run optimising an *inverted* reward (its logs are also the
 reference of the resume check); the same run preempted (SIGUSR1), resumed and killed
-with SIGKILL, and resumed again; and the same run at TP2. Every run holds an entropy
+with SIGKILL, and resumed again; the same run at TP2; at TP1 with packed sequences;
+and Clip-Cov at PP2. Every run holds an entropy
 target on KL-Cov's ratio (far above the policy's entropy at step 1, below it after), so
 the controller's knob, its state in the checkpoints and its TP invariance are checked
 by the same launches. The reward (does the
@@ -177,6 +178,32 @@ def runs(assets, tmp_path_factory):
         2, ["--resume", "none", *run_overrides(assets, tp2_dir, **tp2)], root / "tp2.log"
     )
     out["tp2"] = tp2_dir
+
+    # 4. The reference run with packed sequences (token-budget micro-batches).
+    packed_dir = root / "packed"
+    packed = {**tp1, "trainer.save_freq": 0, "policy.engine.max_tokens_per_micro_batch": 48}
+    out["packed_rc"] = _run(
+        1, ["--resume", "none", *run_overrides(assets, packed_dir, **packed)], root / "packed.log"
+    )
+    out["packed"] = packed_dir
+
+    # 5. Clip-Cov at PP=2 (under the device-separation mode as every run here).
+    pp2_dir = root / "pp2_clip_cov"
+    pp2 = {
+        **tp1,
+        "policy.pp": 2,
+        "trainer.save_freq": 0,
+        "trainer.total_steps": 3,
+        "policy.loss.entropy_control.method": "clip_cov",
+        "policy.loss.entropy_control.clip_cov.ratio": 0.2,
+        "policy.loss.entropy_control.clip_cov.omega_low": 0.0,
+    }
+    pp2 = {k: v for k, v in pp2.items() if not k.startswith("policy.loss.entropy_control.target")}
+    pp2.pop("policy.loss.entropy_control.kl_cov.ratio")
+    out["pp2_clip_cov_rc"] = _run(
+        2, ["--resume", "none", *run_overrides(assets, pp2_dir, **pp2)], root / "pp2_clip_cov.log"
+    )
+    out["pp2_clip_cov"] = pp2_dir
     out["logs"] = {p.stem: p.read_text()[-3000:] for p in root.glob("*.log")}
     return out
 
@@ -283,16 +310,26 @@ def assert_same_run(a: dict, b: dict, step: int) -> None:
             assert math.isclose(a[tag], b[tag], rel_tol=RTOL, abs_tol=ATOL), (step, tag)
 
 
+def _assert_runs_match(runs, reference: str, other: str) -> None:
+    _check_rc(runs, reference)
+    _check_rc(runs, other)
+    ref = _by_step(read_jsonl(runs[reference] / "metrics.jsonl"))
+    got = _by_step(read_jsonl(runs[other] / "metrics.jsonl"))
+    assert sorted(ref) == sorted(got)
+    for step in sorted(ref):
+        assert_same_run(_untimed(ref[step]), _untimed(got[step]), step)
+
+
 def test_tp2_matches_tp1(runs):
     """The same run at TP2 logs what the TP1 run logs, step for step: the same samples
     (per-sample vLLM seeds), and training metrics equal up to float32 reduction order."""
-    _check_rc(runs, "tp1")
-    _check_rc(runs, "tp2")
-    tp1 = _by_step(read_jsonl(runs["tp1"] / "metrics.jsonl"))
-    tp2 = _by_step(read_jsonl(runs["tp2"] / "metrics.jsonl"))
-    assert sorted(tp1) == sorted(tp2)
-    for step in sorted(tp1):
-        assert_same_run(_untimed(tp1[step]), _untimed(tp2[step]), step)
+    _assert_runs_match(runs, "tp1", "tp2")
+
+
+def test_packed_run_matches_the_padded_run(runs):
+    """Packing sequences into token-budget micro-batches changes no step: the same
+    samples and the same training metrics as the padded reference run."""
+    _assert_runs_match(runs, "tp1", "packed")
 
 
 def test_layout_comparison_tolerates_rounding_not_errors():
@@ -363,8 +400,16 @@ def test_runs_mix_no_host_and_device_tensors(runs):
     """No op of any run mixed host and device tensors, no collective got a host tensor
     (a batch left on the host fails here, naming e.g. ``Tensor.mul`` at the token mean
     of steps.py and the entropy-change sums of covrl/ops/token_covariance.py)."""
-    for name in ("tp1", "resumed", "tp2"):
+    for name in ("tp1", "resumed", "tp2", "packed", "pp2_clip_cov"):
         assert_no_violations(runs[name])
+
+
+def test_clip_cov_runs_at_pp2(runs):
+    """Clip-Cov over two pipeline stages: it finishes and acts on tokens."""
+    _check_rc(runs, "pp2_clip_cov")
+    records = _by_step(read_jsonl(runs["pp2_clip_cov"] / "metrics.jsonl"))
+    updated = [r for r in records.values() if r.get("train/updates", 0) > 0]
+    assert updated and all(r["cov/selected_tokens"] >= 1 for r in updated)
 
 
 def test_step_after_a_skipped_update(assets, tmp_path):

@@ -25,7 +25,7 @@ text; a failing stage does not stop the others; see docs/gpu.md):
     checkpoint     save and load into a fresh engine: parameters, optimizer state,
                    scheduler and RNG states bit-exact, the next step identical
     stage_memory   one Qwen2.5-32B TP8 x PP4 stage (a random model of its per-GPU
-                   shape, 1.07 B parameters) at 1k/2k/4k tokens vs covrl/scaling.py
+                   shape, 1.07 B parameters) at 1k/2k/4k tokens vs covrl/scaling/memory.py
 
 ``--device cpu`` runs the same logic on the CPU (gloo, the shims applied, the memory
 stage at a tiny size); checks that only mean something on a GPU are then recorded as
@@ -416,9 +416,12 @@ def stage_step_functions(st: Stage, ctx) -> None:
     }
     algorithm = AlgorithmConfig(ppo_mini_batch_size=prompts // minibatches, ppo_epochs=1)
     run = SimpleNamespace(
-        engine=engine, ref_engine=None, config=SimpleNamespace(algorithm=algorithm)
+        engine=engine,
+        ref_engine=None,
+        entropy_target=None,
+        config=SimpleNamespace(algorithm=algorithm),
     )
-    old = old_logprobs(run, batch)
+    old = old_logprobs(run, batch, layout)
     st.numbers["old_logprobs"] = old
     # The rollout log-probs came from transformers in float32: the trainer must agree.
     st.check(
@@ -428,9 +431,9 @@ def stage_step_functions(st: Stage, ctx) -> None:
         1e-4,
     )
     st.check("rollout entropy finite", _finite(old["rollout/entropy"]), old["rollout/entropy"])
-    for name, ec in losses.items():
+    for step, (name, ec) in enumerate(losses.items(), start=1):
         run.config.policy = SimpleNamespace(loss=PolicyLossConfig(entropy_control=ec))
-        metrics = update_policy(run, batch, layout)
+        metrics = update_policy(run, batch, layout, step, old["rollout/entropy"])
         st.numbers[name] = metrics
         selected = metrics.get("cov/selected_tokens", 0.0)
         st.check(f"{name}: updates successful", metrics["train/skipped_updates"] == 0)
@@ -440,7 +443,7 @@ def stage_step_functions(st: Stage, ctx) -> None:
             [metrics["train/loss"], metrics["train/grad_norm"]],
         )
         st.check(f"{name}: tokens selected", selected > 0, selected)
-    change = entropy_change(run, batch)
+    change = entropy_change(run, batch, layout)
     st.numbers["entropy_change"] = change
     st.check("entropy change finite", _finite(*change.values()), change)
     ctx.trained = (engine, batch)  # for the export stage

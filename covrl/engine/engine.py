@@ -50,6 +50,7 @@ from covrl.algorithms.aggregation import megatron_loss_scale
 from covrl.engine.config import EngineConfig, OptimizerConfig
 from covrl.engine.packing import MicroBatch, PackedSequences, plan_micro_batches
 from covrl.models import PolicyModelConfig, export_hf_weights, save_hf_checkpoint
+from covrl.models.hf_weights import ExportStats
 from covrl.ops import vocab_parallel_logprob_entropy
 from covrl.parallel import get_device
 
@@ -305,11 +306,13 @@ class PolicyEngine:
         )
 
     # ------------------------------------------------------------------ state
-    def hf_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def hf_weights(
+        self, dtype: torch.dtype | None = None, stats: ExportStats | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """The current weights as full Hugging Face tensors
         (:func:`covrl.models.export_hf_weights`; collective over the model-parallel
-        group, which must consume the whole stream)."""
-        return export_hf_weights(self.model, self.model_config, dtype=dtype)
+        group, which must consume the whole stream; ``stats`` counts the bytes moved)."""
+        return export_hf_weights(self.model, self.model_config, dtype=dtype, stats=stats)
 
     def save_checkpoint(
         self,

@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -440,8 +440,25 @@ def _full_shape(entry: WeightEntry, config: PolicyModelConfig) -> tuple[int, ...
     return (h,)
 
 
+def _shard_shape(entry: WeightEntry, config: PolicyModelConfig, t: int) -> tuple[int, ...]:
+    """Shape of one TP rank's shard of ``entry`` (the padded vocabulary included)."""
+    if entry.kind == "replicated":
+        return _full_shape(entry, config)
+    if entry.kind == "vocab":
+        return (config.padded_vocab_size(t) // t, config.hidden_size)
+    full = _full_shape(entry, config)
+    if entry.kind == "row":
+        return (full[0], full[1] // t)
+    return (full[0] // t, *full[1:])
+
+
 def _gather_tp(
-    entry: WeightEntry, local: torch.Tensor, config: PolicyModelConfig, group, t: int
+    entry: WeightEntry,
+    local: torch.Tensor,
+    config: PolicyModelConfig,
+    group,
+    t: int,
+    stats: ExportStats | None = None,
 ) -> torch.Tensor:
     """The full megatron tensor of ``entry`` from every TP rank's shard."""
     local = local.detach()
@@ -450,6 +467,9 @@ def _gather_tp(
     else:
         shards = [torch.empty_like(local) for _ in range(t)]
         dist.all_gather(shards, local.contiguous(), group=group)
+        if stats is not None:
+            stats.tp_bytes_received += (t - 1) * _nbytes(tuple(local.shape), local.dtype)
+            stats.tp_bytes_sent += (t - 1) * _nbytes(tuple(local.shape), local.dtype)
     if entry.kind == "replicated":
         return local
     if entry.kind == "row":
@@ -459,6 +479,25 @@ def _gather_tp(
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
     full = torch.cat(shards) if len(shards) > 1 else shards[0]
     return full[: config.vocab_size] if entry.kind == "vocab" else full
+
+
+@dataclass
+class ExportStats:
+    """Bytes one rank moved while streaming :func:`export_hf_weights`.
+
+    ``pp_*``: over the pipeline-parallel group (across nodes in a multi-node layout);
+    ``tp_*``: over the tensor-parallel group (inside a node). All-gathers count the
+    shards of the other ranks as received and this rank's shard once per peer as sent
+    (what a ring moves per rank).
+    """
+
+    pp_bytes_received: int = 0
+    pp_bytes_sent: int = 0
+    tp_bytes_received: int = 0
+    tp_bytes_sent: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
 
 
 def _split_hf(entry: WeightEntry, full: torch.Tensor, config: PolicyModelConfig):
@@ -484,6 +523,7 @@ def export_hf_weights(
     dtype: torch.dtype | None = None,
     tp_group: dist.ProcessGroup | None = None,
     pp_group: dist.ProcessGroup | None = None,
+    stats: ExportStats | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream the model as full Hugging Face tensors: ``(name, tensor)`` pairs.
 
@@ -498,10 +538,14 @@ def export_hf_weights(
 
     Collective: every rank of the model-parallel group (all TP and PP ranks of one
     data-parallel replica) must consume the whole iterator, in step, and every one of
-    them yields the same stream. Per megatron parameter, the owning stage all-gathers
-    the TP shards and broadcasts the full tensor over the PP group, so one rank holds
-    at most one full parameter (plus its shards) at a time. Groups default to
-    megatron's TP and PP groups.
+    them yields the same stream. Per megatron parameter, each TP rank of the owning
+    stage broadcasts its shard (cast to ``dtype``) over its PP group, then every stage
+    all-gathers the shards over its TP group. Across pipeline stages (across nodes at
+    scale) only shards travel: each rank receives ``1/t`` of every tensor it does not
+    own over PP, and the ``(t-1)/t`` rest over TP inside its node, instead of the whole
+    tensor over PP. One rank holds at most one full parameter (plus its shards) at a
+    time. Groups default to megatron's TP and PP groups. ``stats``, when given, counts
+    the bytes this rank received and sent over each group.
     """
     from megatron.core import parallel_state
 
@@ -532,12 +576,19 @@ def export_hf_weights(
     for e in entries:
         src = owner(e)
         if src == pp_rank:
-            full = _gather_tp(e, params[e.key], config, tp_group, t).to(dtype)
+            shard = params[e.key].detach().to(dtype).contiguous()
         else:
-            full = torch.empty(_full_shape(e, config), dtype=dtype, device=device)
+            shard = torch.empty(_shard_shape(e, config, t), dtype=dtype, device=device)
         if pp > 1:
-            full = full.contiguous()
-            dist.broadcast(full, src=dist.get_global_rank(pp_group, src), group=pp_group)
+            # The shard crosses the pipeline (the network at scale), not the full tensor.
+            dist.broadcast(shard, src=dist.get_global_rank(pp_group, src), group=pp_group)
+            if stats is not None:
+                nbytes = _nbytes(tuple(shard.shape), dtype)
+                if src == pp_rank:
+                    stats.pp_bytes_sent += nbytes
+                else:
+                    stats.pp_bytes_received += nbytes
+        full = _gather_tp(e, shard, config, tp_group, t, stats)
         yield from zip(e.hf_names, _split_hf(e, full, config), strict=True)
 
 

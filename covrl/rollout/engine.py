@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from covrl.models import PolicyModelConfig, export_hf_weights
 from covrl.models.hf_config import parse_dtype
+from covrl.models.hf_weights import ExportStats
 from covrl.parallel import get_device, raise_if_any_rank
 from covrl.rollout.config import RolloutConfig, SamplingConfig
 from covrl.rollout.generations import (
@@ -424,7 +425,9 @@ class RolloutEngine:
         :class:`BucketedWeightStream` into one in-place ``reload_weights`` of this
         rank's vLLM worker, then drops vLLM's prefix cache (its KV was computed with
         the old weights). Returns this rank's ``time_s``, ``bytes``, ``tensors``,
-        ``buckets``, ``peak_bucket_bytes``, ``largest_tensor_bytes``, ``gb_per_s``, and
+        ``buckets``, ``peak_bucket_bytes``, ``largest_tensor_bytes``, ``gb_per_s``, the
+        export's ``pp_bytes_received``/``pp_bytes_sent`` (over the pipeline group) and
+        ``tp_bytes_received``/``tp_bytes_sent`` (over the tensor group), and
         with ``measure_memory`` ``peak_extra_bytes``: the peak memory of the load beyond
         what was in use before it (:func:`covrl.rollout.memory.peak_extra_memory`).
         Raises on every rank, before anything is loaded, when ``model_config``'s
@@ -439,9 +442,15 @@ class RolloutEngine:
         raise_if_any_rank(error, self.group, what="weight sync")
         self._wake(("weights",))
         bucket_mb = self.config.sync_bucket_mb if bucket_mb is None else bucket_mb
+        export = ExportStats()
         stream = BucketedWeightStream(
             export_hf_weights(
-                model_chunks, model_config, dtype=self.dtype, tp_group=tp_group, pp_group=pp_group
+                model_chunks,
+                model_config,
+                dtype=self.dtype,
+                tp_group=tp_group,
+                pp_group=pp_group,
+                stats=export,
             ),
             self.expected_shapes,
             bucket_bytes=max(1, int(bucket_mb * 2**20)),
@@ -470,6 +479,7 @@ class RolloutEngine:
         self.llm.reset_prefix_cache()
         self._weights_lost = False
         metrics = stream.stats.metrics()
+        metrics.update(export.metrics())
         metrics["time_s"] = time.perf_counter() - start
         metrics["gb_per_s"] = metrics["bytes"] / 1e9 / metrics["time_s"]
         if measure_memory:

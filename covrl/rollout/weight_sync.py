@@ -1,9 +1,10 @@
 """Megatron -> vLLM weight sync: validated, bucketed streams of Hugging Face tensors.
 
 The source is :func:`covrl.models.export_hf_weights`: per megatron parameter, the
-owning pipeline stage all-gathers the TP shards and broadcasts the full tensor over
-the PP group, so every rank of a model-parallel group sees the same stream of full
-Hugging Face tensors. Each rank hosts one vLLM worker (TP rank of a rollout replica),
+owning pipeline stage's TP ranks broadcast their shards over their PP groups, then
+every stage all-gathers the shards over TP (inside a node), so every rank of a
+model-parallel group sees the same stream of full Hugging Face tensors while only
+shards cross the pipeline. Each rank hosts one vLLM worker (TP rank of a rollout replica),
 and vLLM's loader takes full checkpoint tensors and keeps its own TP slice, so every
 rank needs every tensor; data-parallel replicas of training each stream their own
 copy, with no communication between them.

@@ -33,18 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         model = model_config(cfg.policy.model_path)
-        layout = Layout(
-            nodes=args.nodes,
-            gpus_per_node=args.gpus_per_node,
-            tp=cfg.policy.tp,
-            pp=cfg.policy.pp,
-            vpp=cfg.policy.vpp,
-            micro_batch_size=cfg.policy.engine.micro_batch_size,
-            seq_length=cfg.data.max_prompt_length + cfg.sampling.max_tokens,
-            vllm_tp=cfg.rollout.tensor_parallel_size,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization or 0.5,
-            gpu_memory_gib=args.gpu_memory_gib,
-        )
+        budget = cfg.policy.engine.max_tokens_per_micro_batch
+        layout = Layout.of_run(cfg, args.nodes, args.gpus_per_node, args.gpu_memory_gib)
         dp = cfg.check_layout(layout.world_size)
         est = estimate_memory(model, layout)
     except (ConfigError, ValueError) as exc:
@@ -56,9 +46,24 @@ def main(argv: list[str] | None = None) -> int:
         + (f" VPP={layout.vpp}" if layout.vpp else "")
         + f" DP={dp}; vLLM TP={layout.vllm_tp} ({layout.world_size // layout.vllm_tp} replicas)"
     )
+    if budget:
+        batch = f"packed micro-batches of up to {budget} tokens"
+    else:
+        batch = (
+            f"micro-batch {layout.micro_batch_size} x {layout.seq_length} tokens (max prompt "
+            f"{cfg.data.max_prompt_length} + max response {cfg.sampling.max_tokens})"
+        )
+    features = [
+        name
+        for name, on in (
+            ("distributed optimizer", layout.distributed_optimizer),
+            ("sequence parallel", layout.sequence_parallel),
+            (f"{layout.recompute_granularity} recompute", layout.recompute_granularity),
+        )
+        if on
+    ]
     print(
-        f"micro-batch {layout.micro_batch_size} x {layout.seq_length} tokens "
-        f"(max prompt {cfg.data.max_prompt_length} + max response {cfg.sampling.max_tokens}); "
+        f"{batch}; {', '.join(features) or 'no memory savers'}; "
         f"vLLM gpu_memory_utilization={layout.gpu_memory_utilization}"
     )
     print(f"per-GPU memory estimate ({layout.gpu_memory_gib:g} GiB GPUs, covrl/scaling/memory.py):")

@@ -17,16 +17,23 @@ layout (Megatron mixed precision as :class:`covrl.models.PolicyEngine` sets it u
 bf16 parameters, fp32 gradient buffer, fp32 main parameters and Adam moments):
 
 * weights ``2 P``; gradients ``4 P``; optimizer ``12 P`` (``12 P / DP`` with Megatron's
-  distributed optimizer, which the engine does not enable today).
-* activations of one micro-batch of ``b`` sequences of ``s`` tokens, per transformer
-  layer and token, in bytes (bf16, flash attention: no ``[s, s]`` score matrix is kept,
-  no dropout masks since Qwen2 uses no dropout, no sequence parallelism, no
-  recomputation)::
+  distributed optimizer, ``policy.optim.use_distributed_optimizer``).
+* activations of one micro-batch of ``b`` sequences of ``s`` tokens (with packed
+  sequences: one pack of ``s`` = ``max_tokens_per_micro_batch`` tokens), per
+  transformer layer and token, in bytes (bf16, flash attention: no ``[s, s]`` score
+  matrix is kept, no dropout masks since Qwen2 uses no dropout)::
 
       8 h                           norm-1 input, QKV input, norm-2 input, FC1 input
-                                    (replicated over TP)
+                                    (replicated over TP; split over it, 8 h / t, with
+                                    sequence parallelism)
       + (4 h + 4 g d + 6 f) / t     Q, K, V and attention output, FC1 output (gate and
                                     up, 2 f), SwiGLU output (f), sharded over TP
+
+  Full recomputation keeps only each layer's input (``2 h``, ``2 h / t`` with sequence
+  parallelism) and recomputes one layer at a time in the backward pass, which then
+  holds that layer's whole set once more. Selective recomputation re-runs the core
+  attention only: with flash attention its saving (the score matrix) is not in this
+  model at all, so it changes nothing here.
 
   with hidden ``h``, FFN ``f``, ``g`` key/value heads of size ``d``, TP size ``t``
   (``g >= t`` assumed: with fewer K/V heads than TP ranks they are replicated and
@@ -77,8 +84,33 @@ class Layout:
     vpp: int | None = None
     gpu_memory_gib: float = 80.0
     distributed_optimizer: bool = False
+    sequence_parallel: bool = False
+    recompute_granularity: str | None = None  # None, "selective" or "full"
     # Not modelled, kept free: CUDA context, NCCL buffers, allocator fragmentation.
     reserve_gib: float = 4.0
+
+    @classmethod
+    def of_run(cls, config, nodes: int, gpus_per_node: int, gpu_memory_gib: float = 80.0) -> Layout:
+        """The layout a run config (:class:`covrl.config.RunConfig`) asks for on
+        ``nodes`` x ``gpus_per_node`` GPUs. A packed micro-batch
+        (``policy.engine.max_tokens_per_micro_batch``) counts as one sequence of the
+        token budget; otherwise ``micro_batch_size`` sequences of the longest length."""
+        budget = config.policy.engine.max_tokens_per_micro_batch
+        return cls(
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            tp=config.policy.tp,
+            pp=config.policy.pp,
+            vpp=config.policy.vpp,
+            micro_batch_size=1 if budget else config.policy.engine.micro_batch_size,
+            seq_length=budget or config.data.max_prompt_length + config.sampling.max_tokens,
+            vllm_tp=config.rollout.tensor_parallel_size,
+            gpu_memory_utilization=config.rollout.gpu_memory_utilization or 0.5,
+            gpu_memory_gib=gpu_memory_gib,
+            distributed_optimizer=config.policy.optim.use_distributed_optimizer,
+            sequence_parallel=config.policy.sequence_parallel,
+            recompute_granularity=config.policy.recompute_granularity,
+        )
 
     @property
     def world_size(self) -> int:
@@ -164,7 +196,12 @@ def estimate_memory(model: PolicyModelConfig, layout: Layout) -> MemoryEstimate:
     if layout.vpp and pp > 1:
         interleave = 1 + (pp - 1) / (pp * layout.vpp)
     layers = model.num_layers * interleave
-    activations = math.ceil(layers * tokens * activation_bytes_per_token_layer(model, tp))
+    per_layer = activation_bytes_per_token_layer(model, tp, layout.sequence_parallel)
+    if layout.recompute_granularity == "full":
+        stored = 2 * model.hidden_size // (tp if layout.sequence_parallel else 1)
+        activations = math.ceil(layers * tokens * stored) + tokens * per_layer
+    else:
+        activations = math.ceil(layers * tokens * per_layer)
     activations += 6 * tokens * model.padded_vocab_size(tp) // tp
     gpu = int(layout.gpu_memory_gib * GIB)
     budget = int(layout.gpu_memory_utilization * gpu)

@@ -52,10 +52,13 @@ def stage_params(model: PolicyModelConfig, tp: int, pp: int) -> int:
     return layers * ((layer_params(model) - norms) // tp + norms) + embeddings
 
 
-def activation_bytes_per_token_layer(model: PolicyModelConfig, tp: int) -> int:
+def activation_bytes_per_token_layer(
+    model: PolicyModelConfig, tp: int, sequence_parallel: bool = False
+) -> int:
     h, f = model.hidden_size, model.ffn_hidden_size
     gd = model.num_query_groups * model.head_dim
-    return 8 * h + (4 * h + 4 * gd + 6 * f) // tp
+    replicated = 8 * h // tp if sequence_parallel else 8 * h
+    return replicated + (4 * h + 4 * gd + 6 * f) // tp
 
 
 def kv_bytes_per_token(model: PolicyModelConfig, vllm_tp: int) -> int:

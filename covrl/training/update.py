@@ -101,7 +101,12 @@ def _select(
     if ec.method == "none" and not ec.covariance_summary:
         return None, {}
     current = None
-    if ec.logp_source == "current":
+    if ec.method == "none":
+        # The summary alone (a diagnostic, e.g. GRPO's Table 1) is taken on the rollout
+        # policy's log-probs: a no-grad forward per mini-batch for it would cost a third
+        # of the update.
+        current = batch.old_logp
+    elif ec.logp_source == "current":
         if batch.old_logp_version == engine.weights_version:
             # No optimizer step since the old log-prob pass: they are the current ones
             # (the same forward on the same micro-batches), nothing new to compute.
