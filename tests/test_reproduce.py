@@ -15,7 +15,7 @@ import pytest
 from covrl.config import load_config
 from experiments.reproduce import runner
 from experiments.reproduce.numbers import plateau_start
-from experiments.reproduce.plan import RECIPE, TARGETS, default_plan
+from experiments.reproduce.plan import RECIPE, TARGET_KL_COV, TARGETS, default_plan
 from experiments.reproduce.report import ReportInputs, write_report
 from experiments.reproduce.runner import ReproduceError, run_plan
 
@@ -50,12 +50,17 @@ def test_every_run_of_the_plan_is_a_valid_config_with_its_method():
         else:
             # The paper's KL-Cov: the unclipped surrogate.
             assert ec.method == "kl_cov" and not ec.kl_cov.ppo_clip
-            assert (ec.kl_cov.ratio, ec.kl_cov.beta) == (
-                RECIPE["kl_cov_ratio"],
-                RECIPE["kl_cov_beta"],
+            ratio = (
+                TARGET_KL_COV["kl_cov_ratio"] if spec.group == "target" else RECIPE["kl_cov_ratio"]
             )
+            assert (ec.kl_cov.ratio, ec.kl_cov.beta) == (ratio, RECIPE["kl_cov_beta"])
+            if spec.group == "target":
+                # The controller drives beta within its bounds, starting from the paper's 1.
+                assert ec.target.knob == "beta"
+                assert (ec.target.knob_min, ec.target.knob_max) == (
+                    TARGET_KL_COV["knob_min"], TARGET_KL_COV["knob_max"])  # fmt: skip
             if spec.method == "kl_cov_target":
-                assert ec.target.schedule == "constant" and ec.target.knob == "ratio"
+                assert ec.target.schedule == "constant"
                 assert ec.target.value == TARGETS["kl_cov_target"]["value"]
             elif spec.method == "kl_cov_schedule":
                 t = TARGETS["kl_cov_schedule"]

@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     shown = [a for a in (sys.argv[1:] if argv is None else argv) if a not in REDO_FLAGS]
     given = " ".join(shlex.quote(a) for a in shown)
     command = (
-        "make reproduce" if "MAKELEVEL" in os.environ else f"python tools/reproduce.py {given}"
+        "make reproduce"
+        if "MAKELEVEL" in os.environ
+        else f"python tools/reproduce.py {given}".rstrip()
     )
     inputs = ReportInputs(specs=specs, out_dir=out, total_steps=args.steps, val_k=args.val_k,
                           command=command, seconds=seconds, wall=wall, build=build)  # fmt: skip

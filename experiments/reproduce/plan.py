@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["METHOD_LABELS", "RECIPE", "TARGETS", "RunSpec", "default_plan"]
+__all__ = ["METHOD_LABELS", "RECIPE", "TARGETS", "TARGET_KL_COV", "RunSpec", "default_plan"]
 
 # The tiny task's choices (docs/tiny_task.md, "Choosing the recipe"; the report shows the
 # numbers behind them from the runs themselves): KL-Cov's k is where the selected tokens
@@ -22,12 +22,16 @@ __all__ = ["METHOD_LABELS", "RECIPE", "TARGETS", "RunSpec", "default_plan"]
 # does with its Table 1; Clip-Cov's r draws a fifth of the covariance band's candidates
 # at step 1 (114 of 1024 tokens), not all of them; beta is the paper's.
 RECIPE = {"clip_cov_ratio": 0.02, "kl_cov_ratio": 0.08, "kl_cov_beta": 1.0}
-# Entropy targets for KL-Cov (nats per token; the knob is k): half the base model's
-# rollout entropy (0.72 at step 1), and a cosine schedule from near the start down to a
-# third of it over the whole run (steps set by the run length).
+# Entropy targets for KL-Cov (nats per token). The controller drives beta, KL-Cov's
+# penalty, with k = 0.2 (a wider selection than the fixed runs' 0.08): driving k alone
+# (beta 1, k up to 0.5) could not hold half the starting entropy, while beta up to 30
+# holds it (docs/tiny_task.md, "Holding an entropy target"). Targets: half the base
+# model's rollout entropy (0.72 at step 1), and a cosine schedule from 0.5 down to 0.2
+# over the whole run (steps set by the run length).
+TARGET_KL_COV = {"kl_cov_ratio": 0.2, "knob": "beta", "knob_min": 0.5, "knob_max": 30.0}
 TARGETS = {
     "kl_cov_target": {"value": 0.36},
-    "kl_cov_schedule": {"schedule": "cosine", "start": 0.6, "end": 0.25},
+    "kl_cov_schedule": {"schedule": "cosine", "start": 0.5, "end": 0.2},
 }
 
 METHOD_LABELS = {
@@ -85,11 +89,14 @@ def _method_overrides(
         target = {**TARGETS[method]}
         if "schedule" in target:
             target["steps"] = total_steps
-        return (
-            kl_cov
-            + [f"{_EC}.target.knob=ratio"]
-            + [f"{_EC}.target.{k}={v}" for k, v in target.items()]
-        )
+        target.update(knob=TARGET_KL_COV["knob"], knob_min=TARGET_KL_COV["knob_min"],
+                      knob_max=TARGET_KL_COV["knob_max"])  # fmt: skip
+        return [
+            f"{_EC}.method=kl_cov",
+            f"{_EC}.kl_cov.ratio={TARGET_KL_COV['kl_cov_ratio']}",
+            f"{_EC}.kl_cov.beta={kl_cov_beta}",
+            f"{_EC}.kl_cov.ppo_clip=false",
+        ] + [f"{_EC}.target.{k}={v}" for k, v in target.items()]
     raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHOD_LABELS)}")
 
 
@@ -127,8 +134,10 @@ def default_plan(
     def add(method, group, seed):
         seed_overrides = [f"trainer.seed={seed}", f"data.seed={seed}"]
         overrides = tuple(seed_overrides + _method_overrides(method, total_steps, **RECIPE))
-        prefix = "kl_cov_" if method in TARGETS else method + "_"
-        own = {k: v for k, v in RECIPE.items() if k.startswith(prefix)}
+        if method in TARGETS:
+            own = {"kl_cov_ratio": TARGET_KL_COV["kl_cov_ratio"], "knob": TARGET_KL_COV["knob"]}
+        else:
+            own = {k: v for k, v in RECIPE.items() if k.startswith(method + "_")}
         specs.append(RunSpec(f"{method}_s{seed}", method, group, seed, overrides, own))
 
     for seed in seeds:

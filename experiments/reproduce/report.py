@@ -55,7 +55,14 @@ from experiments.reproduce.numbers import (
     window_entropy,
     window_mean,
 )
-from experiments.reproduce.plan import MAIN_METHODS, METHOD_LABELS, RECIPE, TARGETS, RunSpec
+from experiments.reproduce.plan import (
+    MAIN_METHODS,
+    METHOD_LABELS,
+    RECIPE,
+    TARGET_KL_COV,
+    TARGETS,
+    RunSpec,
+)
 
 __all__ = ["Goals", "Measured", "ReportInputs", "measure", "write_report"]
 
@@ -109,6 +116,7 @@ class TargetStats:
     relative_mae: float  # mean |H - target| / target
     knob_last: float  # the knob at the last step
     acc: float  # final sampled accuracy
+    held: float  # mean rollout entropy over the second half (nats)
 
 
 @dataclass(frozen=True)
@@ -178,6 +186,7 @@ def _target_stats(run: RunLog, total_steps: int, acc_tag: str) -> TargetStats:
         relative_mae=nan_mean(err / t[it][half]),
         knob_last=float(knob[-1]) if len(knob) else math.nan,
         acc=final_accuracy(run, acc_tag),
+        held=nan_mean(h[ih][half]),
     )
 
 
@@ -311,8 +320,10 @@ def _setup_section(m: Measured, inputs: ReportInputs) -> list[str]:
     ]
     if m.target:
         lines.append(
-            "- Entropy target: KL-Cov whose k is set every step by the feedback controller "
-            "(`policy.loss.entropy_control.target`, docs/entropy_control.md), with a "
+            f"- Entropy target: KL-Cov (k = {TARGET_KL_COV['kl_cov_ratio']:g}) whose β is set "
+            "every step by the feedback controller (`policy.loss.entropy_control.target`, "
+            f"docs/entropy_control.md; β within [{TARGET_KL_COV['knob_min']:g}, "
+            f"{TARGET_KL_COV['knob_max']:g}], starting from 1), with a "
             f"constant target of {TARGETS['kl_cov_target']['value']:g} nats and a cosine "
             f"schedule from {TARGETS['kl_cov_schedule']['start']:g} to "
             f"{TARGETS['kl_cov_schedule']['end']:g} over the run."
@@ -597,24 +608,35 @@ def _target_section(m: Measured, val_k: int, total: int, fig_rel: str) -> list[s
     if not m.target:
         return []
     label, acc_best = _best_fixed(m)
+    fit = m.law
     lines = [
         "## Holding an entropy target",
         "",
         f"Over the second half of the steps ({total // 2 + 1}..{total}): the mean absolute "
         "error of the rollout entropy against the target (nats, and relative to the "
-        f"target), the knob k at the last step and the final accuracy (avg@{val_k}) next to "
-        f"the best fixed-coefficient method ({label}, {fmt(acc_best)}).",
+        "target), the mean entropy held, the knob β at the last step and the final "
+        f"accuracy (avg@{val_k}) next to the best fixed-coefficient method ({label}, "
+        f"{fmt(acc_best)}) and next to the accuracy GRPO's entropy-law fit gives at the "
+        f"entropy held (`R = -{fit.a:.3f}·exp(H) + {fit.b:.3f}`, above).",
         "",
-        "| run | mean abs. error (nats) | relative to the target | k at the end "
-        "| final accuracy | vs best fixed (points) |",
-        "|---|---|---|---|---|---|",
+        "| run | mean abs. error (nats) | relative to the target | entropy held "
+        "| β at the end | final accuracy | vs best fixed (points) | the law at the entropy held |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in m.target:
         t = m.target_stats[s.name]
         lines.append(
             f"| {s.name} | {fmt(t.mae, 4)} | {fmt(100 * t.relative_mae, 1)} % "
-            f"| {fmt(t.knob_last, 4)} | {fmt(t.acc)} | {fmt(100 * (t.acc - acc_best), 1)} |"
+            f"| {fmt(t.held, 3)} | {fmt(t.knob_last, 4)} | {fmt(t.acc)} "
+            f"| {fmt(100 * (t.acc - acc_best), 1)} | {fmt(fit.predict(t.held))} |"
         )
+    lines += [
+        "",
+        "GRPO's fitted law gives the accuracy GRPO had when its entropy was at the level a "
+        "run holds. Holding an entropy above the fixed methods' plateau therefore costs "
+        "accuracy on this task unless the method does better than GRPO at that entropy; "
+        "the last column is that reference for each run.",
+    ]
     return lines + ["", f"![entropy target]({fig_rel}/entropy_target.png)", ""]
 
 
