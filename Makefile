@@ -15,9 +15,10 @@ BUILD_ARGS ?=
 TRAIN_CONFIG ?= examples/tiny_kl_cov.yaml
 TRAIN_RUN_DIR ?= outputs/tiny_kl_cov
 TRAIN_ARGS ?=
-# `make reproduce` (docs/reproduce.md): GRPO, clip-higher, Clip-Cov and KL-Cov x 2 seeds plus
-# the KL-Cov sweep and the paper's settings on the tiny task, two one-process runs at a
-# time, then the report. REPRODUCE_ARGS takes options of tools/reproduce.py (--steps 40).
+# `make reproduce` (docs/reproduce.md): GRPO, GRPO at clip 1/1, Clip-Cov and KL-Cov with the
+# paper's clip settings and KL-Cov holding an entropy target, x 2 seeds on the tiny task, two
+# one-process runs at a time, pass@k of every final policy, then the report.
+# REPRODUCE_ARGS takes options of tools/reproduce.py (--steps 100).
 REPRODUCE_ARGS ?=
 TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2
 

@@ -2,15 +2,18 @@
 
 Usage::
 
-    python tools/reproduce.py [--steps 80] [--seeds 1,2] [--jobs 2] [--out outputs/reproduce]
-                              [--report docs/reproduce.md] [--report-only] [--dry-run]
+    python tools/reproduce.py [--steps 300] [--seeds 1,2] [--jobs 2] [--out outputs/reproduce]
+                              [--report docs/reproduce.md] [--no-targets] [--no-pass-at-k]
+                              [--report-only] [--dry-run]
 
-Runs GRPO, GRPO + clip-higher, Clip-Cov and KL-Cov for each seed, a KL-Cov (k, beta)
-sweep and the paper's own Clip-Cov / KL-Cov settings (``experiments/reproduce/``), each a
-``covrl.training.cli`` job with one process, two at a time; then writes the report
-(markdown and PNGs) from the runs' metrics. Runs that already finished with the same
-command are kept, so running it again only redoes what is missing. The task assets must
-exist (``python tools/build_tiny_task.py`` or ``make train`` builds them).
+Runs GRPO, GRPO with the clip lifted to 1 / 1, Clip-Cov and KL-Cov for each seed, and
+KL-Cov holding an entropy target (constant and cosine) for each seed
+(``experiments/reproduce/``), each a ``covrl.training.cli`` job with one process, two at
+a time, each followed by pass@k of its exported policy (and the base model's); then
+writes the report (markdown and PNGs) from the runs' metrics. Runs that already finished
+with the same commands are kept, so running it again only redoes what is missing. The
+task assets must exist (``python tools/build_tiny_task.py`` or ``make train`` builds
+them).
 
 Errors are reported as one line on stderr with exit status 1.
 """
@@ -42,38 +45,27 @@ from experiments.reproduce.runner import (  # noqa: E402
 
 CONFIG = "examples/tiny_kl_cov.yaml"
 REDO_FLAGS = ("--report-only", "--force")
-# The reports kept in the repository (paths from its root); each links the others.
-KEPT_REPORTS = {
-    "docs/reproduce.md": "80 steps, seeds 1 and 2, the KL-Cov sweep and the paper's settings",
-    "docs/reproduce_long.md": "the four methods over 160 steps, seed 1",
-}
 
 
-def shared_overrides(root: Path, steps: int, val_k: int, test_freq: int) -> list[str]:
+def shared_overrides(
+    root: Path, steps: int, val_k: int, test_freq: int, export_hf: bool = True
+) -> list[str]:
     """Overrides every run shares: the task assets, one process, the run length,
-    validation every ``test_freq`` steps and the entropy-change measurement every 4th step."""
+    validation and the entropy-change measurement every ``test_freq`` steps, and the
+    Hugging Face export pass@k reads."""
     return [
         f"policy.model_path={root / 'model'}",
         f"data.train_files=[{root / 'data' / 'train.parquet'}]",
         f"data.val_files=[{root / 'data' / 'validation.parquet'}]",
         "policy.tp=1",
         f"trainer.total_steps={steps}",
-        "trainer.export_hf=false",
+        f"trainer.export_hf={'true' if export_hf else 'false'}",
         "trainer.save_freq=0",
-        "trainer.entropy_change_freq=4",
+        "trainer.progress_bar=false",
+        f"trainer.entropy_change_freq={test_freq}",
         f"validation.test_freq={test_freq}",
         f"validation.k={val_k}",
     ]
-
-
-def related_reports(report: Path) -> list[tuple[str, str]]:
-    """``(description, link)`` of the other kept reports when ``report`` is one of them
-    (links relative to its folder); none for a report written anywhere else."""
-    kept = {(Path(REPO) / path).resolve(): what for path, what in KEPT_REPORTS.items()}
-    here = report.resolve()
-    if here not in kept:
-        return []
-    return [(what, os.path.relpath(p, here.parent)) for p, what in kept.items() if p != here]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,13 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="outputs/reproduce", help="run directories (outputs/reproduce)")
     p.add_argument("--report", default="docs/reproduce.md", help="markdown report; PNGs go "
                    "into the folder of the same name (docs/reproduce.md)")  # fmt: skip
-    p.add_argument("--steps", type=int, default=80, help="RL steps per run (80)")
+    p.add_argument("--steps", type=int, default=300, help="RL steps per run (300)")
     p.add_argument("--seeds", default="1,2", help="comma-separated seeds (1,2)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one core each (2)")
     p.add_argument("--val-k", type=int, default=8, help="validation samples per prompt (8)")
     p.add_argument("--test-freq", type=int, default=5, help="validate every N steps (5)")
-    p.add_argument("--no-sweep", action="store_true", help="skip the KL-Cov (k, beta) sweep")
-    p.add_argument("--no-paper", action="store_true", help="skip the paper-settings runs")
+    p.add_argument("--no-targets", action="store_true", help="skip the entropy-target runs")
+    p.add_argument("--no-pass-at-k", action="store_true", help="skip pass@k (and the export)")
     p.add_argument(
         "--force",
         action="store_true",
@@ -106,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 1
     root = Path(args.root)
-    specs = default_plan(seeds, sweep=not args.no_sweep, paper=not args.no_paper)
-    shared = shared_overrides(root, args.steps, args.val_k, args.test_freq)
+    specs = default_plan(seeds, total_steps=args.steps, targets=not args.no_targets)
+    shared = shared_overrides(
+        root, args.steps, args.val_k, args.test_freq, export_hf=not args.no_pass_at_k
+    )
     if args.dry_run:
         print(f"{len(specs)} runs of {args.steps} steps, {args.jobs} at a time, into {args.out}:")
         for s in specs:
@@ -131,15 +125,19 @@ def main(argv: list[str] | None = None) -> int:
         # clean-up stops the runs it started instead of leaving them orphaned.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         try:
+            base = (root / "model", root / "data" / "validation.parquet")
             made = run_plan(specs, out=out, config=CONFIG, shared=shared, total_steps=args.steps,
-                     jobs=args.jobs, force=args.force, log=lambda m: print(m, flush=True))  # fmt: skip
+                            jobs=args.jobs, force=args.force,
+                            pass_at_k=None if args.no_pass_at_k else base,
+                            log=lambda m: print(m, flush=True))  # fmt: skip
         except ReproduceError as exc:
             print(f"reproduce: {exc}", file=sys.stderr)
             return 1
-        if made:  # the wall time of the call that ran the runs, kept for later reports
+        runs_made = len([name for name in made if name in {s.name for s in specs}])
+        if runs_made:  # the wall time of the call that ran the runs, kept for later reports
             wall = time.perf_counter() - start
-            (out / "wall.json").write_text(json.dumps({"seconds": wall, "runs": len(made)}) + "\n")
-            wall = (wall, len(made))
+            (out / "wall.json").write_text(json.dumps({"seconds": wall, "runs": runs_made}) + "\n")
+            wall = (wall, runs_made)
     if wall is None and (out / "wall.json").is_file():
         record = json.loads((out / "wall.json").read_text())
         wall = (record["seconds"], record["runs"])
@@ -158,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     shown = [a for a in (sys.argv[1:] if argv is None else argv) if a not in REDO_FLAGS]
     given = " ".join(shlex.quote(a) for a in shown)
     command = (
-        "make reproduce" if "MAKELEVEL" in os.environ else f"python tools/reproduce.py {given}"
+        "make reproduce"
+        if "MAKELEVEL" in os.environ
+        else f"python tools/reproduce.py {given}".rstrip()
     )
     inputs = ReportInputs(specs=specs, out_dir=out, total_steps=args.steps, val_k=args.val_k,
-                          command=command, seconds=seconds, wall=wall, build=build,
-                          related=related_reports(Path(args.report)))  # fmt: skip
+                          command=command, seconds=seconds, wall=wall, build=build)  # fmt: skip
     try:
         write_report(inputs, args.report)
     except ValueError as exc:

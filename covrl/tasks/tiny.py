@@ -38,15 +38,25 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """The sentencepiece tokenizer (:func:`covrl.tasks.tokenizer.train_tokenizer`)."""
+    """The sentencepiece tokenizer (:func:`covrl.tasks.tokenizer.train_tokenizer`).
+    ``chat_template``: ``compact`` (ChatML without role names) or ``chatml``."""
 
     vocab_size: int = 64
     user_symbols: tuple[str, ...] = ("\\boxed{",)
     model_max_length: int = 64
+    chat_template: str = "compact"
 
     def __post_init__(self) -> None:
+        from covrl.tasks.tokenizer import CHAT_TEMPLATES
+
         for name in ("vocab_size", "model_max_length"):
             check_field(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        check_field(
+            self.chat_template in CHAT_TEMPLATES,
+            "chat_template",
+            self.chat_template,
+            f"one of {', '.join(sorted(CHAT_TEMPLATES))}",
+        )
 
 
 @dataclass(frozen=True)
@@ -155,6 +165,7 @@ def build_tokenizer(paths: TinyTaskPaths, settings: TinyTaskConfig, log: Log) ->
         vocab_size=tok.vocab_size,
         user_symbols=tok.user_symbols,
         model_max_length=tok.model_max_length,
+        chat_template=tok.chat_template,
     )
     return {"vocab_size": len(tokenizer), "dir": str(paths.model_dir)}
 

@@ -4,9 +4,9 @@ A small verifiable reasoning task with *many* correct answers per prompt, so a p
 warm-started on uniformly random correct answers is spread out and has entropy to lose
 under RL (a single-answer task leaves almost none: see ``docs/tiny_task.md``).
 
-Prompt (one user message)::
+Prompt (one user message; ``TwoSumConfig.prompt_template``)::
 
-    Write two 2-digit numbers that sum to 73.
+    Sum to 73
 
 A correct response ends with a boxed pair of 2-digit numbers (10..99) whose sum is
 the target, e.g. ``\\boxed{45+28}``. Sums run from ``min_sum`` to ``max_sum``; a fixed,
@@ -33,7 +33,11 @@ import re
 from dataclasses import dataclass
 
 DATA_SOURCE = "two_sum"
-PROMPT_TEMPLATE = "Write two 2-digit numbers that sum to {target}."
+# The instruction is the same for every prompt, so a short one costs the model nothing
+# and every rollout, log-prob and update pass fewer tokens (docs/tiny_task.md).
+PROMPT_TEMPLATE = "Sum to {target}"
+# The first version's instruction (kept for the step-cost benchmark's old recipe).
+LONG_PROMPT_TEMPLATE = "Write two 2-digit numbers that sum to {target}."
 LOW, HIGH = 10, 99  # the 2-digit numbers
 
 _BOXED = "\\boxed{"
@@ -45,13 +49,15 @@ class TwoSumConfig:
     """Which sums exist and which are held out for validation.
 
     ``num_validation`` sums are drawn from ``[min_sum, max_sum]`` with
-    ``random.Random(seed)``; the rest are the training sums.
+    ``random.Random(seed)``; the rest are the training sums. ``prompt_template``: the
+    user message, with ``{target}`` where the sum goes.
     """
 
     min_sum: int = 30
     max_sum: int = 188
     num_validation: int = 50
     seed: int = 0
+    prompt_template: str = PROMPT_TEMPLATE
 
     def __post_init__(self) -> None:
         if not 2 * LOW <= self.min_sum <= self.max_sum <= 2 * HIGH:
@@ -64,6 +70,11 @@ class TwoSumConfig:
             raise ValueError(
                 f"two_sum: num_validation={self.num_validation}: expected 1..{total - 1} "
                 f"(the range {self.min_sum}..{self.max_sum} has {total} sums)"
+            )
+        if self.prompt_template.count("{target}") != 1:
+            raise ValueError(
+                f"two_sum: prompt_template={self.prompt_template!r}: expected one "
+                "'{target}' placeholder"
             )
 
 
@@ -82,8 +93,9 @@ def solutions(target: int) -> list[tuple[int, int]]:
     return [(a, target - a) for a in range(LOW, HIGH + 1) if LOW <= target - a <= HIGH]
 
 
-def prompt_messages(target: int) -> list[dict[str, str]]:
-    return [{"role": "user", "content": PROMPT_TEMPLATE.format(target=target)}]
+def prompt_messages(target: int, template: str = PROMPT_TEMPLATE) -> list[dict[str, str]]:
+    """The chat messages of the prompt for ``target`` (one user message)."""
+    return [{"role": "user", "content": template.format(target=target)}]
 
 
 def format_answer(a: int, b: int) -> str:
@@ -106,7 +118,7 @@ def make_rows(config: TwoSumConfig, split: str) -> list[dict]:
     return [
         {
             "data_source": DATA_SOURCE,
-            "prompt": prompt_messages(s),
+            "prompt": prompt_messages(s, config.prompt_template),
             "ability": "math",
             "reward_model": {"style": "rule", "ground_truth": str(s)},
             "extra_info": {
@@ -170,7 +182,7 @@ def corpus(config: TwoSumConfig) -> list[str]:
     """Every text the tokenizer must cover: each prompt and each correct answer."""
     texts = []
     for s in range(config.min_sum, config.max_sum + 1):
-        texts.append(prompt_messages(s)[0]["content"])
+        texts.append(prompt_messages(s, config.prompt_template)[0]["content"])
         texts.extend(format_answer(a, b) for a, b in solutions(s))
     return texts
 

@@ -35,9 +35,9 @@ class BaseModelConfig:
     """The architecture (a Qwen2 decoder). ``hidden_size / num_attention_heads`` is the
     head dim: 64, the smallest vLLM's CPU attention takes."""
 
-    hidden_size: int = 256
+    hidden_size: int = 128
     num_layers: int = 2
-    num_attention_heads: int = 4
+    num_attention_heads: int = 2
     num_key_value_heads: int = 2
     intermediate_size: int = 512
     max_position_embeddings: int = 128
@@ -143,10 +143,14 @@ class AnswerSampler:
     ``response_mask`` marks the answer and eos tokens (the tokens the loss scores).
     """
 
-    def __init__(self, tokenizer, sums: list[int], seed: int) -> None:
+    def __init__(
+        self, tokenizer, sums: list[int], seed: int, template: str = two_sum.PROMPT_TEMPLATE
+    ) -> None:
         self.tokenizer = tokenizer
         self.sums = sums
-        self.prompts = {s: encode_prompt(tokenizer, two_sum.prompt_messages(s)) for s in sums}
+        self.prompts = {
+            s: encode_prompt(tokenizer, two_sum.prompt_messages(s, template)) for s in sums
+        }
         self.rng = random.Random(seed)
         self._answer_ids: dict[str, list[int]] = {}
 
@@ -187,11 +191,19 @@ def next_token_loss(count: int):
     return loss_fn
 
 
-def evaluate(model_chunk, tokenizer, sums: list[int], settings: WarmStartConfig, tp_group):
-    """Greedy accuracy of the policy on the prompts of ``sums``, and its responses."""
+def evaluate(
+    model_chunk,
+    tokenizer,
+    sums: list[int],
+    settings: WarmStartConfig,
+    tp_group,
+    template: str = two_sum.PROMPT_TEMPLATE,
+):
+    """Greedy accuracy of the policy on the prompts of ``sums`` (user message
+    ``template``), and its responses."""
     from covrl.tasks.greedy import greedy_accuracy
 
-    prompts = [encode_prompt(tokenizer, two_sum.prompt_messages(s)) for s in sums]
+    prompts = [encode_prompt(tokenizer, two_sum.prompt_messages(s, template)) for s in sums]
     return greedy_accuracy(
         model_chunk,
         prompts,
@@ -258,15 +270,19 @@ def warm_start(
     tp_group = ps.get_tensor_model_parallel_group()
     params = sum(torch.Size(shape).numel() for shape in config.hf_weight_shapes().values())
     sums = two_sum.split_sums(task)
-    sampler = AnswerSampler(tokenizer, sums["train"], settings.seed)
+    sampler = AnswerSampler(tokenizer, sums["train"], settings.seed, task.prompt_template)
     log(f"base model: {params / 1e6:.2f}M parameters, vocab {config.vocab_size}")
 
     start = time.perf_counter()
     history, step, loss = [], 0, float("nan")
     while True:
         if step % settings.eval_every == 0 or step == settings.max_steps:
-            train_acc, _ = evaluate(model, tokenizer, sums["train"], settings, tp_group)
-            val_acc, _ = evaluate(model, tokenizer, sums["validation"], settings, tp_group)
+            train_acc, _ = evaluate(
+                model, tokenizer, sums["train"], settings, tp_group, task.prompt_template
+            )
+            val_acc, _ = evaluate(
+                model, tokenizer, sums["validation"], settings, tp_group, task.prompt_template
+            )
             elapsed = time.perf_counter() - start
             history.append(
                 {"step": step, "loss": loss, "train_accuracy": train_acc, "val_accuracy": val_acc}
