@@ -20,9 +20,7 @@ def test_rows_are_deterministic_and_in_verl_layout():
             assert row["data_source"] == "two_sum"
             assert row["reward_model"]["style"] == "rule"
             target = int(row["reward_model"]["ground_truth"])
-            assert row["prompt"] == [
-                {"role": "user", "content": f"Write two 2-digit numbers that sum to {target}."}
-            ]
+            assert row["prompt"] == [{"role": "user", "content": f"Sum to {target}"}]
             assert row["extra_info"]["split"] == split and row["extra_info"]["index"] == i
             assert row["extra_info"]["target_sum"] == target
             # Independent count of the ordered pairs of 2-digit numbers.
@@ -190,10 +188,10 @@ def test_tokenizer_special_ids_and_chat_template(built, qwen2_dir, where):
     assert tok.convert_tokens_to_ids("<|im_start|>") == 1
     messages = two_sum.prompt_messages(73)
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text == (
-        "<|im_start|>user\nWrite two 2-digit numbers that sum to 73.<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    )
+    # The compact template: no role names; the assistant's turn follows <|im_end|>.
+    assert text == "<|im_start|>Sum to 73<|im_end|>"
+    whole = messages + [{"role": "assistant", "content": "\\boxed{45+28}"}]
+    assert tok.apply_chat_template(whole, tokenize=False) == text + "\\boxed{45+28}<|im_end|>"
     ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert ids == tok(text, add_special_tokens=False)["input_ids"]
@@ -202,6 +200,26 @@ def test_tokenizer_special_ids_and_chat_template(built, qwen2_dir, where):
     answer = tok("\\boxed{45+28}<|im_end|>", add_special_tokens=False)["input_ids"]
     assert answer[-1] == tok.eos_token_id
     assert tok.decode(answer, skip_special_tokens=True) == "\\boxed{45+28}"
+
+
+def test_chatml_template_and_unknown_template(built):
+    """The first version's template (ChatML with role names) stays available by name;
+    an unknown name is an error naming the choices."""
+    from covrl.tasks.tokenizer import SPM_FILE, hf_tokenizer_from_spm
+
+    paths, _ = built
+    tok = hf_tokenizer_from_spm(paths.model_dir / SPM_FILE, chat_template="chatml")
+    text = tok.apply_chat_template(
+        two_sum.prompt_messages(73, two_sum.LONG_PROMPT_TEMPLATE),
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert text == (
+        "<|im_start|>user\nWrite two 2-digit numbers that sum to 73.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    with pytest.raises(ValueError, match="chatml"):
+        hf_tokenizer_from_spm(paths.model_dir / SPM_FILE, chat_template="llama")
 
 
 def test_build_skips_current_stages_and_rebuilds_changed(built, tmp_path):

@@ -34,6 +34,18 @@ SETTINGS = TinyTaskConfig(
 MAX_NEW = 10
 
 
+def _vocab_size(model_dir) -> int:
+    from covrl.tasks.tokenizer import load_task_tokenizer
+
+    return len(load_task_tokenizer(model_dir))
+
+
+def _parameters(h: int, f: int, v: int, layers: int = 2) -> int:
+    """Parameters of a Qwen2 decoder with untied embeddings (q/k/v biases, SwiGLU)."""
+    layer = h + 3 * (h * h + h) + h * h + h + 3 * h * f
+    return 2 * v * h + layers * layer + h
+
+
 def _sequences(tokenizer, n: int = 6) -> list[list[int]]:
     """Prompt + answer token sequences (right answers and wrong ones)."""
     from covrl.tasks.warm_start import encode_prompt
@@ -129,10 +141,10 @@ def test_manifest_records_stages_and_model(built):
     manifest = built["tp1"]["manifest"]
     model = manifest["stages"]["model"]["result"]
     assert model["steps"] == 30
-    # hf_weight_shapes of the small model: 64-token vocab, hidden 128, 2 layers.
-    h, f, v = 128, 256, 64
-    layer = h + 3 * (h * h + h) + h * h + h + 3 * h * f
-    assert model["parameters"] == 2 * v * h + 2 * layer + h
+    # hf_weight_shapes of the small model: the trained tokenizer's vocabulary (33 pieces
+    # on this corpus), hidden 128, SwiGLU 256, 2 layers.
+    h, f, v = 128, 256, _vocab_size(built["paths"].model_dir)
+    assert model["parameters"] == _parameters(h, f, v)
     files = built["paths"].stage_files("model") + built["paths"].stage_files("tokenizer")
     assert all(f.is_file() for f in files)
 
@@ -245,7 +257,8 @@ def test_make_train_short_run(built, tmp_path):
     assert "RL: 2 steps" in note and "mean seconds per step by phase" in note
     assert f"TensorBoard logs: {run_dir / 'tensorboard'}" in note
     assert f"exported checkpoint (Hugging Face): {run_dir / 'hf'}" in note
-    assert "base model: 0.35M parameters, 30 SFT steps" in note
+    params = _parameters(128, 256, _vocab_size(root / "model"))
+    assert f"base model: {params / 1e6:.2f}M parameters, 30 SFT steps" in note
     assert any((run_dir / "tensorboard").iterdir())
     AutoModelForCausalLM.from_pretrained(run_dir / "hf")
     assert AutoTokenizer.from_pretrained(run_dir / "hf").chat_template

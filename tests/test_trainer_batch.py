@@ -59,6 +59,19 @@ def test_dynamic_sampling_and_refill_bookkeeping():
     assert m["rollout/response_tokens"] == sum(lengths)
 
 
+def test_extend_an_empty_selection():
+    """A first generation batch whose groups dynamic sampling all dropped is empty; the
+    next batch's kept groups extend it (every field, annotations included)."""
+    nothing = dynamic_sampling(_samples([1, 1, 0, 0]))  # both groups all-equal
+    assert len(nothing) == 0
+    more = _samples([0, 1, 1, 1])
+    nothing.extend(more)
+    assert nothing.logprobs == more.logprobs and nothing.group == more.group
+    assert nothing.rewards == more.rewards and len(nothing) == 4
+    more.extend(dynamic_sampling(_samples([1, 1])))  # and the other way round
+    assert len(more) == 4
+
+
 def test_extend_refuses_samples_without_the_same_annotations():
     scored = _samples([1, 0])
     raw = Generations([0], [[1]], [[2]], [[-0.1]], ["stop"])

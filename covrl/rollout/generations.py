@@ -77,12 +77,16 @@ class Generations:
         )
 
     def extend(self, other: Generations) -> None:
-        """Append ``other``'s samples (both must carry the same annotations)."""
+        """Append ``other``'s samples (both must carry the same annotations; either may
+        be empty, e.g. a generation batch whose groups dynamic sampling dropped)."""
+        # Checked before any field grows: len(self) changes with response_ids.
+        both = len(self) > 0 and len(other) > 0
         for f in fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
-            if bool(mine) != bool(theirs) and len(self) and len(other):
+            if both and bool(mine) != bool(theirs):
                 raise ValueError(f"cannot extend: Generations.{f.name} is set on one side only")
-            mine.extend(theirs)
+        for f in fields(self):
+            getattr(self, f.name).extend(getattr(other, f.name))
 
     def first_groups(self, count: int) -> Generations:
         """The samples of the first ``count`` groups (in order of appearance)."""
