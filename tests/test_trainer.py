@@ -119,10 +119,23 @@ def _rank_process(proc: subprocess.Popen, world: int):
     raise AssertionError(f"no rank 0 among the children of torchrun (pid {proc.pid})")
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launch and every process under it at once. torchrun starts each rank
+    in a session of its own, so its process group alone would leave the ranks running."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    for p in [parent, *parent.children(recursive=True)]:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _run_until(world: int, args: list[str], log: Path, ready, sig: int) -> int:
     """Start a run of ``world`` ranks, send ``sig`` once ``ready()`` holds, return the
-    launch's exit code. SIGKILL goes to the launch's whole process group (launcher,
-    ranks and their workers, as a node failure takes them); any other signal to rank 0
+    launch's exit code. SIGKILL goes to every process of the launch (launcher, ranks
+    and their workers, as a node failure takes them); any other signal to rank 0
     only (torchrun's agent dies of SIGUSR1, and the ranks agree on a preemption at the
     step boundary: one signalled rank is enough)."""
     with open(log, "w") as out:
@@ -132,13 +145,12 @@ def _run_until(world: int, args: list[str], log: Path, ready, sig: int) -> int:
             env=_env(),
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
             if ready():
                 if sig == signal.SIGKILL:
-                    os.killpg(proc.pid, sig)
+                    _kill_tree(proc)
                 else:
                     _rank_process(proc, world).send_signal(sig)
                 break
