@@ -188,15 +188,18 @@ def same_sign(x: np.ndarray, y: np.ndarray) -> float:
     return nan_mean(np.sign(x) == np.sign(y))
 
 
+def stepped_points(
+    runs: Sequence[RunLog], tag_x: str, tag_y: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(steps, x, y)`` at the steps where a run logs both tags with finite values,
+    pooled over ``runs`` (e.g. entropy and validation accuracy at the validation steps)."""
+    parts = [align(Series(*values(run, tag_x)), Series(*values(run, tag_y))) for run in runs]
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
+
 def paired_points(runs: Sequence[RunLog], tag_x: str, tag_y: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(x, y)`` at the steps where a run logs both tags with finite values, pooled over
-    ``runs`` (e.g. entropy and validation accuracy at the validation steps)."""
-    xs, ys = [], []
-    for run in runs:
-        _, x, y = align(Series(*values(run, tag_x)), Series(*values(run, tag_y)))
-        xs.append(x)
-        ys.append(y)
-    return np.concatenate(xs), np.concatenate(ys)
+    """``(x, y)`` of :func:`stepped_points`."""
+    return stepped_points(runs, tag_x, tag_y)[1:]
 
 
 def ratio(x: float, y: float) -> float:

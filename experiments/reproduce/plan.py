@@ -25,7 +25,7 @@ RECIPE = {"clip_cov_ratio": 0.02, "kl_cov_ratio": 0.08, "kl_cov_beta": 1.0}
 # Entropy targets for KL-Cov (nats per token). The controller drives beta, KL-Cov's
 # penalty, with k = 0.2 (a wider selection than the fixed runs' 0.08): driving k alone
 # (beta 1, k up to 0.5) could not hold half the starting entropy, while beta up to 30
-# holds it (docs/tiny_task.md, "Holding an entropy target"). Targets: half the base
+# holds it (docs/tiny_task.md, "Choosing the recipe"). Targets: half the base
 # model's rollout entropy (0.72 at step 1), and a cosine schedule from 0.5 down to 0.2
 # over the whole run (steps set by the run length).
 TARGET_KL_COV = {"kl_cov_ratio": 0.2, "knob": "beta", "knob_min": 0.5, "knob_max": 30.0}
@@ -47,6 +47,16 @@ MAIN_METHODS = ("grpo", "grpo_clip1", "clip_cov", "kl_cov")
 _EC = "policy.loss.entropy_control"
 
 
+def _kl_cov(ratio: float, beta: float) -> list[str]:
+    """KL-Cov with the paper's unclipped surrogate."""
+    return [
+        f"{_EC}.method=kl_cov",
+        f"{_EC}.kl_cov.ratio={ratio}",
+        f"{_EC}.kl_cov.beta={beta}",
+        f"{_EC}.kl_cov.ppo_clip=false",
+    ]
+
+
 def _method_overrides(
     method: str,
     total_steps: int,
@@ -62,12 +72,6 @@ def _method_overrides(
     the paper. No method uses the dual clip (the authors' loss functions have it
     commented out; the YAML sets ``clip_ratio_c: null``).
     """
-    kl_cov = [
-        f"{_EC}.method=kl_cov",
-        f"{_EC}.kl_cov.ratio={kl_cov_ratio}",
-        f"{_EC}.kl_cov.beta={kl_cov_beta}",
-        f"{_EC}.kl_cov.ppo_clip=false",
-    ]
     if method == "grpo":
         return [f"{_EC}.method=none", "policy.loss.clip_ratio_low=0.2",
                 "policy.loss.clip_ratio_high=0.2"]  # fmt: skip
@@ -84,19 +88,16 @@ def _method_overrides(
             "policy.loss.clip_ratio_high=1.0",
         ]
     if method == "kl_cov":
-        return kl_cov
+        return _kl_cov(kl_cov_ratio, kl_cov_beta)
     if method in TARGETS:
         target = {**TARGETS[method]}
         if "schedule" in target:
             target["steps"] = total_steps
         target.update(knob=TARGET_KL_COV["knob"], knob_min=TARGET_KL_COV["knob_min"],
                       knob_max=TARGET_KL_COV["knob_max"])  # fmt: skip
-        return [
-            f"{_EC}.method=kl_cov",
-            f"{_EC}.kl_cov.ratio={TARGET_KL_COV['kl_cov_ratio']}",
-            f"{_EC}.kl_cov.beta={kl_cov_beta}",
-            f"{_EC}.kl_cov.ppo_clip=false",
-        ] + [f"{_EC}.target.{k}={v}" for k, v in target.items()]
+        return _kl_cov(TARGET_KL_COV["kl_cov_ratio"], kl_cov_beta) + [
+            f"{_EC}.target.{k}={v}" for k, v in target.items()
+        ]
     raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHOD_LABELS)}")
 
 

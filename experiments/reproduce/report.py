@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covrl.analysis import EntropyLawFit, RunLog, Series, align, fit_entropy_law
+from covrl.analysis import EntropyLawFit, RunLog, fit_entropy_law
 from covrl.analysis.entropy_law import HeldOutError, fit_prefix
 from covrl.analysis.pass_at_k import PassAtKResult
 from covrl.analysis.plots import plot_pass_at_k
@@ -50,6 +50,7 @@ from experiments.reproduce.numbers import (
     ratio,
     same_sign,
     step_row,
+    stepped_points,
     top_fraction,
     values,
     window_entropy,
@@ -139,6 +140,7 @@ class Measured:
     dynamics: dict[str, tuple[np.ndarray, np.ndarray]]  # label -> (predicted, measured)
     target_stats: dict[str, TargetStats]  # per target run
     pass_at_k: dict[str, PassAtKResult]  # per run name (and BASE_RUN), those evaluated
+    pooled_pass_at_k: dict[str, PassAtKResult]  # per method over its seeds, those evaluated
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -164,13 +166,6 @@ def _per_seed_laws(grpo: Sequence[RunLog], acc_tag: str) -> list:
         except ValueError:
             fits.append((g.name, None))
     return fits
-
-
-def _law_points(grpo: Sequence[RunLog], acc_tag: str):
-    """GRPO's ``(H, R, step)`` at its validation steps, pooled over the seeds."""
-    parts = [align(Series(*values(g, ENTROPY)), Series(*values(g, acc_tag))) for g in grpo]
-    steps, h, r = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    return h, r, steps
 
 
 def _target_stats(run: RunLog, total_steps: int, acc_tag: str) -> TargetStats:
@@ -201,6 +196,19 @@ def _read_pass_at_k(specs: Sequence[RunSpec], out_dir: Path) -> dict[str, PassAt
     return found
 
 
+def _pooled_pass_at_k(
+    results: dict[str, PassAtKResult], runs: Sequence[RunLog]
+) -> PassAtKResult | None:
+    """A method's pass@k over its seeds' ``runs``: every seed's prompts, the curves
+    averaged (None when none was evaluated or their sample counts differ)."""
+    mine = [results[r.name] for r in runs if r.name in results]
+    if not mine or len({x.n for x in mine}) != 1:
+        return None
+    curve = np.mean([x.pass_at_k for x in mine], axis=0)
+    prompts = [p for x in mine for p in x.prompts]
+    return PassAtKResult(n=mine[0].n, prompts=prompts, pass_at_k=curve.tolist())
+
+
 def measure(inputs: ReportInputs) -> Measured:
     """Read the runs and compute every number of the report. Raises ``ValueError`` when
     the plan has no GRPO run or GRPO's points cannot be fitted."""
@@ -215,7 +223,7 @@ def measure(inputs: ReportInputs) -> Measured:
         raise ValueError("the plan has no GRPO run: the report compares against GRPO")
     grpo = by_method["grpo"]
     stats = {m: _method_stats(rs, total, acc_tag) for m, rs in by_method.items()}
-    h, r, st = _law_points(grpo, acc_tag)
+    st, h, r = stepped_points(grpo, ENTROPY, acc_tag)
     law = fit_entropy_law(h, r, context="GRPO runs of make reproduce")
     until = total // 3
     try:
@@ -223,6 +231,7 @@ def measure(inputs: ReportInputs) -> Measured:
         early = (until, efit, held)
     except ValueError:
         early = None
+    pass_at_k = _read_pass_at_k(specs, Path(inputs.out_dir))
     return Measured(
         runs=runs,
         main=main,
@@ -243,18 +252,13 @@ def measure(inputs: ReportInputs) -> Measured:
             if m in MAIN_METHODS
         },
         target_stats={s.name: _target_stats(runs[s.name], total, acc_tag) for s in target},
-        pass_at_k=_read_pass_at_k(specs, Path(inputs.out_dir)),
+        pass_at_k=pass_at_k,
+        pooled_pass_at_k={
+            m: pooled
+            for m, rs in by_method.items()
+            if (pooled := _pooled_pass_at_k(pass_at_k, rs)) is not None
+        },
     )
-
-
-def _pooled_pass_at_k(m: Measured, method: str) -> PassAtKResult | None:
-    """A method's pass@k over its seeds: every seed's prompts, the curves averaged."""
-    results = [m.pass_at_k[r.name] for r in m.by_method.get(method, []) if r.name in m.pass_at_k]
-    if not results or len({x.n for x in results}) != 1:
-        return None
-    curve = np.mean([x.pass_at_k for x in results], axis=0)
-    prompts = [p for x in results for p in x.prompts]
-    return PassAtKResult(n=results[0].n, prompts=prompts, pass_at_k=curve.tolist())
 
 
 # ---------------------------------------------------------------------------- figures
@@ -274,10 +278,7 @@ def _draw_figures(m: Measured, inputs: ReportInputs, fig_dir: Path) -> None:
                      f"validation accuracy (avg@{val_k})", early=early)  # fmt: skip
     figures.plot_dynamics(m.dynamics, fig_dir / "entropy_change.png")
     pooled = [("base model", m.pass_at_k[BASE_RUN])] if BASE_RUN in m.pass_at_k else []
-    for method in m.by_method:
-        result = _pooled_pass_at_k(m, method)
-        if result is not None:
-            pooled.append((METHOD_LABELS[method], result))
+    pooled += [(METHOD_LABELS[k], result) for k, result in m.pooled_pass_at_k.items()]
     if pooled:
         plot_pass_at_k(pooled, fig_dir / "pass_at_k.png", size=(8.0, 7.0))
     targets = {METHOD_LABELS[k]: rs for k, rs in m.by_method.items() if k in TARGETS}
@@ -671,9 +672,9 @@ def _goal_checks(m: Measured, goals: Goals, inputs: ReportInputs) -> list[tuple[
                        "GRPO's plateau", f"{fmt(kept, 1)}x", kept >= goals.entropy_ratio))  # fmt: skip
         checks.append((f"{name}'s final accuracy within {goals.accuracy_gap_points:g} points of "
                        "GRPO's", f"{gap:+.1f} points", gap >= -goals.accuracy_gap_points))  # fmt: skip
-    g_pass = _pooled_pass_at_k(m, "grpo")
+    g_pass = m.pooled_pass_at_k.get("grpo")
     for method in ("clip_cov", "kl_cov"):
-        mine = _pooled_pass_at_k(m, method)
+        mine = m.pooled_pass_at_k.get(method)
         if g_pass is None or mine is None:
             continue
         name = METHOD_LABELS[method]
